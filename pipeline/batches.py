@@ -1,0 +1,138 @@
+"""Tokenised rows, collators and the data module shared by every training stage.
+
+Rows are tokenised once, before training, never in the loop. Batches are padded only to their own longest row,
+and the training sampler groups rows of similar length (shuffle, take windows of 50 batches, sort each window by
+length, cut into batches, shuffle the batches) so little compute goes to padding. Under DDP the plain shuffled
+loader is used and Lightning adds its distributed sampler.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pipeline.tokenization import encode
+
+
+@dataclass(frozen=True)
+class PromptCompletion:
+    """One tokenised row: prompt tokens, then completion tokens (EOS is appended by the collator)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids) + 1
+
+
+def tokenize_rows(
+    tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int, source: str
+) -> list[PromptCompletion]:
+    """Encode prompt/completion pairs; rows longer than `max_length` (with EOS) are an error naming them."""
+    rows = [
+        PromptCompletion(p, c) for p, c in zip(encode(tokenizer, prompts), encode(tokenizer, completions), strict=True)
+    ]
+    too_long = [i for i, row in enumerate(rows) if len(row) > max_length]
+    if too_long:
+        shown = ", ".join(map(str, too_long[:10]))
+        raise ValueError(
+            f"{source}: {len(too_long)} row(s) exceed max_length={max_length} tokens (rows {shown}); "
+            "raise the stage's max_length (and model.n_positions) or shorten the data"
+        )
+    empty = [i for i, row in enumerate(rows) if not row.completion_ids]
+    if empty:
+        raise ValueError(f"{source}: rows {empty[:10]} have an empty completion after tokenisation")
+    return rows
+
+
+def pad_right(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Stack sequences into (B, T_max), padding on the right with `value`."""
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return out
+
+
+@dataclass(frozen=True)
+class SFTCollator:
+    """Batches `PromptCompletion` rows as prompt + completion + EOS, right-padded.
+
+    Returns `input_ids`, `attention_mask` (1 on real tokens) and `loss_mask` (1 on completion and EOS tokens:
+    the prompt is context, not a target), each of shape (B, T).
+    """
+
+    pad_id: int
+    eos_id: int
+
+    def __call__(self, rows: Sequence[PromptCompletion]) -> dict[str, torch.Tensor]:
+        ids = [r.prompt_ids + r.completion_ids + [self.eos_id] for r in rows]
+        masks = [[0] * len(r.prompt_ids) + [1] * (len(r.completion_ids) + 1) for r in rows]
+        return {
+            "input_ids": pad_right(ids, self.pad_id),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+            "loss_mask": pad_right(masks, 0),
+        }
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar-length rows; a new, seeded order every epoch."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start : start + span], key=self.lengths.__getitem__)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        rng.shuffle(batches)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+
+class RowsDataModule(pl.LightningDataModule):
+    """Serves pre-tokenised train/val rows through a collator, with length-grouped training batches."""
+
+    def __init__(
+        self,
+        train_rows: Sequence,
+        val_rows: Sequence,
+        collate: Callable,
+        batch_size: int,
+        seed: int,
+        length: Callable[[object], int] = len,
+    ) -> None:
+        super().__init__()
+        self.train_rows, self.val_rows, self.collate = list(train_rows), list(val_rows), collate
+        self.batch_size, self.seed, self.length = batch_size, seed, length
+
+    def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None and self.trainer.world_size > 1:
+            generator = torch.Generator().manual_seed(self.seed)
+            return DataLoader(
+                self.train_rows,
+                batch_size=self.batch_size,
+                shuffle=True,
+                collate_fn=self.collate,
+                generator=generator,
+            )
+        sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed)
+        return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))
+        return DataLoader([self.val_rows[i] for i in order], batch_size=self.batch_size, collate_fn=self.collate)

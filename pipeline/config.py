@@ -1,0 +1,267 @@
+"""Typed configuration: one frozen dataclass per `params.yaml` section, and the loader that builds them.
+
+`load_config(raw)` turns the parsed YAML mapping into a `Config`. It rejects unknown, missing and ill-typed keys
+and collects *every* problem before raising one `ConfigError` that names each key (`sft.lr: ...`), so a user fixes
+a params file in one pass. Closed sets are `Literal[...]`; nothing is silently repaired. The one leniency: a float
+field accepts a numeric string such as ``"3e-4"``, because YAML 1.1 (PyYAML, and `dvc exp run -S`) reads an
+exponent without a dot as a string; that is a spelling of the same number, not a repair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a params mapping, one per line."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str
+    """`scratch` (a fresh GPT-2 sized below, with the tokenizer `prepare` trains), a hub id or a local directory."""
+    trust_remote_code: bool
+    """Passed to `from_pretrained`; keep false unless you trust the repository's code."""
+    n_layer: int
+    """Scratch model only: transformer blocks."""
+    n_head: int
+    """Scratch model only: attention heads (must divide `n_embd`)."""
+    n_embd: int
+    """Scratch model only: hidden width."""
+    n_positions: int
+    """Scratch model only: context length in tokens."""
+    dropout: float
+    """Scratch model only: residual, embedding and attention dropout."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    accelerator: str
+    """Lightning accelerator: `auto`, `cpu`, `gpu`, `cuda`, `mps`."""
+    devices: int | str
+    """Devices per node (`auto` or a count)."""
+    strategy: str
+    """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, `fsdp`, `deepspeed_stage_2`, ..."""
+    precision: str
+    """Lightning precision: `32-true`, `bf16-mixed`, `16-mixed`, `bf16-true`."""
+    num_nodes: int
+    """Nodes for multi-node DDP/FSDP."""
+    log_every_n_steps: int
+    """How often training metrics are logged."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: Literal["synthetic", "dataset"]
+    """`synthetic`: the embedded movie-review task. `dataset`: `datasets.load_dataset` on the keys below."""
+    n_train: int
+    """Synthetic: training reviews (the split is by prompt, so prompts never cross splits)."""
+    n_val: int
+    """Validation reviews."""
+    n_test: int
+    """Held-out test prompts used by evaluation."""
+    frac_positive: float
+    """Synthetic: fraction of positive continuations (negative alike; the rest are neutral)."""
+    frac_negative: float
+    """Synthetic: fraction of negative continuations."""
+    tokenizer_vocab_size: int
+    """Scratch model: byte-level BPE vocabulary size (the trained tokenizer may be smaller)."""
+    dataset_path: str | None
+    """Dataset source: a hub id (`stanfordnlp/imdb`), a builder (`json`, `parquet`) or a local directory."""
+    dataset_name: str | None
+    """Dataset configuration name, if any."""
+    data_files: str | None
+    """Local files for the `json`/`parquet` builders."""
+    dataset_split: str
+    """Split to read; train/val/test are carved from it by prompt."""
+    prompt_column: str
+    """Column holding the prompt (or the whole text when `completion_column` is null)."""
+    completion_column: str | None
+    """Column holding the completion; null splits `prompt_column` after `prompt_words` words (IMDb style)."""
+    prompt_words: int
+    """Words kept as the prompt when `completion_column` is null."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    lr: float
+    """Peak AdamW learning rate."""
+    weight_decay: float
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_steps: int
+    """Linear warm-up steps before cosine decay."""
+    batch_size: int
+    """Examples per optimizer step (per device)."""
+    max_steps: int
+    """Optimizer steps."""
+    val_every_n_steps: int
+    """Validation interval in steps."""
+    max_length: int
+    """Prompt + completion + EOS tokens; longer rows are an error, not truncated."""
+    grad_clip: float
+    """Gradient-norm clip (0 disables)."""
+    n_samples: int
+    """Completions sampled on validation prompts at the end, logged as an artifact."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int
+    """Drives every random choice of every stage."""
+    model: ModelConfig
+    trainer: TrainerConfig
+    prepare: PrepareConfig
+    sft: SFTConfig
+
+
+def read_params(path: str | Path) -> dict[str, Any]:
+    """Parse a params YAML file into a mapping, naming the file on a syntax error."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: params file not found; run from the project root") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(raw: Mapping[str, Any]) -> Config:
+    """Build a `Config` from a parsed params mapping; raise one `ConfigError` listing every problem."""
+    errors: list[str] = []
+    config = _build(Config, raw, "", errors)
+    if not errors:
+        errors += _semantic_errors(config)
+    if errors:
+        raise ConfigError("invalid params:\n  " + "\n  ".join(errors))
+    return config
+
+
+def _semantic_errors(config: Config) -> list[str]:
+    """Cross-key rules that types cannot express."""
+    errors = []
+    prepare, model = config.prepare, config.model
+    if not 0 <= prepare.frac_positive + prepare.frac_negative <= 1:
+        errors.append(
+            f"prepare.frac_positive + prepare.frac_negative: {prepare.frac_positive} + {prepare.frac_negative} "
+            "must lie in [0, 1] (the rest is neutral)"
+        )
+    if model.base == "scratch" and model.n_embd % model.n_head:
+        errors.append(f"model.n_embd: {model.n_embd} is not divisible by model.n_head = {model.n_head}")
+    for section in dataclasses.fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for key, number in flatten(value, f"{section.name}.").items():
+            name = key.rsplit(".", 1)[1]
+            positive = name.startswith(("n_", "batch_size", "max_", "vocab")) or name.endswith("_every_n_steps")
+            if positive and isinstance(number, int) and number <= 0:
+                errors.append(f"{key}: {number} must be positive")
+            if name in ("lr",) and number <= 0:
+                errors.append(f"{key}: {number} must be positive")
+    if model.base == "scratch":
+        for section in ("sft",):
+            max_length = getattr(config, section).max_length
+            if max_length > model.n_positions:
+                errors.append(
+                    f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
+                    "lower it or enlarge the model"
+                )
+    return errors
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config dataclass into dotted keys (`sft.lr`) for tracking."""
+    flat: dict[str, Any] = {}
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        key = f"{prefix}{item.name}"
+        if dataclasses.is_dataclass(value):
+            flat.update(flatten(value, key + "."))
+        else:
+            flat[key] = value
+    return flat
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    where = prefix.rstrip(".") or "params"
+    if not isinstance(raw, Mapping):
+        errors.append(f"{where}: expected a mapping, got {_describe(raw)}")
+        return None
+    hints = get_type_hints(cls)
+    names = [item.name for item in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in hints:
+            errors.append(f"{prefix}{key}: unknown key; valid keys here: {', '.join(names)}")
+    values: dict[str, Any] = {}
+    for name in names:
+        key = f"{prefix}{name}"
+        if name not in raw:
+            errors.append(f"{key}: missing")
+            continue
+        values[name] = _coerce(hints[name], raw[name], key, errors)
+    if len(values) < len(names):
+        return None
+    return cls(**values)
+
+
+def _coerce(kind: Any, value: Any, key: str, errors: list[str]) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key + ".", errors)
+    origin = get_origin(kind)
+    if origin is Literal:
+        options = get_args(kind)
+        if value not in options:
+            errors.append(f"{key}: {value!r} is not one of {', '.join(repr(o) for o in options)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for option in get_args(kind):
+            if option is type(None) and value is None:
+                return None
+            if option is not type(None) and _matches(option, value):
+                return _coerce(option, value, key, [])
+        errors.append(f"{key}: expected {_name(kind)}, got {_describe(value)}")
+        return value
+    if not _matches(kind, value):
+        errors.append(f"{key}: expected {_name(kind)}, got {_describe(value)}")
+        return value
+    return float(value) if kind is float else value
+
+
+def _matches(kind: Any, value: Any) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        if isinstance(value, str):
+            return bool(_FLOAT_TEXT.match(value))
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if get_origin(kind) is Literal:
+        return value in get_args(kind)
+    return False
+
+
+def _name(kind: Any) -> str:
+    if get_origin(kind) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _name(a) for a in get_args(kind))
+    return getattr(kind, "__name__", str(kind))
+
+
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"{type(value).__name__} {value!r}"

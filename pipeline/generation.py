@@ -1,0 +1,102 @@
+"""Batched sampling with the KV cache, shared by preferences, DPO, PPO and evaluation.
+
+Prompts are sorted by length and left-padded per batch (little padding, correct position ids from the attention
+mask), generation stops per row at EOS and for the batch once every row has ended, and each completion comes
+back without its EOS or padding, flagged with whether it ended. Every sampling knob is passed explicitly:
+transformers otherwise applies a default `top_k=50`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.tokenization import encode
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Completions in prompt order. `completion_ids` exclude EOS; `ended` says whether EOS was produced."""
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    ended: list[bool]
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    params: SamplingParams,
+    *,
+    batch_size: int,
+    seed: int,
+) -> Samples:
+    """Sample one completion per prompt (repeat prompts for several)."""
+    prompt_ids = encode(tokenizer, prompts)
+    return sample_ids(model, tokenizer, prompt_ids, params, batch_size=batch_size, seed=seed)
+
+
+@torch.no_grad()
+def sample_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    batch_size: int,
+    seed: int,
+) -> Samples:
+    """`sample` on already-tokenised prompts."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    completions: list[list[int]] = [[] for _ in prompt_ids]
+    ended = [False] * len(prompt_ids)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        width = max(len(prompt_ids[i]) for i in index)
+        input_ids = torch.full((len(index), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):
+            ids = prompt_ids[i]
+            input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=params.temperature > 0,
+            temperature=params.temperature if params.temperature > 0 else None,
+            top_k=params.top_k if params.temperature > 0 else None,
+            top_p=params.top_p if params.temperature > 0 else None,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            use_cache=True,
+        )
+        for row, i in enumerate(index):
+            tokens = output[row, width:].tolist()
+            if eos in tokens:
+                tokens, ended[i] = tokens[: tokens.index(eos)], True
+            else:
+                tokens = [t for t in tokens if t != pad]
+            completions[i] = tokens
+    model.train(was_training)
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
+    return Samples([list(p) for p in prompt_ids], completions, texts, ended)

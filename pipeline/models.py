@@ -1,0 +1,81 @@
+"""Model construction, loading and saving.
+
+`model.base: scratch` builds a fresh GPT-2 of the configured size over the tokenizer `prepare` trained; any other
+value is a hub id or a local `save_pretrained` directory. Later stages load their inputs (`models/sft`, ...) with
+the same functions. Weights are always written as safetensors into an atomically renamed directory, together
+with the tokenizer, so every model directory is self-contained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from pipeline.config import ModelConfig
+from pipeline.io import atomic_path
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> PreTrainedModel:
+    """A causal LM: from `path` if given, else a fresh scratch GPT-2 or the hub/local `cfg.base`."""
+    if path is None and cfg.base == "scratch":
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_positions=cfg.n_positions,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path or cfg.base, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
+    return _fit_tokenizer(model, tokenizer)
+
+
+def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> PreTrainedModel:
+    """A one-logit sequence classifier from a causal-LM (fresh score head) or a saved reward model directory."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+    )
+    return _fit_tokenizer(model, tokenizer)
+
+
+def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
+    """Write model (safetensors) and tokenizer into `path` atomically."""
+    with atomic_path(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameter count (embeddings included, as in the usual 6·N·tokens FLOPs estimate)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

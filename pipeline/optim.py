@@ -1,0 +1,32 @@
+"""The optimizer factory every LightningModule uses: AdamW with linear warm-up and cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def build_optimizer(
+    module: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int
+) -> dict:
+    """AdamW (no decay on biases and norm weights) and a per-step warm-up + cosine schedule to 10 % of `lr`.
+
+    Returns:
+        The dict Lightning's `configure_optimizers` expects.
+    """
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

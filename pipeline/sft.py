@@ -1,0 +1,77 @@
+"""Supervised fine-tuning: a LightningModule with completion-only loss.
+
+The loss is the mean negative log-likelihood of the completion tokens and the one EOS that ends them; prompt
+and pad tokens are masked out (the collator builds `loss_mask`). The network is injected, so the same module
+trains a scratch GPT-2 or any hub causal LM.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.logprobs import token_logps
+from pipeline.optim import build_optimizer
+
+
+def completion_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL over the masked (completion + EOS) tokens of the batch.
+
+    Args:
+        logits: Shape: (B, T, V).
+        input_ids: Shape: (B, T).
+        loss_mask: Shape: (B, T); 1 on tokens that are targets.
+
+    Returns:
+        (loss, number of target tokens), both scalars.
+    """
+    mask = loss_mask[:, 1:].float()  # (B, T-1): token t+1 is predicted at t
+    n_tokens = mask.sum()
+    return -(token_logps(logits, input_ids) * mask).sum() / n_tokens.clamp(min=1), n_tokens
+
+
+class SFTModule(pl.LightningModule):
+    """Completion-only language-model fine-tuning of an injected causal LM."""
+
+    def __init__(self, model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int):
+        super().__init__()
+        self.model = model
+        self.optim_args = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "max_steps": max_steps,
+        }
+
+    def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return completion_nll(logits, batch["input_ids"], batch["loss_mask"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self._shared_step(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_totals = torch.zeros(2, device=self.device)  # [summed NLL, target tokens]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, n_tokens = self._shared_step(batch)
+        self._val_totals += torch.stack([loss.detach() * n_tokens, n_tokens])
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over the whole val set and all ranks, whatever the batch sizes.
+        nll_sum, n_tokens = self.trainer.strategy.reduce(self._val_totals, reduce_op="sum")
+        loss = nll_sum / n_tokens.clamp(min=1)
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/perplexity", torch.exp(loss.clamp(max=50.0)))
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.model, **self.optim_args)
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-pad tokens in a batch (stays on device: no sync)."""
+    return batch["attention_mask"].sum()

@@ -1,0 +1,199 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One pipeline run (a `dvc repro`, or one `dvc exp run` experiment) is one *parent* run; every stage that executes
+opens a *child* run under it carrying the stage's params, per-step metrics, small artifacts and tags (stage, git
+sha, DVC hashes of what it read and wrote). Model weights stay in DVC.
+
+The store defaults to `sqlite:///<repo root>/mlflow.db` with the root taken from `$DVC_ROOT` (DVC sets it to the
+real repository also in `dvc exp run --temp/--queue` runs, whose working directory is deleted afterwards), and
+the experiment is created with an absolute `file://` artifact location for the same reason. `MLFLOW_TRACKING_URI`
+overrides the store (a `mlflow server` on 127.0.0.1, or a remote one). Nothing here reads the process environment:
+callers pass it in, which keeps this module testable and its inputs explicit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "alignment"
+ROLE_TAG, GROUP_TAG, STAGE_TAG = "align.role", "align.run_group", "align.stage"
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where and under which pipeline run a stage logs."""
+
+    tracking_uri: str
+    experiment_name: str
+    artifact_root: str
+    run_group: str
+    git_sha: str
+
+
+def resolve_context(env: Mapping[str, str], cwd: Path, params_text: str) -> TrackingContext:
+    """Decide store, experiment and run group from the environment a stage was started with.
+
+    Args:
+        env: the stage process's environment (`DVC_ROOT`, `DVC_EXP_NAME`, `DVC_EXP_BASELINE_REV`,
+            `MLFLOW_TRACKING_URI`, `ALIGN_MLFLOW_EXPERIMENT`, `ALIGN_RUN_GROUP` are read).
+        cwd: the working directory, the root when not run by DVC.
+        params_text: the params file's text; its hash names the run group of a plain `dvc repro`.
+    """
+    root = Path(env.get("DVC_ROOT") or cwd).resolve()
+    uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+    git_sha = env.get("DVC_EXP_BASELINE_REV") or _git_head(root)
+    params_hash = hashlib.sha256(params_text.encode()).hexdigest()[:8]
+    group = env.get("ALIGN_RUN_GROUP") or env.get("DVC_EXP_NAME") or f"repro-{git_sha[:7]}-{params_hash}"
+    return TrackingContext(
+        tracking_uri=uri,
+        experiment_name=env.get("ALIGN_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT,
+        artifact_root=(root / "mlartifacts").as_uri(),
+        run_group=group,
+        git_sha=git_sha,
+    )
+
+
+def _git_head(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "nogit"
+    return out.stdout.strip()
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
+    """Get or create the experiment (absolute artifact location); tolerate a concurrent create."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def ensure_parent_run(client: MlflowClient, experiment_id: str, ctx: TrackingContext, params: Mapping[str, Any]) -> str:
+    """Find the pipeline run of `ctx.run_group`, or create it (FINISHED at once) with all params."""
+    query = f"tags.`{GROUP_TAG}` = '{ctx.run_group}' and tags.`{ROLE_TAG}` = 'group'"
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=ctx.run_group,
+        tags={ROLE_TAG: "group", GROUP_TAG: ctx.run_group, "git.sha": ctx.git_sha},
+    )
+    _log_params(client, run.info.run_id, params)
+    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run.info.run_id
+
+
+def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, str(value)) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+class StageRun:
+    """The child run of one stage; a context manager that ends the run FINISHED, or FAILED on an exception.
+
+    Args:
+        ctx: where to log.
+        stage: the stage name (as in dvc.yaml).
+        stage_params: the params the stage reads, flattened (`sft.lr`, `model.base`, ...).
+        all_params: every params key, flattened, for the parent run.
+        run_id: attach to an existing run instead of creating one (DDP ranks > 0 get rank 0's id).
+    """
+
+    def __init__(
+        self,
+        ctx: TrackingContext,
+        stage: str,
+        stage_params: Mapping[str, Any],
+        all_params: Mapping[str, Any],
+        run_id: str | None = None,
+    ) -> None:
+        self.ctx, self.stage = ctx, stage
+        self._stage_params, self._all_params = stage_params, all_params
+        self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
+        self.run_id = run_id or ""
+        self._owner = run_id is None
+
+    def __enter__(self) -> StageRun:
+        if not self._owner:
+            return self
+        experiment_id = ensure_experiment(self.client, self.ctx.experiment_name, self.ctx.artifact_root)
+        parent_id = ensure_parent_run(self.client, experiment_id, self.ctx, self._all_params)
+        tags = {
+            "mlflow.parentRunId": parent_id,
+            ROLE_TAG: "stage",
+            GROUP_TAG: self.ctx.run_group,
+            STAGE_TAG: self.stage,
+            "git.sha": self.ctx.git_sha,
+        }
+        run = self.client.create_run(experiment_id, run_name=self.stage, tags=tags)
+        self.run_id = run.info.run_id
+        self.parent_run_id = parent_id
+        _log_params(self.client, self.run_id, self._stage_params)
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        if self._owner:
+            status = RunStatus.FINISHED if kind is None else RunStatus.FAILED
+            self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
+        """Log numeric metrics (non-numbers are skipped) to this run, or to `run_id` (the parent, say)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        for start in range(0, len(items), 500):
+            self.client.log_batch(run_id or self.run_id, metrics=items[start : start + 500])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def lightning_logger(self) -> Any:
+        """A Lightning `MLFlowLogger` bound to this run (URI passed explicitly; it only logs from rank 0)."""
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        return MLFlowLogger(
+            experiment_name=self.ctx.experiment_name,
+            tracking_uri=self.ctx.tracking_uri,
+            run_id=self.run_id,
+            log_model=False,
+        )

@@ -1,0 +1,113 @@
+"""The Lightning Trainer every training stage uses, and the callbacks that measure it.
+
+`build_trainer` maps the `trainer` params block (accelerator, devices, strategy, precision, num_nodes) onto a
+`pytorch_lightning.Trainer`, so `strategy: ddp` with `devices: 2`, FSDP or bf16 on GPUs need no code change.
+`Throughput` counts real (non-pad) tokens and wall time and reports `perf/tokens_per_s`, `perf/wall_s` and
+`perf/peak_rss_mb`; `History` keeps every logged scalar per step for the stage's DVC plot.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.config import TrainerConfig
+
+
+def build_trainer(
+    cfg: TrainerConfig,
+    *,
+    max_steps: int,
+    val_every_n_steps: int | None,
+    grad_clip: float,
+    logger: Any,
+    callbacks: Sequence[pl.Callback] = (),
+) -> pl.Trainer:
+    """A Trainer configured from the `trainer` params block; no checkpoints (the stage saves the model)."""
+    return pl.Trainer(
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
+        num_nodes=cfg.num_nodes,
+        max_steps=max_steps,
+        max_epochs=-1,
+        val_check_interval=val_every_n_steps,
+        check_val_every_n_epoch=None if val_every_n_steps else 1,
+        num_sanity_val_steps=0,
+        gradient_clip_val=grad_clip or None,
+        log_every_n_steps=cfg.log_every_n_steps,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=cfg.accelerator == "cpu",
+    )
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Throughput(pl.Callback):
+    """Counts non-pad tokens per training step (no host sync in the loop) and times the fit."""
+
+    def __init__(self, count_tokens: Any) -> None:
+        self.count_tokens = count_tokens
+        self.tokens: torch.Tensor | None = None
+        self.summary: dict[str, float] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
+        self.tokens += self.count_tokens(batch)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        wall = time.perf_counter() - self._start
+        tokens = float(trainer.strategy.reduce(self.tokens.float(), reduce_op="sum"))
+        self.summary = {
+            "perf/tokens_per_s": tokens / wall,
+            "perf/tokens": tokens,
+            "perf/wall_s": wall,
+            "perf/peak_rss_mb": peak_rss_mb(),
+        }
+        if torch.cuda.is_available():
+            self.summary["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if trainer.is_global_zero and trainer.logger is not None:
+            trainer.logger.log_metrics(self.summary, step=trainer.global_step)
+
+
+class History(pl.Callback):
+    """Every scalar the module logged, per global step (rank 0), for DVC plots."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def _record(self, trainer: pl.Trainer, prefix: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        row = {"step": float(trainer.global_step)}
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(prefix) and value.numel() == 1:
+                row[key] = float(value)
+        if len(row) > 1:
+            self.rows.append(row)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._record(trainer, "train/")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_validation_epoch_end: callbacks run before the module's epoch-end hook that logs val metrics.
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self._record(trainer, "val/")

@@ -1,0 +1,44 @@
+"""DVC stage `prepare`: prompt/completion splits and, for a scratch model, the BPE tokenizer."""
+
+from __future__ import annotations
+
+import statistics
+
+from pipeline.data import SPLITS, prepare_splits, summarize_splits
+from pipeline.io import atomic_path, write_parquet
+from pipeline.tokenization import encode, load_tokenizer, train_bpe_tokenizer
+from stages.common import finish, stage
+
+PATHS = {"data_dir": "data/prepared", "tokenizer_dir": "models/tokenizer", "report": "reports/prepare.json"}
+
+
+def main() -> None:
+    with stage("prepare", ["seed", "model", "prepare"], PATHS) as ctx:
+        cfg, args = ctx.config, ctx.args
+        splits = prepare_splits(cfg.prepare, cfg.seed)
+        train = splits["train"]
+        if cfg.model.base == "scratch":
+            texts = (train["prompt"] + train["completion"]).tolist()
+            tokenizer = train_bpe_tokenizer(texts, cfg.prepare.tokenizer_vocab_size)
+        else:
+            tokenizer = load_tokenizer(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
+        with atomic_path(args.data_dir) as tmp:
+            tmp.mkdir()
+            for name in SPLITS:
+                write_parquet(splits[name], tmp / f"{name}.parquet")
+        with atomic_path(args.tokenizer_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+
+        metrics = summarize_splits(splits)
+        metrics["tokenizer/vocab_size"] = len(tokenizer)
+        metrics["train/prompt_tokens_mean"] = statistics.fmean(map(len, encode(tokenizer, train["prompt"].tolist())))
+        metrics["train/completion_tokens_mean"] = statistics.fmean(
+            map(len, encode(tokenizer, train["completion"].tolist()))
+        )
+        ctx.run.log_text(splits["train"].head(20).to_string(), "samples/train_head.txt")
+        finish(ctx, metrics, args.report, [args.data_dir, args.tokenizer_dir])
+        print(f"prepare: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""DVC stage `sft`: completion-only fine-tuning of the base model on the prepared train split."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.batches import RowsDataModule, SFTCollator, tokenize_rows
+from pipeline.generation import SamplingParams, sample
+from pipeline.models import build_causal_lm, count_parameters, save_model
+from pipeline.reports import write_curve
+from pipeline.schemas import PROMPT_COMPLETION, read_table
+from pipeline.sft import SFTModule, count_tokens
+from pipeline.tokenization import load_tokenizer
+from pipeline.training import History, Throughput, build_trainer
+from stages.common import finish, stage
+
+PATHS = {
+    "data_dir": "data/prepared",
+    "tokenizer_dir": "models/tokenizer",
+    "model_dir": "models/sft",
+    "report": "reports/sft.json",
+    "curve": "reports/plots/sft_loss.csv",
+}
+
+
+def main() -> None:
+    with stage("sft", ["seed", "model", "trainer", "sft"], PATHS) as ctx:
+        cfg, sft, args = ctx.config, ctx.config.sft, ctx.args
+        tokenizer = load_tokenizer(args.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
+        frames = {s: read_table(f"{args.data_dir}/{s}.parquet", PROMPT_COMPLETION) for s in ("train", "val")}
+        rows = {
+            s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length, f"{s} split")
+            for s, f in frames.items()
+        }
+        model = build_causal_lm(cfg.model, tokenizer)
+        module = SFTModule(
+            model,
+            lr=sft.lr,
+            weight_decay=sft.weight_decay,
+            warmup_steps=sft.warmup_steps,
+            max_steps=sft.max_steps,
+        )
+        data = RowsDataModule(
+            rows["train"],
+            rows["val"],
+            SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id),
+            sft.batch_size,
+            cfg.seed,
+        )
+        throughput, history = Throughput(count_tokens), History()
+        trainer = build_trainer(
+            cfg.trainer,
+            max_steps=sft.max_steps,
+            val_every_n_steps=sft.val_every_n_steps,
+            grad_clip=sft.grad_clip,
+            logger=ctx.run.lightning_logger(),
+            callbacks=[throughput, history],
+        )
+        trainer.fit(module, datamodule=data)
+        trainer.validate(module, datamodule=data, verbose=False)
+        if not trainer.is_global_zero:
+            return
+        save_model(module.model, tokenizer, args.model_dir)
+        prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
+        samples = sample(
+            module.model,
+            tokenizer,
+            prompts,
+            SamplingParams(sft.max_length, 1.0, 0, 1.0),
+            batch_size=64,
+            seed=cfg.seed,
+        )
+        table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
+        ctx.run.log_text(table.to_string(), "samples/sft_val_samples.txt")
+        write_curve(history.rows, args.curve)
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+        metrics.update(throughput.summary)
+        metrics["train/loss"] = next(
+            (r["train/loss"] for r in reversed(history.rows) if "train/loss" in r), float("nan")
+        )
+        metrics["model/parameters"] = count_parameters(module.model)
+        metrics["samples/eos_rate"] = sum(samples.ended) / max(len(samples.ended), 1)
+        finish(ctx, metrics, args.report, [args.model_dir], step=trainer.global_step)
+        print(table.head(5).to_string())
+        print(f"sft: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

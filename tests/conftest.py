@@ -1,0 +1,52 @@
+"""Shared fixtures: offline hub, a tiny tokenizer and model config, a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from pipeline.config import ModelConfig, TrainerConfig  # noqa: E402
+from pipeline.synthetic import generate_reviews  # noqa: E402
+from pipeline.tokenization import train_bpe_tokenizer  # noqa: E402
+from pipeline.tracking import TrackingContext  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def reviews():
+    return generate_reviews(400, random.Random(0), frac_positive=0.4, frac_negative=0.4)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(reviews):
+    return train_bpe_tokenizer([r.prompt + r.completion for r in reviews], vocab_size=1000)
+
+
+@pytest.fixture
+def model_cfg() -> ModelConfig:
+    return ModelConfig(
+        base="scratch", trust_remote_code=False, n_layer=2, n_head=2, n_embd=32, n_positions=128, dropout=0.0
+    )
+
+
+@pytest.fixture
+def cpu_trainer_cfg() -> TrainerConfig:
+    return TrainerConfig(
+        accelerator="cpu", devices=1, strategy="auto", precision="32-true", num_nodes=1, log_every_n_steps=1
+    )
+
+
+@pytest.fixture
+def tracking(tmp_path) -> TrackingContext:
+    return TrackingContext(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment_name="test",
+        artifact_root=(tmp_path / "mlartifacts").as_uri(),
+        run_group="test-group",
+        git_sha="0" * 40,
+    )

@@ -1,0 +1,86 @@
+"""A copy of the project in a temporary git + DVC repo, with tiny params, driven through the real CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = {
+    "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128},
+    "trainer": {"accelerator": "cpu", "log_every_n_steps": 2},
+    "prepare": {"n_train": 300, "n_val": 32, "n_test": 16, "tokenizer_vocab_size": 1000},
+    "sft": {"max_steps": 8, "val_every_n_steps": 4, "batch_size": 16, "warmup_steps": 2, "n_samples": 4},
+}
+
+
+class Project:
+    def __init__(self, path: Path, overrides: dict | None = None) -> None:
+        self.path = path
+        for name in ("pipeline", "stages"):
+            shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+            shutil.copy(ROOT / name, path / name)
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        for section, values in {**TINY, **(overrides or {})}.items():
+            params[section].update(values)
+        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "HF_HUB_OFFLINE": "1",
+            "GIT_AUTHOR_NAME": "t",
+            "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t",
+        }
+        self.env.pop("MLFLOW_TRACKING_URI", None)
+        self.env.pop("DVC_ROOT", None)
+        self.run("git", "init", "-q", "-b", "main")
+        self.run("dvc", "init", "-q")
+        self.run("dvc", "config", "core.analytics", "false")
+        self.commit("project")
+
+    def run(self, *args: str) -> str:
+        done = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True)
+        if done.returncode:
+            raise AssertionError(
+                f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
+            )
+        return done.stdout + done.stderr
+
+    def dvc(self, *args: str) -> str:
+        return self.run(sys.executable, "-m", "dvc", *args)
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-q", "--allow-empty", "-m", message)
+
+    def set_param(self, section: str, key: str, value) -> None:
+        params = yaml.safe_load((self.path / "params.yaml").read_text())
+        params[section][key] = value
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def report(self, stage: str) -> dict:
+        return json.loads((self.path / "reports" / f"{stage}.json").read_text())
+
+    def lock(self) -> dict:
+        return yaml.safe_load((self.path / "dvc.lock").read_text())["stages"]
+
+    @staticmethod
+    def ran(output: str) -> set[str]:
+        return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+    @staticmethod
+    def skipped(output: str) -> set[str]:
+        return {
+            line.split("'")[1]
+            for line in output.splitlines()
+            if line.startswith("Stage '") and ("didn't change" in line or "is cached" in line)
+        }

@@ -1,0 +1,26 @@
+"""Builders for integration tests: a tiny scratch model and tokenised rows from the embedded grammar."""
+
+from __future__ import annotations
+
+from pipeline.batches import tokenize_rows
+from pipeline.models import build_causal_lm
+
+
+def tiny_rows(tokenizer, reviews, n: int):
+    chosen = reviews[:n]
+    return tokenize_rows(tokenizer, [r.prompt for r in chosen], [r.completion for r in chosen], 96, "test rows")
+
+
+def tiny_model(model_cfg, tokenizer, seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    return build_causal_lm(model_cfg, tokenizer)
+
+
+def params_snapshot(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def changed(before, module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not p.detach().equal(before[name])}

@@ -1,0 +1,80 @@
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.batches import RowsDataModule, SFTCollator
+from pipeline.generation import SamplingParams, sample
+from pipeline.sft import SFTModule, count_tokens
+from pipeline.tracking import StageRun
+from pipeline.training import History, Throughput, build_trainer
+from tests.integration.helpers import changed, params_snapshot, tiny_model, tiny_rows
+
+
+def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6):
+    model = tiny_model(model_cfg, tokenizer)
+    module = SFTModule(model, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=steps)
+    data = RowsDataModule(
+        tiny_rows(tokenizer, reviews, 64),
+        tiny_rows(tokenizer, reviews[64:], 16),
+        SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id),
+        batch_size=8,
+        seed=0,
+    )
+    throughput, history = Throughput(count_tokens), History()
+    trainer = build_trainer(
+        trainer_cfg,
+        max_steps=steps,
+        val_every_n_steps=3,
+        grad_clip=1.0,
+        logger=logger,
+        callbacks=[throughput, history],
+    )
+    before = params_snapshot(module)
+    trainer.fit(module, datamodule=data)
+    return module, before, throughput, history
+
+
+def test_sft_trains_every_parameter_and_logs_to_mlflow(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tracking):
+    with StageRun(tracking, "sft", {"sft.lr": 0.01}, {"sft.lr": 0.01, "seed": 0}) as run:
+        module, before, throughput, history = _fit(
+            model_cfg, cpu_trainer_cfg, tokenizer, reviews, run.lightning_logger()
+        )
+    assert changed(before, module) == set(before)  # every weight moved
+    client = MlflowClient(tracking.tracking_uri)
+    data = client.get_run(run.run_id).data
+    assert {
+        "train/loss",
+        "val/loss",
+        "val/perplexity",
+        "perf/tokens_per_s",
+        "perf/wall_s",
+        "perf/peak_rss_mb",
+    } <= set(data.metrics)
+    assert data.params == {"sft.lr": "0.01"}
+    assert data.tags["mlflow.parentRunId"] == run.parent_run_id
+    assert len(client.get_metric_history(run.run_id, "train/loss")) == 6
+    assert data.metrics["val/perplexity"] == pytest.approx(2.718281828 ** data.metrics["val/loss"], rel=1e-4)
+    assert throughput.summary["perf/tokens"] > 0
+    assert [row["step"] for row in history.rows if "val/loss" in row] == [3.0, 6.0]
+
+
+def test_sft_lowers_validation_loss(model_cfg, cpu_trainer_cfg, tokenizer, reviews):
+    module, _, _, history = _fit(model_cfg, cpu_trainer_cfg, tokenizer, reviews, logger=False, steps=30)
+    val = [row["val/loss"] for row in history.rows if "val/loss" in row]
+    assert val[-1] < val[0] - 0.5
+
+
+def test_left_padded_batched_sampling_equals_one_by_one(model_cfg, tokenizer, reviews):
+    model = tiny_model(model_cfg, tokenizer, seed=3)
+    prompts = [reviews[0].prompt, "Short.", reviews[1].prompt + " And more words here to pad the others."]
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0)
+    batched = sample(model, tokenizer, prompts, greedy, batch_size=3, seed=0)
+    single = [sample(model, tokenizer, [p], greedy, batch_size=1, seed=0) for p in prompts]
+    assert batched.completion_ids == [s.completion_ids[0] for s in single]
+    assert all(tokenizer.eos_token_id not in ids for ids in batched.completion_ids)
+
+
+def test_history_records_each_validation_with_its_own_value(model_cfg, cpu_trainer_cfg, tokenizer, reviews):
+    _, _, _, history = _fit(model_cfg, cpu_trainer_cfg, tokenizer, reviews, logger=False, steps=9)
+    val = [(row["step"], row["val/loss"]) for row in history.rows if "val/loss" in row]
+    assert [step for step, _ in val] == [3.0, 6.0, 9.0]
+    assert len({loss for _, loss in val}) == 3

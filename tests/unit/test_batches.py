@@ -1,0 +1,44 @@
+import torch
+
+from pipeline.batches import LengthGroupedBatchSampler, PromptCompletion, SFTCollator
+from pipeline.logprobs import sequence_logps, token_logps
+from pipeline.sft import completion_nll
+
+PAD, EOS = 0, 9
+
+
+def test_sft_collator_masks_prompt_and_pad_and_appends_one_eos():
+    batch = SFTCollator(pad_id=PAD, eos_id=EOS)([PromptCompletion([5, 6], [7]), PromptCompletion([5], [7, 8, 3])])
+    # row 0: prompt 5 6 | completion 7 | EOS | pad
+    # row 1: prompt 5   | completion 7 8 3 | EOS
+    assert batch["input_ids"].tolist() == [[5, 6, 7, EOS, PAD], [5, 7, 8, 3, EOS]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert batch["loss_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]]
+
+
+def test_token_logps_match_a_naive_loop():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    expected = torch.tensor([[torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for t in range(4)] for b in range(2)])
+    torch.testing.assert_close(token_logps(logits, ids), expected)
+    mask = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]])
+    torch.testing.assert_close(sequence_logps(logits, ids, mask), (expected * mask[:, 1:]).sum(-1))
+
+
+def test_completion_nll_is_mean_over_target_tokens_only():
+    torch.manual_seed(1)
+    logits, ids = torch.randn(1, 4, 7), torch.tensor([[1, 2, 3, 4]])
+    loss, n = completion_nll(logits, ids, torch.tensor([[0, 0, 1, 1]]))
+    steps = torch.log_softmax(logits[0], -1)
+    torch.testing.assert_close(loss, -(steps[1, 3] + steps[2, 4]) / 2)
+    assert n == 2
+
+
+def test_length_grouped_batches_cover_every_row_once_and_group_lengths():
+    lengths = [i % 17 + 1 for i in range(500)]
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=10, seed=0, window=5)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 4  # a random batch spans ~14 lengths
+    assert list(sampler) != batches  # a new order each epoch

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, flatten, load_config, read_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def raw():
+    return read_params(ROOT / "params.yaml")
+
+
+def test_project_params_load(raw):
+    config = load_config(raw)
+    assert config.model.base == "scratch"
+    assert isinstance(config.sft.lr, float)
+    assert flatten(config)["sft.lr"] == config.sft.lr
+
+
+def test_unknown_key_is_named_with_valid_keys(raw):
+    raw["sft"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match=r"sft\.learning_rate: unknown key; valid keys here: lr, weight_decay"):
+        load_config(raw)
+
+
+def test_missing_key_is_named(raw):
+    del raw["sft"]["lr"]
+    with pytest.raises(ConfigError, match=r"sft\.lr: missing"):
+        load_config(raw)
+
+
+def test_ill_typed_keys_all_reported_at_once(raw):
+    raw["sft"]["batch_size"] = "32"
+    raw["model"]["trust_remote_code"] = "yes"
+    raw["prepare"]["source"] = "hub"
+    raw["seed"] = 1.5
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    message = str(info.value)
+    assert "sft.batch_size: expected int, got str '32'" in message
+    assert "model.trust_remote_code: expected bool, got str 'yes'" in message
+    assert "prepare.source: 'hub' is not one of 'synthetic', 'dataset'" in message
+    assert "seed: expected int, got float 1.5" in message
+
+
+def test_optional_and_union_types(raw):
+    raw["prepare"]["completion_column"] = 3
+    raw["trainer"]["devices"] = [0, 1]
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    assert "prepare.completion_column: expected str or null, got int 3" in str(info.value)
+    assert "trainer.devices: expected int or str, got list [0, 1]" in str(info.value)
+
+
+def test_bool_is_not_an_int(raw):
+    raw["sft"]["max_steps"] = True
+    with pytest.raises(ConfigError, match=r"sft\.max_steps: expected int, got bool True"):
+        load_config(raw)
+
+
+def test_yaml11_exponent_string_reads_as_float(raw):
+    raw["sft"]["lr"] = "3e-4"
+    assert load_config(raw).sft.lr == pytest.approx(3e-4)
+    raw["sft"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match=r"sft\.lr: expected float, got str 'fast'"):
+        load_config(raw)
+
+
+def test_section_must_be_a_mapping(raw):
+    raw["sft"] = 5
+    with pytest.raises(ConfigError, match=r"sft: expected a mapping, got int 5"):
+        load_config(raw)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("sft: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML"):
+        read_params(path)
+
+
+def test_cross_key_rules(raw):
+    raw["prepare"]["frac_positive"] = 0.7
+    raw["prepare"]["frac_negative"] = 0.5
+    raw["sft"]["batch_size"] = 0
+    raw["sft"]["max_length"] = 500
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    message = str(info.value)
+    assert "prepare.frac_positive + prepare.frac_negative: 0.7 + 0.5 must lie in [0, 1]" in message
+    assert "sft.batch_size: 0 must be positive" in message
+    assert "sft.max_length: 500 exceeds model.n_positions = 128" in message
