@@ -136,3 +136,70 @@ class RowsDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))
         return DataLoader([self.val_rows[i] for i in order], batch_size=self.batch_size, collate_fn=self.collate)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One tokenised pair sharing a prompt; golds are NaN when unknown (human data)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    chosen_gold: float = float("nan")
+    rejected_gold: float = float("nan")
+    index: int = 0
+    reference_chosen_logps: float = float("nan")
+    reference_rejected_logps: float = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids)) + 1
+
+
+def tokenize_pairs(tokenizer, frame, max_length: int, source: str) -> list[PreferencePair]:
+    """Encode a preference-pairs table (prompt, chosen, rejected[, golds]) once; over-long rows are an error."""
+    prompts = encode(tokenizer, frame["prompt"].tolist())
+    chosen = encode(tokenizer, frame["chosen"].tolist())
+    rejected = encode(tokenizer, frame["rejected"].tolist())
+    nan = [float("nan")] * len(frame)
+    golds_c = frame["chosen_gold"].tolist() if "chosen_gold" in frame else nan
+    golds_r = frame["rejected_gold"].tolist() if "rejected_gold" in frame else nan
+    rows = [
+        PreferencePair(p, c, r, float(gc), float(gr), i)
+        for i, (p, c, r, gc, gr) in enumerate(zip(prompts, chosen, rejected, golds_c, golds_r, strict=True))
+    ]
+    too_long = [i for i, row in enumerate(rows) if len(row) > max_length]
+    if too_long:
+        raise ValueError(
+            f"{source}: {len(too_long)} pair(s) exceed max_length={max_length} tokens "
+            f"(rows {', '.join(map(str, too_long[:10]))}); raise the stage's max_length"
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class PairCollator:
+    """Batches pairs for one concatenated forward pass: rows [0, B) are chosen, rows [B, 2B) rejected.
+
+    Returns `input_ids`, `attention_mask`, `loss_mask` (1 on response and EOS tokens), each (2B, T), plus
+    `gold` (2B,), cached `reference_logps` (2B,; NaN when not attached) and `index` (B,), the pair's row in its
+    table.
+    """
+
+    pad_id: int
+    eos_id: int
+
+    def __call__(self, rows: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
+        responses = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
+        prompts = [r.prompt_ids for r in rows] * 2
+        ids = [p + c + [self.eos_id] for p, c in zip(prompts, responses, strict=True)]
+        masks = [[0] * len(p) + [1] * (len(c) + 1) for p, c in zip(prompts, responses, strict=True)]
+        return {
+            "input_ids": pad_right(ids, self.pad_id),
+            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+            "loss_mask": pad_right(masks, 0),
+            "gold": torch.tensor([r.chosen_gold for r in rows] + [r.rejected_gold for r in rows]),
+            "reference_logps": torch.tensor(
+                [r.reference_chosen_logps for r in rows] + [r.reference_rejected_logps for r in rows]
+            ),
+            "index": torch.tensor([r.index for r in rows]),
+        }

@@ -113,6 +113,116 @@ class SFTConfig:
 
 
 @dataclass(frozen=True)
+class PreferencesConfig:
+    mode: Literal["generate", "dataset"]
+    """`generate`: sample K completions per prompt from `models/sft`, label pairs with the simulated annotator.
+    `dataset`: read human pairs through the column mapping below."""
+    k: int
+    """Generate: completions sampled per prompt; every pair among them is a candidate."""
+    train_prompts: int
+    """Generate: train prompts used (the first distinct ones of the prepared train split)."""
+    val_prompts: int
+    """Generate: validation prompts used."""
+    max_new_tokens: int
+    """Generate: sampling budget per completion."""
+    temperature: float
+    """Generate: sampling temperature."""
+    top_k: int
+    """Generate: top-k filter (0 disables)."""
+    top_p: float
+    """Generate: nucleus filter (1.0 disables)."""
+    batch_size: int
+    """Generate: sequences per `generate` call."""
+    tau: float
+    """Bradley-Terry annotator temperature: P(a > b) = sigmoid((gold_a - gold_b) / tau); 0 is deterministic."""
+    min_gold_gap: float
+    """Generate: pairs whose gold scores differ by at most this are dropped (0 drops exact ties)."""
+    max_length: int
+    """Prompt + response + EOS tokens; longer pairs are invalid."""
+    on_invalid: Literal["drop", "fail"]
+    """What to do with invalid pairs (empty, identical, repeating the prompt, extra EOS, over-long)."""
+    dataset_path: str | None
+    """Dataset: hub id (`Anthropic/hh-rlhf`) or builder (`json`, `parquet`)."""
+    dataset_name: str | None
+    """Dataset: configuration name."""
+    data_files: str | None
+    """Dataset: local files for the json/parquet builders."""
+    dataset_split: str
+    """Dataset: split read; train/val are carved from it by prompt."""
+    prompt_column: str | None
+    """Dataset: prompt column; null when chosen/rejected hold whole dialogues (HH: split at the last
+    `Assistant:` turn)."""
+    chosen_column: str
+    """Dataset: preferred response (or dialogue) column."""
+    rejected_column: str
+    """Dataset: dispreferred response (or dialogue) column."""
+    val_fraction: float
+    """Dataset: share of prompts held out for validation."""
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    lr: float
+    """Peak AdamW learning rate (the fresh score head needs a high one, see README)."""
+    weight_decay: float
+    """AdamW weight decay."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    batch_size: int
+    """Pairs per step (each pair is two sequences in one concatenated forward pass)."""
+    max_steps: int
+    """Optimizer steps."""
+    val_every_n_steps: int
+    """Validation interval."""
+    max_length: int
+    """Prompt + response + EOS tokens."""
+    grad_clip: float
+    """Gradient-norm clip (0 disables)."""
+    margin: float
+    """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin) (0 disables)."""
+    center_coef: float
+    """Reward centering: + coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (Eisenstein et al. 2023)."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    batch_size: int
+    """Pairs per forward pass when caching the reference (SFT) log-probs."""
+    max_length: int
+    """Prompt + response + EOS tokens (as in DPO, which reads these log-probs)."""
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"]
+    """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.)."""
+    beta: float
+    """KL-constraint strength: higher keeps the policy closer to the reference."""
+    label_smoothing: float
+    """Assumed label-flip rate for sigmoid (cDPO) and robust; 0 is plain DPO."""
+    lr: float
+    """Peak AdamW learning rate."""
+    weight_decay: float
+    """AdamW weight decay."""
+    warmup_steps: int
+    """Linear warm-up steps."""
+    batch_size: int
+    """Pairs per step."""
+    max_steps: int
+    """Optimizer steps."""
+    val_every_n_steps: int
+    """Validation interval."""
+    max_length: int
+    """Prompt + response + EOS tokens."""
+    grad_clip: float
+    """Gradient-norm clip (0 disables)."""
+    kl_prompts: int
+    """Validation prompts sampled at the end to measure objective/kl against the reference."""
+    max_new_tokens: int
+    """Sampling budget for the objective/kl samples."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     """Drives every random choice of every stage."""
@@ -120,6 +230,10 @@ class Config:
     trainer: TrainerConfig
     prepare: PrepareConfig
     sft: SFTConfig
+    preferences: PreferencesConfig
+    reward: RewardConfig
+    reference: ReferenceConfig
+    dpo: DPOConfig
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -170,13 +284,24 @@ def _semantic_errors(config: Config) -> list[str]:
             if name in ("lr",) and number <= 0:
                 errors.append(f"{key}: {number} must be positive")
     if model.base == "scratch":
-        for section in ("sft",):
+        for section in ("sft", "preferences", "reward", "reference", "dpo"):
             max_length = getattr(config, section).max_length
             if max_length > model.n_positions:
                 errors.append(
                     f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
                     "lower it or enlarge the model"
                 )
+    dpo = config.dpo
+    if dpo.beta <= 0:
+        errors.append(f"dpo.beta: {dpo.beta} must be positive")
+    limit = 0.5 if dpo.loss == "robust" else 1.0
+    if not 0 <= dpo.label_smoothing < limit:
+        errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, {limit}) for loss {dpo.loss!r}")
+    if config.reference.max_length != dpo.max_length:
+        errors.append(
+            f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
+            "the cached log-probs must cover exactly the pairs DPO trains on"
+        )
     return errors
 
 

@@ -56,3 +56,28 @@ def _describe(cases: pd.DataFrame, schema_name: str | None, source: str) -> str:
             values = ", ".join(map(str, group["failure_case"].tolist()[:10]))
             lines.append(f"  table fails {check}: {values}")
     return "\n".join(lines)
+
+
+PREFERENCE_PAIRS = pa.DataFrameSchema(
+    {
+        "prompt": pa.Column(str, _non_empty),
+        "chosen": pa.Column(str, [_non_empty, _non_blank]),
+        "rejected": pa.Column(str, [_non_empty, _non_blank]),
+        "chosen_gold": pa.Column(float, nullable=True),
+        "rejected_gold": pa.Column(float, nullable=True),
+    },
+    checks=pa.Check(lambda f: f["chosen"] != f["rejected"], error="chosen must differ from rejected"),
+    strict=True,
+    name="preference_pairs",
+)
+
+
+REFERENCE_LOGPS = pa.DataFrameSchema(
+    {
+        "index": pa.Column(int, [pa.Check.ge(0)], unique=True),
+        "reference_chosen_logps": pa.Column(float, pa.Check.le(0.0)),
+        "reference_rejected_logps": pa.Column(float, pa.Check.le(0.0)),
+    },
+    strict=True,
+    name="reference_logps",
+)

@@ -70,8 +70,3 @@ class SFTModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, **self.optim_args)
-
-
-def count_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Non-pad tokens in a batch (stays on device: no sync)."""
-    return batch["attention_mask"].sum()

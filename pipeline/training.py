@@ -55,11 +55,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def count_tokens_default(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Non-pad tokens in a batch (pairs: chosen and rejected together); stays on device, so no sync."""
+    return batch["attention_mask"].sum()
+
+
 class Throughput(pl.Callback):
     """Counts non-pad tokens per training step (no host sync in the loop) and times the fit."""
 
-    def __init__(self, count_tokens: Any) -> None:
-        self.count_tokens = count_tokens
+    def __init__(self, count_tokens: Any = None) -> None:
+        self.count_tokens = count_tokens or count_tokens_default
         self.tokens: torch.Tensor | None = None
         self.summary: dict[str, float] = {}
 

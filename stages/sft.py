@@ -9,7 +9,7 @@ from pipeline.generation import SamplingParams, sample
 from pipeline.models import build_causal_lm, count_parameters, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PROMPT_COMPLETION, read_table
-from pipeline.sft import SFTModule, count_tokens
+from pipeline.sft import SFTModule
 from pipeline.tokenization import load_tokenizer
 from pipeline.training import History, Throughput, build_trainer
 from stages.common import finish, stage
@@ -47,7 +47,7 @@ def main() -> None:
             sft.batch_size,
             cfg.seed,
         )
-        throughput, history = Throughput(count_tokens), History()
+        throughput, history = Throughput(), History()
         trainer = build_trainer(
             cfg.trainer,
             max_steps=sft.max_steps,

@@ -17,6 +17,17 @@ TINY = {
     "trainer": {"accelerator": "cpu", "log_every_n_steps": 2},
     "prepare": {"n_train": 300, "n_val": 32, "n_test": 16, "tokenizer_vocab_size": 1000},
     "sft": {"max_steps": 8, "val_every_n_steps": 4, "batch_size": 16, "warmup_steps": 2, "n_samples": 4},
+    "preferences": {"k": 3, "train_prompts": 24, "val_prompts": 8, "max_new_tokens": 12, "batch_size": 64},
+    "reward": {"max_steps": 4, "val_every_n_steps": 2, "batch_size": 8, "warmup_steps": 1},
+    "reference": {"batch_size": 32},
+    "dpo": {
+        "max_steps": 4,
+        "val_every_n_steps": 2,
+        "batch_size": 8,
+        "warmup_steps": 1,
+        "kl_prompts": 8,
+        "max_new_tokens": 12,
+    },
 }
 
 

@@ -24,3 +24,24 @@ def params_snapshot(module):
 
 def changed(before, module) -> set[str]:
     return {name for name, p in module.named_parameters() if not p.detach().equal(before[name])}
+
+
+def tiny_pairs(tokenizer, reviews, n: int, offset: int = 0):
+    """Pairs whose chosen is the more positive of two grammar continuations (gold order)."""
+    import pandas as pd
+
+    from pipeline.batches import tokenize_pairs
+
+    rows = []
+    for a, b in zip(reviews[offset : offset + n], reviews[offset + n : offset + 2 * n], strict=True):
+        high, low = (a, b) if a.gold >= b.gold else (b, a)
+        rows.append((a.prompt, high.completion, low.completion, high.gold, low.gold))
+    frame = pd.DataFrame(rows, columns=["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"])
+    return tokenize_pairs(tokenizer, frame, 160, "test pairs")
+
+
+def saved_tiny_model(model_cfg, tokenizer, path):
+    from pipeline.models import save_model
+
+    save_model(tiny_model(model_cfg, tokenizer), tokenizer, path)
+    return str(path)

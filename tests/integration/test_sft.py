@@ -3,7 +3,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.batches import RowsDataModule, SFTCollator
 from pipeline.generation import SamplingParams, sample
-from pipeline.sft import SFTModule, count_tokens
+from pipeline.sft import SFTModule
 from pipeline.tracking import StageRun
 from pipeline.training import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, tiny_model, tiny_rows
@@ -19,7 +19,7 @@ def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6):
         batch_size=8,
         seed=0,
     )
-    throughput, history = Throughput(count_tokens), History()
+    throughput, history = Throughput(), History()
     trainer = build_trainer(
         trainer_cfg,
         max_steps=steps,

@@ -60,3 +60,12 @@ def test_stage_params_are_config_sections_and_include_its_own(name):
     assert listed <= sections
     assert name in listed
     assert f"python -m stages.{name}" == DVC[name]["cmd"]
+
+
+@pytest.mark.parametrize("name", sorted(DVC))
+def test_stage_logs_exactly_the_params_dvc_tracks(name):
+    tree = ast.parse((ROOT / "stages" / f"{name}.py").read_text())
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "stage"]
+    assert len(calls) == 1
+    assert ast.literal_eval(calls[0].args[0]) == name
+    assert ast.literal_eval(calls[0].args[1]) == DVC[name]["params"]

@@ -1,0 +1,135 @@
+"""DPO training with cached reference log-probs.
+
+`reference_logps` runs the frozen reference (the SFT model) once over every pair, with exactly the tokenisation
+and collation DPO uses, so the `reference` stage can cache the result and a sweep over beta or the loss variant
+never repeats it. `DPOModule` trains the injected policy on pairs that carry those cached values: no reference
+model is held or run during training. `sequence_kl` measures the sampled KL to the reference afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.batches import PairCollator, PreferencePair
+from pipeline.dpo_losses import dpo_loss
+from pipeline.logprobs import sequence_logps
+from pipeline.optim import build_optimizer
+
+
+def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over (2B, T)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module, rows: Sequence[PreferencePair], collate: PairCollator, batch_size: int
+) -> pd.DataFrame:
+    """The reference's chosen/rejected log-probs for every pair, in row order (`index` = the row)."""
+    device = next(model.parameters()).device
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    loader = DataLoader([rows[i] for i in order], batch_size=batch_size, collate_fn=collate)
+    chosen, rejected, index = [], [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        c, r = pair_logps(model, batch)
+        chosen.append(c.float().cpu())
+        rejected.append(r.float().cpu())
+        index.append(batch["index"].cpu())
+    frame = pd.DataFrame(
+        {
+            "index": torch.cat(index).numpy().astype("int64"),
+            "reference_chosen_logps": torch.cat(chosen).double().numpy(),
+            "reference_rejected_logps": torch.cat(rejected).double().numpy(),
+        }
+    )
+    return frame.sort_values("index").reset_index(drop=True)
+
+
+def attach_reference(rows: Sequence[PreferencePair], cached: pd.DataFrame, source: str) -> list[PreferencePair]:
+    """Give each pair its cached reference log-probs; the cache must cover exactly these rows."""
+    if len(cached) != len(rows) or cached["index"].tolist() != list(range(len(rows))):
+        raise ValueError(
+            f"{source}: cached reference log-probs cover {len(cached)} rows but the pairs table has {len(rows)}; "
+            "rerun the reference stage (dvc repro reference)"
+        )
+    return [
+        dataclasses.replace(row, reference_chosen_logps=float(c), reference_rejected_logps=float(r))
+        for row, c, r in zip(rows, cached["reference_chosen_logps"], cached["reference_rejected_logps"], strict=True)
+    ]
+
+
+class DPOModule(pl.LightningModule):
+    """DPO-family preference optimisation of an injected policy against cached reference log-probs."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        *,
+        beta: float,
+        loss_type: str,
+        label_smoothing: float,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        max_steps: int,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.loss_args = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
+        self.optim_args = {"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps}
+
+    def _shared_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        policy_chosen_logps, policy_rejected_logps = pair_logps(self.policy, batch)
+        reference_chosen_logps, reference_rejected_logps = batch["reference_logps"].to(policy_chosen_logps).chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            **self.loss_args,
+        )  # fmt: skip
+        return {
+            "loss": losses.mean(),
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "logps/chosen": policy_chosen_logps.detach().mean(),
+            "logps/rejected": policy_rejected_logps.detach().mean(),
+        }
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._shared_step(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({k: v for k, v in out.items() if k != "loss"})
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._shared_step(batch)
+        size = batch["index"].numel()
+        self.log("val/loss", out["loss"], batch_size=size, sync_dist=True, prog_bar=True)
+        self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, batch_size=size, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.policy, **self.optim_args)
+
+
+def sequence_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, samples, tokenizer, batch_size: int
+) -> torch.Tensor:
+    """Per-sample log pi(y|x) - log ref(y|x) of completions sampled from `policy` (mean: the sequence KL).
+
+    Returns:
+        Shape: (N,).
+    """
+    from pipeline.logprobs import completion_logps
+
+    args = (samples.prompt_ids, samples.completion_ids, samples.ended)
+    kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": batch_size}
+    return completion_logps(policy, *args, **kwargs) - completion_logps(reference, *args, **kwargs)

@@ -1,0 +1,236 @@
+"""Preference pairs: the simulated annotator, pair formation, human datasets, and the screening of bad rows.
+
+On the embedded task the "human" is a Bradley-Terry annotator over the gold judge: it prefers response a over b
+with probability sigmoid((gold_a - gold_b) / tau), so small gold gaps give noisy labels and tau = 0 gives the
+gold order exactly (the DPO paper's controlled setting uses a sentiment classifier the same way). On a dataset,
+human pairs are read through a column mapping; Anthropic-HH style whole dialogues are split at the last
+assistant turn.
+
+Every pair then goes through `screen_pairs`, a table of named checks (identical, empty, repeating the prompt,
+containing EOS, over-long). Each check's count is reported; `on_invalid` decides whether bad rows are dropped
+or stop the stage with an error naming them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.tokenization import encode
+
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def preference_probability(gold_a: np.ndarray, gold_b: np.ndarray, tau: float) -> np.ndarray:
+    """P(a preferred over b) under the Bradley-Terry annotator; tau = 0 is the gold order (ties 0.5).
+
+    Args:
+        gold_a: Shape: (N,).
+        gold_b: Shape: (N,).
+    """
+    gap = np.asarray(gold_a, dtype=float) - np.asarray(gold_b, dtype=float)
+    if tau == 0:
+        return np.where(gap > 0, 1.0, np.where(gap < 0, 0.0, 0.5))
+    return 1.0 / (1.0 + np.exp(-gap / tau))
+
+
+def expected_flip_rate(gold_gaps: np.ndarray, tau: float) -> float:
+    """Closed form: the mean probability that the annotator prefers the lower-gold response."""
+    gaps = np.abs(np.asarray(gold_gaps, dtype=float))
+    if tau == 0:
+        return 0.0
+    return float(np.mean(1.0 / (1.0 + np.exp(gaps / tau))))
+
+
+def pairs_from_samples(
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    golds: Sequence[Sequence[float]],
+    *,
+    tau: float,
+    min_gold_gap: float,
+    rng: np.random.Generator,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Label every pair of each prompt's K responses with the annotator.
+
+    Args:
+        prompts: N prompts.
+        responses: N lists of up to K responses.
+        golds: gold scores aligned with `responses`.
+
+    Returns:
+        The pairs (`prompt`, `chosen`, `rejected`, `chosen_gold`, `rejected_gold`) and label statistics.
+    """
+    rows, gaps = [], []
+    dropped_ties = 0
+    for prompt, texts, scores in zip(prompts, responses, golds, strict=True):
+        for i, j in itertools.combinations(range(len(texts)), 2):
+            if abs(scores[i] - scores[j]) <= min_gold_gap or texts[i] == texts[j]:
+                dropped_ties += 1
+                continue
+            rows.append((prompt, texts[i], texts[j], scores[i], scores[j]))
+            gaps.append(scores[i] - scores[j])
+    gaps_arr = np.asarray(gaps, dtype=float)
+    prefer_first = rng.random(len(rows)) < preference_probability(gaps_arr, np.zeros_like(gaps_arr), tau)
+    table = pd.DataFrame(
+        [
+            (p, a, b, ga, gb) if first else (p, b, a, gb, ga)
+            for (p, a, b, ga, gb), first in zip(rows, prefer_first, strict=True)
+        ],
+        columns=["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"],
+    )
+    flipped = (table["chosen_gold"] < table["rejected_gold"]).to_numpy() if len(table) else np.zeros(0, bool)
+    stats = {
+        "pairs": float(len(table)),
+        "dropped_ties": float(dropped_ties),
+        "flip_rate": float(flipped.mean()) if len(table) else math.nan,
+        "flip_rate_expected": expected_flip_rate(gaps_arr, tau) if len(table) else math.nan,
+        "gold_gap_mean": float(np.abs(gaps_arr).mean()) if len(table) else math.nan,
+        "gold_gap_p10": float(np.quantile(np.abs(gaps_arr), 0.1)) if len(table) else math.nan,
+        "gold_gap_p50": float(np.quantile(np.abs(gaps_arr), 0.5)) if len(table) else math.nan,
+        "gold_gap_p90": float(np.quantile(np.abs(gaps_arr), 0.9)) if len(table) else math.nan,
+    }
+    return table, stats
+
+
+def split_dialogues(chosen: Sequence[str], rejected: Sequence[str], source: str) -> pd.DataFrame:
+    """Split whole dialogues (Anthropic HH) into a shared prompt and the two final assistant responses."""
+    rows, bad = [], []
+    for index, (c, r) in enumerate(zip(chosen, rejected, strict=True)):
+        cut = c.rfind(ASSISTANT_TURN)
+        prompt = c[: cut + len(ASSISTANT_TURN)] if cut >= 0 else ""
+        if cut < 0 or not r.startswith(prompt):
+            bad.append(index)
+            continue
+        rows.append((prompt, c[len(prompt) :], r[len(prompt) :]))
+    if bad:
+        raise ValueError(
+            f"{source}: {len(bad)} row(s) are not two dialogues sharing everything up to the last "
+            f"{ASSISTANT_TURN.strip()!r} turn (rows {', '.join(map(str, bad[:10]))}); "
+            "set preferences.prompt_column if the data has a prompt column"
+        )
+    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
+
+
+def _pair_checks(tokenizer, max_length: int) -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
+    eos = tokenizer.eos_token
+
+    def too_long(frame: pd.DataFrame) -> pd.Series:
+        prompt = np.array([len(ids) for ids in encode(tokenizer, frame["prompt"].tolist())])
+        longest = np.maximum(
+            [len(ids) for ids in encode(tokenizer, frame["chosen"].tolist())],
+            [len(ids) for ids in encode(tokenizer, frame["rejected"].tolist())],
+        )
+        return pd.Series(prompt + longest + 1 > max_length, index=frame.index)
+
+    def repeats_prompt(frame: pd.DataFrame) -> pd.Series:
+        prompt = frame["prompt"].str.strip()
+        return pd.Series(
+            [
+                bool(p) and (c.strip().startswith(p) or r.strip().startswith(p))
+                for p, c, r in zip(prompt, frame["chosen"], frame["rejected"], strict=True)
+            ],
+            index=frame.index,
+        )
+
+    return {
+        "identical": lambda f: f["chosen"] == f["rejected"],
+        "empty_response": lambda f: (f["chosen"].str.strip() == "") | (f["rejected"].str.strip() == ""),
+        "repeats_prompt": repeats_prompt,
+        "extra_eos": lambda f: (
+            f["chosen"].str.contains(eos, regex=False) | f["rejected"].str.contains(eos, regex=False)
+        ),
+        "too_long": too_long,
+    }
+
+
+def screen_pairs(
+    frame: pd.DataFrame, tokenizer, *, max_length: int, on_invalid: str, source: str
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Apply every pair check; drop the failing rows or raise naming them, and count each check's failures."""
+    counts: dict[str, float] = {}
+    bad = pd.Series(False, index=frame.index)
+    messages = []
+    for name, check in _pair_checks(tokenizer, max_length).items():
+        failing = check(frame).astype(bool) & ~bad if len(frame) else bad
+        counts[f"invalid/{name}"] = float(failing.sum())
+        if failing.any():
+            rows = ", ".join(map(str, frame.index[failing][:10]))
+            messages.append(f"  {name}: {int(failing.sum())} row(s) (rows {rows})")
+        bad |= failing
+    if messages and on_invalid == "fail":
+        raise ValueError(
+            f"{source}: invalid preference pairs (max_length={max_length}):\n"
+            + "\n".join(messages)
+            + "\nfix the data, or set preferences.on_invalid: drop to drop them"
+        )
+    return frame[~bad].reset_index(drop=True), counts
+
+
+def generate_pairs(
+    model, tokenizer, prompts: Sequence[str], cfg, *, seed: int
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Sample `cfg.k` completions per prompt, score them with the gold judge and label pairs.
+
+    Completions that hit `max_new_tokens` before EOS are paired like the others (the reward model sees them
+    with the EOS its collator appends); their share is reported as `samples/eos_rate`.
+    """
+    from pipeline.generation import SamplingParams, sample
+    from pipeline.judges import gold_scores
+
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    repeated = [p for p in prompts for _ in range(cfg.k)]
+    samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
+    golds = gold_scores(samples.texts)
+    responses: dict[str, list[str]] = {p: [] for p in prompts}
+    scores: dict[str, list[float]] = {p: [] for p in prompts}
+    for prompt, text, gold in zip(repeated, samples.texts, golds, strict=True):
+        responses[prompt].append(text)
+        scores[prompt].append(gold)
+    rng = np.random.default_rng(seed)
+    table, stats = pairs_from_samples(
+        list(prompts), list(responses.values()), list(scores.values()), tau=cfg.tau,
+        min_gold_gap=cfg.min_gold_gap, rng=rng,
+    )  # fmt: skip
+    stats["samples/gold_mean"] = float(np.mean(golds))
+    stats["samples/eos_rate"] = float(np.mean(samples.ended))
+    stats["samples/tokens_mean"] = float(np.mean([len(c) for c in samples.completion_ids]))
+    return table, stats
+
+
+def dataset_pairs(cfg, seed: int) -> dict[str, pd.DataFrame]:
+    """Read human preference pairs through the column mapping and split train/val by prompt."""
+    import datasets
+
+    if not cfg.dataset_path:
+        raise ValueError("preferences.dataset_path: required when preferences.mode is 'dataset'")
+    table = datasets.load_dataset(
+        cfg.dataset_path, cfg.dataset_name, data_files=cfg.data_files, split=cfg.dataset_split
+    ).to_pandas()
+    wanted = {"preferences.chosen_column": cfg.chosen_column, "preferences.rejected_column": cfg.rejected_column}
+    if cfg.prompt_column is not None:
+        wanted["preferences.prompt_column"] = cfg.prompt_column
+    for key, column in wanted.items():
+        if column not in table.columns:
+            raise ValueError(
+                f"{key}: column {column!r} is not in dataset {cfg.dataset_path!r}; "
+                f"its columns are {', '.join(map(str, table.columns))}"
+            )
+    source = f"preferences dataset {cfg.dataset_path!r}"
+    if cfg.prompt_column is None:
+        frame = split_dialogues(table[cfg.chosen_column].tolist(), table[cfg.rejected_column].tolist(), source)
+    else:
+        frame = pd.DataFrame(
+            {"prompt": table[cfg.prompt_column], "chosen": table[cfg.chosen_column],
+             "rejected": table[cfg.rejected_column]}
+        )  # fmt: skip
+    frame = frame.assign(chosen_gold=math.nan, rejected_gold=math.nan)
+    prompts = sorted(frame["prompt"].unique())
+    np.random.default_rng(seed).shuffle(prompts)
+    val_prompts = set(prompts[: max(1, round(len(prompts) * cfg.val_fraction))])
+    in_val = frame["prompt"].isin(val_prompts)
+    return {"train": frame[~in_val].reset_index(drop=True), "val": frame[in_val].reset_index(drop=True)}

@@ -1,0 +1,62 @@
+"""DVC stage `preferences`: preference pairs from SFT samples and the simulated annotator, or from a dataset."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.io import atomic_path, write_parquet
+from pipeline.models import build_causal_lm
+from pipeline.preferences import dataset_pairs, generate_pairs, screen_pairs
+from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, read_table, validate_frame
+from pipeline.tokenization import load_tokenizer
+from stages.common import finish, stage
+
+PATHS = {
+    "data_dir": "data/prepared",
+    "sft_dir": "models/sft",
+    "out_dir": "data/preferences",
+    "report": "reports/preferences.json",
+}
+
+
+def main() -> None:
+    with stage("preferences", ["seed", "model", "preferences"], PATHS) as ctx:
+        cfg, prefs, args = ctx.config, ctx.config.preferences, ctx.args
+        tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        if prefs.mode == "generate":
+            model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir)
+            splits = {}
+            for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
+                prompts = read_table(f"{args.data_dir}/{name}.parquet", PROMPT_COMPLETION)["prompt"].unique()
+                splits[name], stats = generate_pairs(
+                    model, tokenizer, list(prompts[:count]), prefs, seed=cfg.seed + offset
+                )
+                metrics.update({f"{name}/{key}": value for key, value in stats.items()})
+        else:
+            splits = dataset_pairs(prefs, cfg.seed)
+        metrics["perf/wall_s"] = time.perf_counter() - start
+        with atomic_path(args.out_dir) as tmp:
+            tmp.mkdir()
+            for name, frame in splits.items():
+                kept, counts = screen_pairs(
+                    frame,
+                    tokenizer,
+                    max_length=prefs.max_length,
+                    on_invalid=prefs.on_invalid,
+                    source=f"preferences {name} pairs",
+                )
+                kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {name} pairs")
+                if kept.empty:
+                    raise ValueError(f"preferences: no valid {name} pairs were left; see the invalid/* counts {counts}")
+                write_parquet(kept, tmp / f"{name}.parquet")
+                metrics.update({f"{name}/{key}": value for key, value in counts.items()})
+                metrics[f"{name}/pairs_written"] = float(len(kept))
+                ctx.run.log_text(kept.head(30).to_string(), f"samples/{name}_pairs.txt")
+        finish(ctx, metrics, args.report, [args.out_dir])
+        print(f"preferences: {metrics}")
+
+
+if __name__ == "__main__":
+    main()

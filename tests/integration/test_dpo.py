@@ -1,0 +1,58 @@
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.batches import PairCollator, RowsDataModule
+from pipeline.dpo import DPOModule, attach_reference, pair_logps, reference_logps, sequence_kl
+from pipeline.generation import SamplingParams, sample
+from pipeline.models import build_causal_lm
+from pipeline.tracking import StageRun
+from pipeline.training import Throughput, build_trainer
+from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
+
+
+def test_dpo_trains_the_policy_against_cached_reference(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path,
+                                                        tracking):  # fmt: skip
+    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
+    policy = build_causal_lm(model_cfg, tokenizer, path=path)
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    train, val = tiny_pairs(tokenizer, reviews, 48), tiny_pairs(tokenizer, reviews, 16, offset=100)
+    cached = reference_logps(reference, train, collate, batch_size=7)
+
+    # The cache equals a live reference forward pass over DPO's own batches.
+    batch = collate(train[:8])
+    live_chosen, live_rejected = pair_logps(reference, batch)
+    torch.testing.assert_close(torch.tensor(cached["reference_chosen_logps"][:8].to_numpy()).float(), live_chosen)
+    torch.testing.assert_close(torch.tensor(cached["reference_rejected_logps"][:8].to_numpy()).float(), live_rejected)
+
+    rows = attach_reference(train, cached, "train")
+    val_rows = attach_reference(val, reference_logps(reference, val, collate, batch_size=16), "val")
+    module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, lr=1e-2, weight_decay=0.0,
+                       warmup_steps=1, max_steps=6)  # fmt: skip
+    before_policy, before_reference = params_snapshot(module), params_snapshot(reference)
+    with StageRun(tracking, "dpo", {}, {}) as run:
+        trainer = build_trainer(cpu_trainer_cfg, max_steps=6, val_every_n_steps=3, grad_clip=1.0,
+                                logger=run.lightning_logger(), callbacks=[Throughput()])  # fmt: skip
+        trainer.fit(module, datamodule=RowsDataModule(rows, val_rows, collate, batch_size=8, seed=0))
+    assert changed(before_policy, module) == set(before_policy)
+    assert changed(before_reference, reference) == set()
+    metrics = MlflowClient(tracking.tracking_uri).get_run(run.run_id).data.metrics
+    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected"]  # fmt: skip
+    assert {"train/loss", "val/loss", *names, *(f"val/{n}" for n in names)} <= set(metrics)
+
+    # Sampled KL: zero against itself, positive once the policy has moved.
+    prompts = [r.prompt for r in reviews[:24]]
+    samples = sample(module.policy, tokenizer, prompts, SamplingParams(12, 1.0, 0, 1.0), batch_size=24, seed=0)
+    assert sequence_kl(module.policy, module.policy, samples, tokenizer, 8).abs().max() < 1e-4
+    assert sequence_kl(module.policy, reference, samples, tokenizer, 8).mean() > 0
+
+
+def test_cache_for_other_rows_is_refused(model_cfg, tokenizer, reviews, tmp_path):
+    import pandas as pd
+    import pytest
+
+    cached = pd.DataFrame({"index": [0], "reference_chosen_logps": [-1.0], "reference_rejected_logps": [-2.0]})
+    with pytest.raises(ValueError, match=r"data/reference/train\.parquet: cached reference log-probs cover 1 rows "
+                                         r"but the pairs table has 4; rerun the reference stage"):  # fmt: skip
+        attach_reference(tiny_pairs(tokenizer, reviews, 4), cached, "data/reference/train.parquet")

@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.preferences import (
+    expected_flip_rate,
+    pairs_from_samples,
+    preference_probability,
+    screen_pairs,
+    split_dialogues,
+)
+from pipeline.reward import bradley_terry_loss, spearman
+from pipeline.schemas import PREFERENCE_PAIRS, DataContractError, validate_frame
+
+
+def test_bradley_terry_loss_hand_values():
+    chosen, rejected = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.0, -1.0])
+    # -log sigmoid(1) = log(1 + e^-1) = 0.313262; -log sigmoid(0) = log 2; -log sigmoid(3) = 0.048587
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor([0.313262, 0.693147, 0.048587]))
+    # margin 1 shifts the logit: -log sigmoid(1 - 1) = log 2
+    torch.testing.assert_close(bradley_terry_loss(chosen[:1], rejected[:1], margin=1.0), torch.tensor([0.693147]))
+    # centering adds coef * (r_c + r_r)^2 = 0.5 * (2 - 1)^2 = 0.5
+    torch.testing.assert_close(
+        bradley_terry_loss(chosen[2:], rejected[2:], center_coef=0.5), torch.tensor([0.048587 + 0.5])
+    )
+
+
+def test_spearman_is_rank_correlation():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert spearman(x, x**3) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+
+
+def test_annotator_probability_and_tau_zero():
+    p = preference_probability(np.array([0.1, -0.2, 0.0]), np.zeros(3), tau=0.1)
+    np.testing.assert_allclose(p, [1 / (1 + math.exp(-1)), 1 / (1 + math.exp(2)), 0.5])
+    np.testing.assert_array_equal(preference_probability(np.array([0.3, -0.3]), np.zeros(2), tau=0), [1.0, 0.0])
+
+
+@pytest.mark.parametrize("tau", [0.05, 0.2, 0.5])
+def test_flip_rate_matches_closed_form_within_sampling_error(tau):
+    rng = np.random.default_rng(0)
+    n_prompts, k = 3000, 4
+    golds = rng.uniform(-1, 1, size=(n_prompts, k)).round(3)
+    responses = [[f"r{i}-{j}" for j in range(k)] for i in range(n_prompts)]
+    table, stats = pairs_from_samples(
+        [f"p{i}" for i in range(n_prompts)], responses, golds.tolist(), tau=tau, min_gold_gap=0.0, rng=rng
+    )
+    n = len(table)
+    gaps = (table["chosen_gold"] - table["rejected_gold"]).to_numpy()
+    expected = expected_flip_rate(gaps, tau)
+    assert stats["flip_rate_expected"] == pytest.approx(expected)
+    assert abs(stats["flip_rate"] - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+
+
+def test_ties_are_dropped_and_tau_zero_follows_gold():
+    table, stats = pairs_from_samples(
+        ["p"], [["a", "b", "c"]], [[0.5, 0.5, -0.2]], tau=0.0, min_gold_gap=0.0, rng=np.random.default_rng(0)
+    )
+    assert stats["dropped_ties"] == 1 and stats["flip_rate"] == 0.0
+    assert sorted(zip(table["chosen"], table["rejected"], strict=True)) == [("a", "c"), ("b", "c")]
+
+
+def test_hh_dialogues_split_at_last_assistant_turn():
+    chosen = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: sure, here is one"
+    rejected = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: no"
+    frame = split_dialogues([chosen], [rejected], "hh")
+    assert frame.loc[0, "prompt"] == "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant:"
+    assert (frame.loc[0, "chosen"], frame.loc[0, "rejected"]) == (" sure, here is one", " no")
+    with pytest.raises(ValueError, match=r"hh: 1 row\(s\) are not two dialogues sharing .* \(rows 0\)"):
+        split_dialogues(["\n\nHuman: a\n\nAssistant: b"], ["\n\nHuman: x\n\nAssistant: y"], "hh")
+
+
+def _bad_pairs(tokenizer):
+    return pd.DataFrame(
+        {
+            "prompt": ["Review:", "Review:", "Review:", "Review:", "Review:", "Review:"],
+            "chosen": [" good.", " same", " ", "Review: again", f" one{tokenizer.eos_token}", " word" * 80],
+            "rejected": [" bad.", " same", " x", " fine", " two", " short"],
+            "chosen_gold": [0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
+            "rejected_gold": [-0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
+        }
+    )
+
+
+def test_screen_counts_and_drops_each_bad_row_type(tokenizer):
+    kept, counts = screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="drop", source="s")
+    assert kept["chosen"].tolist() == [" good."]
+    assert counts == {
+        "invalid/identical": 1.0,
+        "invalid/empty_response": 1.0,
+        "invalid/repeats_prompt": 1.0,
+        "invalid/extra_eos": 1.0,
+        "invalid/too_long": 1.0,
+    }
+
+
+def test_screen_fail_names_each_check_and_row(tokenizer):
+    with pytest.raises(ValueError) as info:
+        screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="fail", source="prefs train")
+    message = str(info.value)
+    assert message.startswith("prefs train: invalid preference pairs (max_length=64):")
+    for line in (
+        "identical: 1 row(s) (rows 1)",
+        "empty_response: 1 row(s) (rows 2)",
+        "repeats_prompt: 1 row(s) (rows 3)",
+        "extra_eos: 1 row(s) (rows 4)",
+        "too_long: 1 row(s) (rows 5)",
+    ):
+        assert line in message
+    assert "preferences.on_invalid: drop" in message
+
+
+def test_pairs_schema_rejects_identical_and_empty():
+    frame = pd.DataFrame(
+        {
+            "prompt": ["p", "p"],
+            "chosen": [" a", ""],
+            "rejected": [" a", " b"],
+            "chosen_gold": [0.0, 0.0],
+            "rejected_gold": [0.0, 0.0],
+        }
+    )
+    with pytest.raises(DataContractError) as info:
+        validate_frame(frame, PREFERENCE_PAIRS, "data/preferences/train.parquet")
+    assert "chosen must differ from rejected: rows 0" in str(info.value)
+    assert "column 'chosen' fails must be a non-empty string: rows 1" in str(info.value)
