@@ -223,6 +223,66 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class PPOConfig:
+    lr: float
+    """Policy learning rate (AdamW, warm-up then cosine over the rollouts)."""
+    value_lr: float
+    """Value-model learning rate."""
+    warmup_rollouts: int
+    """Rollouts of linear learning-rate warm-up."""
+    rollouts: int
+    """Rollout batches (each: sample, score, then `ppo_epochs` passes of minibatch updates)."""
+    prompts_per_rollout: int
+    """Prompts sampled per rollout batch (one response each)."""
+    minibatch_size: int
+    """Sequences per PPO update."""
+    ppo_epochs: int
+    """Passes over each rollout batch."""
+    max_new_tokens: int
+    """Response budget; a response that hits it without EOS gets `missing_eos_penalty`."""
+    temperature: float
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    top_k: int
+    """Top-k filter while sampling (0 disables; keep 0 for an unbiased KL)."""
+    top_p: float
+    """Nucleus filter while sampling (1.0 disables)."""
+    gamma: float
+    """GAE discount."""
+    lam: float
+    """GAE lambda."""
+    cliprange: float
+    """Policy-ratio clip."""
+    cliprange_value: float
+    """Value clip around the rollout's values."""
+    vf_coef: float
+    """Weight of the value loss."""
+    kl_coef: float
+    """Per-token KL penalty (the initial value when `kl_control` is adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"]
+    """Per-token KL estimator in the penalty."""
+    kl_control: Literal["fixed", "adaptive"]
+    """Keep `kl_coef` fixed, or adapt it towards `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float
+    """Adaptive control: target sequence KL (nats)."""
+    kl_horizon: int
+    """Adaptive control: horizon in samples."""
+    whiten_rewards: bool
+    """Whiten per-token rewards (keeping their mean) before GAE."""
+    reward_clip: float
+    """Clip normalised scores to +-this (0 disables)."""
+    missing_eos_penalty: float
+    """Subtracted from the normalised score of responses that never produced EOS."""
+    grad_clip: float
+    """Gradient-norm clip for policy and value models (0 disables)."""
+    max_ratio: float
+    """Health gate: stop when a minibatch's mean importance ratio exceeds this."""
+    min_eos_rate: float
+    """Health gate: stop when fewer rollout responses than this end with EOS."""
+    n_logged_samples: int
+    """Rollout samples logged as a table artifact."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     """Drives every random choice of every stage."""
@@ -234,6 +294,7 @@ class Config:
     reward: RewardConfig
     reference: ReferenceConfig
     dpo: DPOConfig
+    ppo: PPOConfig
 
 
 def read_params(path: str | Path) -> dict[str, Any]:

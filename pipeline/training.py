@@ -27,6 +27,7 @@ def build_trainer(
     grad_clip: float,
     logger: Any,
     callbacks: Sequence[pl.Callback] = (),
+    max_epochs: int = -1,
 ) -> pl.Trainer:
     """A Trainer configured from the `trainer` params block; no checkpoints (the stage saves the model)."""
     return pl.Trainer(
@@ -36,7 +37,7 @@ def build_trainer(
         precision=cfg.precision,
         num_nodes=cfg.num_nodes,
         max_steps=max_steps,
-        max_epochs=-1,
+        max_epochs=max_epochs,
         val_check_interval=val_every_n_steps,
         check_val_every_n_epoch=None if val_every_n_steps else 1,
         num_sanity_val_steps=0,

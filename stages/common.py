@@ -30,8 +30,8 @@ class StageContext:
     run: StageRun
 
     @property
-    def rank_zero(self) -> bool:
-        return _rank() == 0
+    def rank(self) -> int:
+        return _rank()
 
 
 def _rank() -> int:

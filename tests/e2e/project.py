@@ -28,6 +28,14 @@ TINY = {
         "kl_prompts": 8,
         "max_new_tokens": 12,
     },
+    "ppo": {
+        "rollouts": 2,
+        "prompts_per_rollout": 8,
+        "minibatch_size": 4,
+        "max_new_tokens": 8,
+        "min_eos_rate": 0.0,
+        "warmup_rollouts": 1,
+    },
 }
 
 

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
-STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo"}
+STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo", "ppo"}
 
 
 def test_whole_dag_then_targeted_reruns(tmp_path):
@@ -23,10 +23,17 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == sorted(STAGES)
 
+    ppo = project.report("ppo")
+    assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
+
     project.set_param("reward", "lr", 0.002)
     out = project.dvc("repro")
-    assert project.ran(out) == {"reward"}
-    assert {"prepare", "sft", "preferences"} <= project.skipped(out)
+    assert project.ran(out) == {"reward", "ppo"}  # ppo reads the reward model
+    assert {"prepare", "sft", "preferences", "reference", "dpo"} <= project.skipped(out)
+
+    project.set_param("ppo", "kl_coef", 0.1)
+    out = project.dvc("repro")
+    assert project.ran(out) == {"ppo"}
 
     # A beta sweep point reruns DPO only: the cached reference log-probs are reused.
     project.commit("baseline")

@@ -1,0 +1,259 @@
+"""RLHF with PPO: rollouts, rewards with a per-token KL penalty, and clipped updates of policy and value models.
+
+Each training step is one rollout batch. The policy samples one response per prompt (KV cache, stopping at EOS);
+one no-grad forward pass of each model then gives the old log-probs (policy), reference log-probs (SFT model),
+values (value model, initialised from the reward model) and scores (reward model, read at the response's last
+token, normalised with the reward model's saved mean and std). Rewards are the score at the last response token
+minus `kl_coef` times the per-token KL estimate; GAE turns them into advantages, which are whitened. Then
+`ppo_epochs` passes of shuffled minibatches update both models with manual optimisation. The math lives in
+`pipeline.rl`; this module wires it and refuses to continue when training turns unhealthy (`PPOHealthError`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import Sampler
+
+from pipeline.batches import pad_right
+from pipeline.config import PPOConfig
+from pipeline.generation import Samples, SamplingParams, sample_ids
+from pipeline.judges import gold_scores
+from pipeline.logprobs import token_logps
+from pipeline.optim import build_optimizer
+from pipeline.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    gae_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_whiten,
+)
+
+
+class PPOHealthError(RuntimeError):
+    """PPO stopped because training became unhealthy; the message names the cause and the params to look at."""
+
+
+class PromptBatches(Sampler[list[int]]):
+    """`n_batches` seeded batches of prompt indices, reshuffling whenever the prompts run out."""
+
+    def __init__(self, n_prompts: int, batch_size: int, n_batches: int, seed: int) -> None:
+        self.n_prompts, self.batch_size, self.n_batches, self.seed = n_prompts, batch_size, n_batches, seed
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed)
+        pool: list[int] = []
+        for _ in range(self.n_batches):
+            while len(pool) < self.batch_size:
+                pool += torch.randperm(self.n_prompts, generator=generator).tolist()
+            yield pool[: self.batch_size]
+            pool = pool[self.batch_size :]
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+
+def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values from a sequence classifier: its score head on every hidden state. Shape: (B, T)."""
+    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return value_model.score(hidden)[..., 0].float()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each next-token distribution. Shape: (B, T, V) -> (B, T)."""
+    logits = logits.float()
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+@dataclass
+class Rollout:
+    """One rollout batch, token-aligned: (B, T - 1) tensors score the token after each position."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    mask: torch.Tensor
+    logps: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PPOModule(pl.LightningModule):
+    """PPO with separate policy and value models, a frozen reference and a frozen reward model."""
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        value_model: torch.nn.Module,
+        reference: torch.nn.Module,
+        reward_model: torch.nn.Module,
+        tokenizer,
+        cfg: PPOConfig,
+        *,
+        reward_mean: float,
+        reward_std: float,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy, self.value_model = policy, value_model
+        self.reference = reference.requires_grad_(False).eval()
+        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
+        self.reward_mean, self.reward_std = reward_mean, reward_std
+        self.kl_ctl = (
+            AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.kl_control == "adaptive"
+            else FixedKLController(cfg.kl_coef)
+        )
+        self.history: list[dict[str, float]] = []
+        self.last_samples: list[dict[str, object]] = []
+
+    def _sequences(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids, masks = [], []
+        for prompt, completion, ended in zip(samples.prompt_ids, samples.completion_ids, samples.ended, strict=True):
+            response = completion + ([eos] if ended else [])
+            ids.append(prompt + response)
+            masks.append([0] * len(prompt) + [1] * len(response))
+        input_ids = pad_right(ids, pad).to(self.device)
+        attention_mask = pad_right([[1] * len(s) for s in ids], 0).to(self.device)
+        return input_ids, attention_mask, pad_right(masks, 0).to(self.device)[:, 1:].float()
+
+    def _logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits / self.cfg.temperature
+        return token_logps(logits, input_ids), logits
+
+    @torch.no_grad()
+    def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
+        cfg = self.cfg
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        seed = self.seed + 7919 * step + self.global_rank
+        samples = sample_ids(self.policy, self.tokenizer, prompt_ids, params, batch_size=len(prompt_ids), seed=seed)
+        input_ids, attention_mask, mask = self._sequences(samples)
+        logps, _ = self._logps(self.policy, input_ids, attention_mask)
+        ref_logps, _ = self._logps(self.reference, input_ids, attention_mask)
+        values = token_values(self.value_model, input_ids, attention_mask)[:, :-1]
+        raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+        ended = torch.tensor(samples.ended, device=self.device)
+        scores = (raw_scores - self.reward_mean) / self.reward_std
+        if cfg.reward_clip:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        scores = scores - cfg.missing_eos_penalty * (~ended).float()
+        kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
+        non_score = -self.kl_ctl.value * kl
+        last = (attention_mask.sum(1) - 2).clamp(min=0)  # token-aligned index of the last response token
+        rewards = non_score.clone()
+        rewards[torch.arange(len(last), device=self.device), last] += scores
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+        if not (torch.isfinite(advantages).all() and torch.isfinite(returns).all()):
+            raise PPOHealthError(
+                f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
+                "reward model's saved mean/std (models/reward/reward_stats.json), ppo.reward_clip and ppo.lr"
+            )
+        golds = gold_scores(samples.texts)
+        stats = {
+            "objective/kl": float(kl.sum(1).mean()),
+            "objective/entropy": float((-logps * mask).sum(1).mean()),
+            "objective/scores": float(scores.mean()),
+            "objective/non_score_reward": float(non_score.sum(1).mean()),
+            "objective/rlhf_reward": float((scores + non_score.sum(1)).mean()),
+            "objective/kl_coef": float(self.kl_ctl.value),
+            "objective/gold_scores": sum(golds) / len(golds),
+            "val/num_eos_tokens": float(ended.sum()),
+            "val/eos_rate": float(ended.float().mean()),
+            "val/response_length": float(mask.sum(1).mean()),
+        }
+        self.last_samples = [
+            {"prompt": self.tokenizer.decode(p), "response": t, "score": float(s), "gold": g, "ended": e}
+            for p, t, s, g, e in zip(samples.prompt_ids, samples.texts, scores, golds, samples.ended, strict=True)
+        ]
+        rollout = Rollout(input_ids, attention_mask, mask, logps, values, advantages, returns)
+        return rollout, stats, samples
+
+    def _update(self, rollout: Rollout, step: int) -> dict[str, float]:
+        cfg = self.cfg
+        policy_opt, value_opt = self.optimizers()
+        generator = torch.Generator().manual_seed(self.seed + step)
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(cfg.ppo_epochs):
+            for index in torch.randperm(len(rollout.input_ids), generator=generator).split(cfg.minibatch_size):
+                index = index.to(self.device)
+                ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
+                logps, logits = self._logps(self.policy, ids, am)
+                pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
+                                                        cliprange=cfg.cliprange)  # fmt: skip
+                values = token_values(self.value_model, ids, am)[:, :-1]
+                vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
+                                                          cliprange=cfg.cliprange_value)  # fmt: skip
+                policy_opt.zero_grad()
+                value_opt.zero_grad()
+                self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
+                if cfg.grad_clip:
+                    self.clip_gradients(policy_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+                    self.clip_gradients(value_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+                policy_opt.step()
+                value_opt.step()
+                entropy = masked_mean(entropy_from_logits(logits[:, :-1].detach()), mask)
+                for key, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                                   "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg":
+                                   pg_stats["clipfrac"], "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"],
+                                   "val/clipfrac_avg": vf_clipfrac}.items():  # fmt: skip
+                    totals.setdefault(key, []).append(value)
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+        stacked = {key: torch.stack(values) for key, values in totals.items()}  # one host sync below, per rollout
+        self._check_update(stacked, step)
+        return {key: float(values.mean()) for key, values in stacked.items()}
+
+    def _check_update(self, stacked: dict[str, torch.Tensor], step: int) -> None:
+        for key in ("loss/policy_avg", "loss/value_avg"):
+            if not torch.isfinite(stacked[key]).all():
+                raise PPOHealthError(
+                    f"ppo: non-finite {key} at rollout {step}; lower ppo.lr / ppo.value_lr or set ppo.grad_clip"
+                )
+        worst = float(stacked["val/ratio"].max())
+        if worst > self.cfg.max_ratio:
+            raise PPOHealthError(
+                f"ppo: mean importance ratio {worst:.3g} exceeds ppo.max_ratio = {self.cfg.max_ratio} at rollout "
+                f"{step}: the policy moved too far from the rollout policy; lower ppo.lr or ppo.ppo_epochs"
+            )
+
+    def training_step(self, prompt_ids: list[list[int]], batch_idx: int) -> None:
+        start = time.perf_counter()
+        rollout, stats, samples = self.make_rollout(prompt_ids, batch_idx)
+        if stats["val/eos_rate"] < self.cfg.min_eos_rate:
+            raise PPOHealthError(
+                f"ppo: only {stats['val/eos_rate']:.0%} of rollout {batch_idx}'s responses ended with EOS, under "
+                f"ppo.min_eos_rate = {self.cfg.min_eos_rate}; raise ppo.missing_eos_penalty or ppo.max_new_tokens, "
+                "or lower ppo.lr"
+            )
+        stats["time/rollout_s"] = time.perf_counter() - start
+        stats.update(self._update(rollout, batch_idx))
+        stats["time/update_s"] = time.perf_counter() - start - stats["time/rollout_s"]
+        self.kl_ctl.update(stats["objective/kl"], n_steps=len(prompt_ids))
+        generated = sum(len(c) for c in samples.completion_ids)
+        trained = int(rollout.attention_mask.sum()) * self.cfg.ppo_epochs
+        stats["perf/tokens_per_s"] = (generated + trained) / (time.perf_counter() - start)
+        stats["lr"] = self.lr_schedulers()[0].get_last_lr()[0]
+        self.history.append({"step": float(batch_idx), **stats})
+        if self.logger is not None:
+            self.logger.log_metrics(stats, step=batch_idx)
+
+    def configure_optimizers(self):
+        args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts}
+        return [
+            build_optimizer(self.policy, lr=self.cfg.lr, **args),
+            build_optimizer(self.value_model, lr=self.cfg.value_lr, **args),
+        ]

@@ -1,0 +1,64 @@
+"""DVC stage `ppo`: RLHF of the SFT policy against the reward model with a KL penalty to the SFT reference."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from pipeline.models import build_causal_lm, build_reward_model, save_model
+from pipeline.ppo import PPOModule, PromptBatches
+from pipeline.reports import write_curve
+from pipeline.schemas import PROMPT_COMPLETION, read_table
+from pipeline.tokenization import encode, load_tokenizer
+from pipeline.training import build_trainer
+from stages.common import finish, stage
+
+PATHS = {
+    "data_dir": "data/prepared",
+    "sft_dir": "models/sft",
+    "reward_dir": "models/reward",
+    "model_dir": "models/ppo",
+    "report": "reports/ppo.json",
+    "curve": "reports/plots/ppo.csv",
+}
+
+
+def main() -> None:
+    with stage("ppo", ["seed", "model", "trainer", "ppo"], PATHS) as ctx:
+        cfg, ppo, args = ctx.config, ctx.config.ppo, ctx.args
+        tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+        prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
+        prompt_ids = encode(tokenizer, prompts)
+        stats = json.loads(open(f"{args.reward_dir}/reward_stats.json").read())
+        module = PPOModule(
+            policy=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
+            value_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
+            reference=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
+            reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
+            tokenizer=tokenizer, cfg=ppo, reward_mean=stats["mean"], reward_std=stats["std"], seed=cfg.seed,
+        )  # fmt: skip
+        batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)
+        loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
+        trainer = build_trainer(cfg.trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
+                                logger=ctx.run.lightning_logger())  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader)
+        if not trainer.is_global_zero:
+            return
+        save_model(module.policy, tokenizer, args.model_dir)
+        history = pd.DataFrame(module.history)
+        write_curve(module.history, args.curve)
+        ctx.run.log_text(pd.DataFrame(module.last_samples[: ppo.n_logged_samples]).to_string(),
+                         "samples/ppo_rollouts.txt")  # fmt: skip
+        window = max(1, len(history) // 10)  # first and last tenth of training
+        metrics = {f"final/{k}": float(history[k].tail(window).mean()) for k in history.columns if k != "step"}
+        metrics.update({f"start/{k}": float(history[k].head(window).mean()) for k in
+                        ("objective/gold_scores", "objective/scores", "objective/kl")})  # fmt: skip
+        metrics["perf/tokens_per_s"] = float(history["perf/tokens_per_s"].median())
+        finish(ctx, metrics, args.report, [args.model_dir], step=len(history))
+        print(f"ppo: {json.dumps(metrics, indent=1)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from torch.utils.data import DataLoader
+
+from pipeline.config import load_config, read_params
+from pipeline.models import build_causal_lm, build_reward_model, save_model
+from pipeline.ppo import PPOHealthError, PPOModule, PromptBatches
+from pipeline.tokenization import encode
+from pipeline.tracking import StageRun
+from pipeline.training import build_trainer
+from tests.integration.helpers import changed, params_snapshot, saved_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = [
+    "objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
+    "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
+    "loss/value_avg", "val/clipfrac_avg", "val/ratio", "val/num_eos_tokens", "objective/gold_scores",
+    "perf/tokens_per_s",
+]  # fmt: skip
+
+
+def _ppo_cfg(**overrides):
+    base = load_config(read_params(ROOT / "params.yaml")).ppo
+    small = dict(rollouts=3, prompts_per_rollout=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, min_eos_rate=0.0,
+                 warmup_rollouts=1, lr=1e-3, value_lr=1e-3, kl_control="adaptive")  # fmt: skip
+    return dataclasses.replace(base, **{**small, **overrides})
+
+
+def _module(model_cfg, tokenizer, tmp_path, cfg):
+    sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    reward = build_reward_model(model_cfg, tokenizer, sft)
+    save_model(reward, tokenizer, tmp_path / "reward")
+    return PPOModule(
+        policy=build_causal_lm(model_cfg, tokenizer, path=sft),
+        value_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
+        reference=build_causal_lm(model_cfg, tokenizer, path=sft),
+        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
+        tokenizer=tokenizer, cfg=cfg, reward_mean=0.0, reward_std=1.0, seed=0,
+    )  # fmt: skip
+
+
+def _fit(module, cpu_trainer_cfg, tokenizer, reviews, logger=False):
+    prompt_ids = encode(tokenizer, [r.prompt for r in reviews[:40]])
+    cfg = module.cfg
+    loader = DataLoader(prompt_ids, batch_sampler=PromptBatches(40, cfg.prompts_per_rollout, cfg.rollouts, 0),
+                        collate_fn=list)  # fmt: skip
+    trainer = build_trainer(cpu_trainer_cfg, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
+                            logger=logger)  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def test_ppo_updates_policy_and_value_only_and_logs_every_metric(model_cfg, cpu_trainer_cfg, tokenizer, reviews,
+                                                                 tmp_path, tracking):  # fmt: skip
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg())
+    policy, value = params_snapshot(module.policy), params_snapshot(module.value_model)
+    reference, reward = params_snapshot(module.reference), params_snapshot(module.reward_model)
+    with StageRun(tracking, "ppo", {}, {}) as run:
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews, run.lightning_logger())
+    assert len(changed(policy, module.policy)) > len(policy) // 2
+    assert len(changed(value, module.value_model)) > len(value) // 2
+    assert changed(reference, module.reference) == set() and changed(reward, module.reward_model) == set()
+    client = MlflowClient(tracking.tracking_uri)
+    assert set(METRICS) <= set(client.get_run(run.run_id).data.metrics)
+    assert [m.step for m in client.get_metric_history(run.run_id, "objective/kl")] == [0, 1, 2]
+    assert len(module.history) == 3 and len(module.last_samples) == 8
+
+
+def test_health_gate_on_eos_rate_names_the_params(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(min_eos_rate=1.0))  # an untrained model rarely ends
+    with pytest.raises(PPOHealthError, match=r"responses ended with EOS, under ppo\.min_eos_rate = 1\.0; raise "
+                                             r"ppo\.missing_eos_penalty"):  # fmt: skip
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+
+
+def test_health_gate_on_importance_ratio(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(max_ratio=1.0, lr=0.05, ppo_epochs=4))
+    with pytest.raises(PPOHealthError, match=r"mean importance ratio .* exceeds ppo\.max_ratio = 1\.0 at rollout 0"):
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews)
