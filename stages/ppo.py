@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 from torch.utils.data import DataLoader
@@ -31,7 +32,7 @@ def main() -> None:
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
         prompt_ids = encode(tokenizer, prompts)
-        stats = json.loads(open(f"{args.reward_dir}/reward_stats.json").read())
+        stats = json.loads(Path(args.reward_dir, "reward_stats.json").read_text())
         module = PPOModule(
             policy=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             value_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
