@@ -28,3 +28,31 @@ test-fast: install
 
 lint: install
 	ruff check pipeline stages tests
+
+# The MLflow UI over the project's store, on 127.0.0.1 only. `make ui-stop` stops it by its PID.
+MLFLOW_STORE ?= $(CURDIR)
+MLFLOW_PIDFILE := $(MLFLOW_STORE)/.mlflow-server.pid
+HEALTH := import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)
+
+ui: install
+	@if [ -f $(MLFLOW_PIDFILE) ] && kill -0 $$(cat $(MLFLOW_PIDFILE)) 2>/dev/null; then \
+		echo "MLflow UI already running (PID $$(cat $(MLFLOW_PIDFILE))): http://127.0.0.1:$(MLFLOW_PORT)"; exit 0; fi
+	@nohup $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+		--artifacts-destination $(MLFLOW_STORE)/mlartifacts > $(MLFLOW_STORE)/.mlflow-server.log 2>&1 & \
+		echo $$! > $(MLFLOW_PIDFILE)
+	@for i in $$(seq 1 180); do \
+		if python -c "$(HEALTH)" http://127.0.0.1:$(MLFLOW_PORT)/health 2>/dev/null; then \
+			echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT) (PID $$(cat $(MLFLOW_PIDFILE)); make ui-stop)"; exit 0; fi; \
+		if ! kill -0 $$(cat $(MLFLOW_PIDFILE)) 2>/dev/null; then \
+			echo "mlflow server exited:"; tail -20 $(MLFLOW_STORE)/.mlflow-server.log; rm -f $(MLFLOW_PIDFILE); exit 1; fi; \
+		sleep 1; done; echo "mlflow server not healthy after 180 s; see $(MLFLOW_STORE)/.mlflow-server.log"; exit 1
+
+ui-stop:
+	@if [ ! -f $(MLFLOW_PIDFILE) ]; then echo "no MLflow UI PID file ($(MLFLOW_PIDFILE))"; exit 0; fi
+	@pid=$$(cat $(MLFLOW_PIDFILE)); kill -TERM $$pid 2>/dev/null || true; \
+		for i in $$(seq 1 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+		kill -0 $$pid 2>/dev/null && kill -KILL $$pid; rm -f $(MLFLOW_PIDFILE); echo "MLflow UI stopped"
+
+frontier: install
+	python -m stages.frontier

@@ -283,6 +283,24 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    max_new_tokens: int
+    """Response budget for every policy."""
+    temperature: float
+    """Sampling temperature, the same for every policy (1.0 keeps the KL estimate unbiased)."""
+    top_k: int
+    """Top-k filter (0 disables)."""
+    top_p: float
+    """Nucleus filter (1.0 disables)."""
+    best_of_n: int
+    """N of the Best-of-N baseline (SFT samples ranked by the reward model); smaller powers of 2 are reported too."""
+    batch_size: int
+    """Sequences per generate / scoring call."""
+    n_shown_samples: int
+    """Test prompts whose completions by every policy appear in reports/eval.md."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     """Drives every random choice of every stage."""
@@ -295,6 +313,7 @@ class Config:
     reference: ReferenceConfig
     dpo: DPOConfig
     ppo: PPOConfig
+    evaluate: EvaluateConfig
 
 
 def read_params(path: str | Path) -> dict[str, Any]:

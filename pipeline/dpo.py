@@ -3,7 +3,7 @@
 `reference_logps` runs the frozen reference (the SFT model) once over every pair, with exactly the tokenisation
 and collation DPO uses, so the `reference` stage can cache the result and a sweep over beta or the loss variant
 never repeats it. `DPOModule` trains the injected policy on pairs that carry those cached values: no reference
-model is held or run during training. `sequence_kl` measures the sampled KL to the reference afterwards.
+model is held or run during training.
 """
 
 from __future__ import annotations
@@ -118,18 +118,3 @@ class DPOModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.policy, **self.optim_args)
-
-
-def sequence_kl(
-    policy: torch.nn.Module, reference: torch.nn.Module, samples, tokenizer, batch_size: int
-) -> torch.Tensor:
-    """Per-sample log pi(y|x) - log ref(y|x) of completions sampled from `policy` (mean: the sequence KL).
-
-    Returns:
-        Shape: (N,).
-    """
-    from pipeline.logprobs import completion_logps
-
-    args = (samples.prompt_ids, samples.completion_ids, samples.ended)
-    kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": batch_size}
-    return completion_logps(policy, *args, **kwargs) - completion_logps(reference, *args, **kwargs)

@@ -84,3 +84,16 @@ def completion_logps(
     result = torch.empty(len(order))
     result[torch.tensor(order, dtype=torch.long)] = torch.cat(out) if out else torch.empty(0)
     return result
+
+
+def sequence_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, samples, tokenizer, batch_size: int
+) -> torch.Tensor:
+    """Per-sample log pi(y|x) - log ref(y|x) of completions sampled from `policy`; its mean is the sequence KL.
+
+    Returns:
+        Shape: (N,).
+    """
+    args = (samples.prompt_ids, samples.completion_ids, samples.ended)
+    kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": batch_size}
+    return completion_logps(policy, *args, **kwargs) - completion_logps(reference, *args, **kwargs)

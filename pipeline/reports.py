@@ -19,3 +19,55 @@ def write_curve(rows: Sequence[dict[str, float]], path: str | Path) -> None:
     frame.columns = [c.replace("/", "_") for c in frame.columns]
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+HEADLINE = ("gold_score", "kl", "win_rate")
+
+
+def eval_markdown(results: dict, metrics: dict[str, float], prompts: list[str], n_shown: int) -> str:
+    """reports/eval.md: the policy table and, for the first test prompts, every policy's completion."""
+    lines = [
+        "# Evaluation on held-out test prompts",
+        "",
+        f"{len(prompts)} prompts, one sample per policy and prompt (same seed and sampling). Win-rates are against "
+        "SFT on the same prompt, ties count half. KL is the sampled sequence KL to SFT in nats (Best-of-N: "
+        "analytic).",
+        "",
+        "| policy | gold score (95 % CI) | RM score | KL | win-rate (gold) | win-rate (RM) | length | EOS rate "
+        "| distinct-1 | distinct-2 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in results:
+        m = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.split("/", 1)[0] == name}
+        lines.append(
+            f"| {name} | {m['gold_score']:.3f} ± {m['gold_score_ci95']:.3f} | {m['reward']:.2f} | {m['kl']:.2f} "
+            f"| {m['win_rate']:.3f} | {m['rm_win_rate']:.3f} | {m['length']:.1f} | {m['eos_rate']:.2f} "
+            f"| {m['distinct_1']:.3f} | {m['distinct_2']:.3f} |"
+        )
+    lines += ["", "## Samples", ""]
+    for i, prompt in enumerate(prompts[:n_shown]):
+        lines += [f"**Prompt:** {prompt}", ""]
+        lines += [f"- *{name}* (gold {res.gold[i]:+.2f}): {res.texts[i].strip()}" for name, res in results.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_gold_vs_kl(points: dict[str, tuple[float, float]], path: str | Path, title: str) -> None:
+    """Scatter of gold score against KL, one labelled point per policy, saved as PNG atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (kl, gold) in points.items():
+        ax.scatter([kl], [gold], s=40)
+        ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("KL to SFT (nats per sequence)")
+    ax.set_ylabel("mean gold score (VADER)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -197,3 +197,19 @@ class StageRun:
             run_id=self.run_id,
             log_model=False,
         )
+
+
+def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any]]:
+    """Every finished pipeline run (parent) that carries evaluation metrics: run_group, params, metrics."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'group'",
+                              max_results=5000)  # fmt: skip
+    return [
+        {"run_group": run.data.tags.get(GROUP_TAG, run.info.run_name), "params": dict(run.data.params),
+         "metrics": dict(run.data.metrics)}
+        for run in runs
+        if "sft/gold_score" in run.data.metrics
+    ]  # fmt: skip

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
-from pipeline.dpo import DPOModule, attach_reference, sequence_kl
+from pipeline.dpo import DPOModule, attach_reference
 from pipeline.generation import SamplingParams, sample
 from pipeline.judges import gold_scores
+from pipeline.logprobs import sequence_kl
 from pipeline.models import build_causal_lm, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, REFERENCE_LOGPS, read_table

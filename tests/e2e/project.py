@@ -36,6 +36,7 @@ TINY = {
         "min_eos_rate": 0.0,
         "warmup_rollouts": 1,
     },
+    "evaluate": {"max_new_tokens": 12, "best_of_n": 4, "batch_size": 64, "n_shown_samples": 2},
 }
 
 

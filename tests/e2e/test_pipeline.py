@@ -1,12 +1,14 @@
 """The whole DAG on tiny params through real DVC: everything runs once, then only what a change feeds."""
 
+import sys
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
-STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo", "ppo"}
+STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo", "ppo", "evaluate"}
 
 
 def test_whole_dag_then_targeted_reruns(tmp_path):
@@ -19,24 +21,56 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     dpo = project.report("dpo")
     assert {"val/rewards/accuracies", "val/rewards/margins", "objective/kl", "perf/tokens_per_s"} <= set(dpo)
 
+    metrics = project.report("metrics")
+    for policy in ("sft", "ppo", "dpo", "bon", "bon_2"):
+        assert {
+            f"{policy}/{k}"
+            for k in (
+                "gold_score",
+                "gold_score_ci95",
+                "kl",
+                "win_rate",
+                "rm_win_rate",
+                "reward",
+                "length",
+                "eos_rate",
+                "distinct_1",
+                "distinct_2",
+            )
+        } <= set(metrics)
+    assert metrics["sft/win_rate"] == 0.5 and metrics["sft/kl"] == 0.0
+    assert "| dpo |" in (project.path / "reports/eval.md").read_text()
+    assert (project.path / "reports/eval_gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == sorted(STAGES)
+    parent = next(r for r in runs if r.data.tags["align.role"] == "group")
+    assert parent.data.metrics["dpo/gold_score"] == pytest.approx(metrics["dpo/gold_score"])
+    assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
+    assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"
 
     ppo = project.report("ppo")
     assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
 
     project.set_param("reward", "lr", 0.002)
     out = project.dvc("repro")
-    assert project.ran(out) == {"reward", "ppo"}  # ppo reads the reward model
+    assert project.ran(out) == {"reward", "ppo", "evaluate"}  # ppo and evaluate read the reward model
     assert {"prepare", "sft", "preferences", "reference", "dpo"} <= project.skipped(out)
 
     project.set_param("ppo", "kl_coef", 0.1)
     out = project.dvc("repro")
-    assert project.ran(out) == {"ppo"}
+    assert project.ran(out) == {"ppo", "evaluate"}
 
     # A beta sweep point reruns DPO only: the cached reference log-probs are reused.
     project.commit("baseline")
     exp = project.dvc("exp", "run", "-S", "dpo.beta=0.3")
-    assert project.ran(exp) == {"dpo"}
-    assert {"reference", "reward", "sft"} <= project.skipped(exp)
+    assert project.ran(exp) == {"dpo", "evaluate"}
+    assert {"reference", "reward", "sft", "ppo"} <= project.skipped(exp)
+
+    # The frontier report gathers both pipeline runs of this beta sweep from MLflow.
+    frontier = project.run(sys.executable, "-m", "stages.frontier")
+    assert "pipeline runs" in frontier
+    table = (project.path / "reports/frontier.md").read_text()
+    assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
+    assert (project.path / "reports/frontier.png").exists()

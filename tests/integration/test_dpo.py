@@ -2,8 +2,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline.batches import PairCollator, RowsDataModule
-from pipeline.dpo import DPOModule, attach_reference, pair_logps, reference_logps, sequence_kl
+from pipeline.dpo import DPOModule, attach_reference, pair_logps, reference_logps
 from pipeline.generation import SamplingParams, sample
+from pipeline.logprobs import sequence_kl
 from pipeline.models import build_causal_lm
 from pipeline.tracking import StageRun
 from pipeline.training import Throughput, build_trainer

@@ -1,0 +1,165 @@
+"""Evaluation of policies on held-out prompts: gold score, reward, KL to SFT, win-rates, length, diversity.
+
+Every policy is sampled on the same test prompts with the same seed and sampling settings. Best-of-N draws N
+samples per prompt from the SFT policy and keeps the reward model's favourite; its KL to SFT is the analytic
+log N - (N - 1) / N (Stiennon et al. 2020, Appendix G). Win-rates pair each policy's sample with SFT's sample on
+the same prompt; ties count half.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.generation import Samples
+
+
+def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its normal-approximation 95 % confidence interval (1.96 standard errors)."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan
+    return mean, 1.96 * statistics.stdev(values) / math.sqrt(n)
+
+
+def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
+    """Share of prompts where `scores` beats `baseline` (paired by position); ties count half."""
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
+    return wins / len(scores)
+
+
+def best_of_n_kl(n: int) -> float:
+    """Analytic KL(best-of-N || base policy) = log N - (N - 1) / N."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_index(rewards: torch.Tensor) -> torch.Tensor:
+    """Which of the N samples each prompt keeps: the reward model's argmax.
+
+    Args:
+        rewards: Shape: (P, N), prompt-major.
+
+    Returns:
+        Shape: (P,).
+    """
+    return rewards.argmax(dim=1)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct-n: unique word n-grams over all n-grams across the texts (0 when there are none)."""
+    grams = [tuple(words[i : i + n]) for words in (t.split() for t in texts) for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    """What evaluation measured for one policy, and its samples (for reports)."""
+
+    name: str
+    texts: list[str]
+    gold: list[float]
+    rewards: list[float]
+    kl: float
+    lengths: list[int]
+    ended: list[bool]
+
+
+def summarize(result: PolicyResult, baseline: PolicyResult) -> dict[str, float]:
+    """The per-policy metrics, keyed without the policy prefix."""
+    gold, gold_ci = mean_ci95(result.gold)
+    return {
+        "gold_score": gold,
+        "gold_score_ci95": gold_ci,
+        "reward": statistics.fmean(result.rewards),
+        "kl": result.kl,
+        "win_rate": win_rate(result.gold, baseline.gold),
+        "rm_win_rate": win_rate(result.rewards, baseline.rewards),
+        "length": statistics.fmean(result.lengths),
+        "eos_rate": sum(result.ended) / len(result.ended),
+        "distinct_1": distinct_n(result.texts, 1),
+        "distinct_2": distinct_n(result.texts, 2),
+    }
+
+
+def select(samples: Samples, index: Sequence[int]) -> Samples:
+    """The samples at `index`, in that order."""
+    return Samples(
+        [samples.prompt_ids[i] for i in index],
+        [samples.completion_ids[i] for i in index],
+        [samples.texts[i] for i in index],
+        [samples.ended[i] for i in index],
+    )
+
+
+@torch.no_grad()
+def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, batch_size: int) -> torch.Tensor:
+    """Reward-model scores of sampled completions (read at their last token). Shape: (N,), on the CPU."""
+    from pipeline.batches import pad_right
+
+    device = next(reward_model.parameters()).device
+    reward_model.eval()
+    ids = [p + c + ([eos_id] if e else []) for p, c, e in zip(samples.prompt_ids, samples.completion_ids,
+                                                                samples.ended, strict=True)]  # fmt: skip
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out = torch.empty(len(ids))
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        input_ids = pad_right([ids[i] for i in index], pad_id).to(device)
+        attention_mask = pad_right([[1] * len(ids[i]) for i in index], 0).to(device)
+        out[torch.tensor(index)] = (
+            reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu()
+        )
+    return out
+
+
+def evaluate_policies(policies: dict, sft, reward_model, tokenizer, prompts: list[str], cfg, *, seed: int):
+    """Sample every policy (and Best-of-N from SFT) on `prompts` and measure it against SFT.
+
+    Args:
+        policies: name -> causal LM, besides SFT (e.g. `ppo`, `dpo`).
+        sft: the SFT policy, the KL reference and the win-rate baseline.
+        cfg: the `evaluate` config.
+
+    Returns:
+        (results by policy name, flat metrics `<policy>/<metric>`).
+    """
+    from pipeline.generation import SamplingParams, sample
+    from pipeline.judges import gold_scores
+    from pipeline.logprobs import sequence_kl
+
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
+
+    def result(name: str, samples: Samples, kl: float) -> PolicyResult:
+        rewards = reward_scores(reward_model, samples, **ids).tolist()
+        lengths = [len(c) + int(e) for c, e in zip(samples.completion_ids, samples.ended, strict=True)]
+        return PolicyResult(name, samples.texts, gold_scores(samples.texts), rewards, kl, lengths, samples.ended)
+
+    results = {"sft": result("sft", sample(sft, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=seed), 0.0)}
+    for name, model in policies.items():
+        samples = sample(model, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=seed)
+        kl = float(sequence_kl(model, sft, samples, tokenizer, cfg.batch_size).mean())
+        results[name] = result(name, samples, kl)
+
+    n_max = cfg.best_of_n
+    repeated = [p for p in prompts for _ in range(n_max)]
+    pool = sample(sft, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed + 1)
+    pool_rewards = reward_scores(reward_model, pool, **ids).view(len(prompts), n_max)  # (P, N)
+    n = 2
+    while n <= n_max:
+        pick = best_of_n_index(pool_rewards[:, :n])
+        name = "bon" if n == n_max else f"bon_{n}"
+        results[name] = result(name, select(pool, [p * n_max + int(k) for p, k in enumerate(pick)]), best_of_n_kl(n))
+        n *= 2
+    if "bon" not in results:  # n_max is not a power of 2
+        pick = best_of_n_index(pool_rewards)
+        results["bon"] = result("bon", select(pool, [p * n_max + int(k) for p, k in enumerate(pick)]),
+                                best_of_n_kl(n_max))  # fmt: skip
+    metrics = {f"{name}/{key}": value for name, res in results.items()
+               for key, value in summarize(res, results["sft"]).items()}  # fmt: skip
+    return results, metrics

@@ -1,0 +1,56 @@
+"""DVC stage `evaluate`: SFT, PPO, DPO and Best-of-N on held-out prompts, against the gold judge and SFT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.evaluation import evaluate_policies
+from pipeline.io import write_text
+from pipeline.models import build_causal_lm, build_reward_model
+from pipeline.reports import HEADLINE, eval_markdown, plot_gold_vs_kl
+from pipeline.schemas import PROMPT_COMPLETION, read_table
+from pipeline.tokenization import load_tokenizer
+from stages.common import finish, stage
+
+PATHS = {
+    "data_dir": "data/prepared",
+    "sft_dir": "models/sft",
+    "ppo_dir": "models/ppo",
+    "dpo_dir": "models/dpo",
+    "reward_dir": "models/reward",
+    "report": "reports/metrics.json",
+    "markdown": "reports/eval.md",
+    "plot": "reports/eval_gold_vs_kl.png",
+    "points": "reports/plots/eval.csv",
+}
+
+
+def main() -> None:
+    with stage("evaluate", ["seed", "model", "evaluate"], PATHS) as ctx:
+        cfg, args = ctx.config, ctx.args
+        tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+        load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False)  # noqa: E731
+        prompts = read_table(f"{args.data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"].tolist()
+        results, metrics = evaluate_policies(
+            {"ppo": load(args.ppo_dir), "dpo": load(args.dpo_dir)}, load(args.sft_dir),
+            build_reward_model(cfg.model, tokenizer, args.reward_dir).requires_grad_(False), tokenizer, prompts,
+            cfg.evaluate, seed=cfg.seed,
+        )  # fmt: skip
+        points = {name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results}
+        table = pd.DataFrame([{"policy": n, "kl": kl, "gold_score": g} for n, (kl, g) in points.items()])
+        write_text(table.to_csv(index=False), args.points)
+        plot_gold_vs_kl(points, args.plot, "Gold score vs KL to SFT (test prompts)")
+        write_text(eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples), args.markdown)
+        for path in (args.markdown, args.plot, args.points):
+            ctx.run.log_artifact(path)
+        # The pipeline's parent run carries the headline numbers, so the MLflow UI compares experiments row by row.
+        headline = {k: v for k, v in metrics.items() if k.split("/")[1] in HEADLINE}
+        ctx.run.log_metrics(headline, run_id=ctx.run.parent_run_id)
+        finish(ctx, metrics, args.report, [])
+        print(Path(args.markdown).read_text().split("## Samples")[0])
+
+
+if __name__ == "__main__":
+    main()

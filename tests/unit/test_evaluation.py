@@ -1,0 +1,91 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.evaluation import best_of_n_index, best_of_n_kl, distinct_n, mean_ci95, select, win_rate
+from pipeline.frontier import aggregate, frontier_points, pareto_mask
+from pipeline.generation import Samples
+from pipeline.logprobs import sequence_kl
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([0.5, 0.2, 0.1, 0.0], [0.1, 0.2, 0.3, 0.0]) == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+
+
+def test_ci_of_a_known_sample():
+    mean, half = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert mean == 3.0
+    assert half == pytest.approx(1.96 * math.sqrt(2.5) / math.sqrt(5))
+
+
+def test_best_of_n_kl_closed_form():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(8) == pytest.approx(math.log(8) - 7 / 8)
+
+
+def test_best_of_n_picks_the_reward_models_argmax():
+    rewards = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 1.0]])  # (P=2, N=3)
+    assert best_of_n_index(rewards).tolist() == [1, 0]
+    pool = Samples([[1]] * 6, [[10], [11], [12], [20], [21], [22]], ["a", "b", "c", "d", "e", "f"], [True] * 6)
+    picked = select(pool, [p * 3 + int(k) for p, k in enumerate(best_of_n_index(rewards))])
+    assert picked.texts == ["b", "d"] and picked.completion_ids == [[11], [20]]
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+
+
+class Unigram(torch.nn.Module):
+    """A context-free LM: the same next-token distribution at every position."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.log(torch.tensor(probs)))
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.logits.expand(*input_ids.shape, -1))
+
+
+def test_sampled_sequence_kl_matches_the_exact_kl():
+    p, q = [0.6, 0.3, 0.1], [0.2, 0.3, 0.5]
+    exact = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+    tokens = torch.multinomial(torch.tensor(p), 40_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    samples = Samples([[0]] * len(tokens), [[int(t)] for t in tokens], [""] * len(tokens), [False] * len(tokens))
+    tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
+    kl = sequence_kl(Unigram(p), Unigram(q), samples, tokenizer, batch_size=4096)
+    assert float(kl.mean()) == pytest.approx(exact, abs=0.02)
+    assert float(sequence_kl(Unigram(p), Unigram(p), samples, tokenizer, 4096).abs().max()) < 1e-6
+
+
+def _run(group, seed, beta, kl_coef, dpo, ppo, bon):
+    metrics = {"sft/gold_score": 0.0, "sft/kl": 0.0, "dpo/kl": dpo[0], "dpo/gold_score": dpo[1], "ppo/kl": ppo[0],
+               "ppo/gold_score": ppo[1], "bon/kl": bon[0], "bon/gold_score": bon[1]}  # fmt: skip
+    params = {"seed": seed, "dpo.beta": beta, "ppo.kl_coef": kl_coef, "evaluate.best_of_n": 4}
+    return {"run_group": group, "params": params, "metrics": metrics}
+
+
+def test_frontier_pareto_selection_and_seed_averaging():
+    runs = [
+        _run("a", 1, 0.1, 0.05, dpo=(8.0, 0.90), ppo=(4.0, 0.80), bon=(0.6, 0.50)),
+        _run("b", 2, 0.1, 0.05, dpo=(8.0, 0.80), ppo=(4.0, 0.80), bon=(0.6, 0.50)),  # seed 2 of the same config
+        _run("c", 1, 0.5, 0.05, dpo=(3.0, 0.60), ppo=(4.0, 0.80), bon=(0.6, 0.50)),  # dominated by ppo (4.0, 0.8)?
+    ]
+    table = aggregate(frontier_points(runs))
+    dpo = table[table["method"] == "dpo"].set_index("value")
+    assert dpo.loc[0.1, "gold_score"] == pytest.approx(0.85) and dpo.loc[0.1, "seeds"] == 2
+    assert dpo.loc[0.1, "gold_ci95"] == pytest.approx(1.96 * 0.0707107 / math.sqrt(2), rel=1e-4)
+    assert dpo.loc[0.1, "runs"] == "a, b"
+    pareto = {(r.method, r.value) for r in table.itertuples() if r.pareto}
+    # dpo beta 0.5 (3.0, 0.6) is not dominated: lower KL than ppo; ppo (4.0, 0.8) and bon (0.6, 0.5) neither
+    assert pareto == {("dpo", 0.1), ("dpo", 0.5), ("ppo", 0.05), ("best-of-n", 4.0)}
+
+
+def test_pareto_mask_hand_set():
+    kl = [1.0, 2.0, 2.0, 3.0, 0.5]
+    gold = [0.5, 0.7, 0.6, 0.7, 0.1]
+    # (2, 0.6) is dominated by (2, 0.7); (3, 0.7) by (2, 0.7)
+    assert pareto_mask(kl, gold) == [True, True, False, False, True]
