@@ -54,5 +54,8 @@ ui-stop:
 		for i in $$(seq 1 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
 		kill -0 $$pid 2>/dev/null && kill -KILL $$pid; rm -f $(MLFLOW_PIDFILE); echo "MLflow UI stopped"
 
+bench: install
+	python -m stages.bench
+
 frontier: install
 	python -m stages.frontier

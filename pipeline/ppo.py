@@ -245,6 +245,7 @@ class PPOModule(pl.LightningModule):
         self.kl_ctl.update(stats["objective/kl"], n_steps=len(prompt_ids))
         generated = sum(len(c) for c in samples.completion_ids)
         trained = int(rollout.attention_mask.sum()) * self.cfg.ppo_epochs
+        stats["perf/generated_tokens"], stats["perf/trained_tokens"] = float(generated), float(trained)
         stats["perf/tokens_per_s"] = (generated + trained) / (time.perf_counter() - start)
         stats["lr"] = self.lr_schedulers()[0].get_last_lr()[0]
         self.history.append({"step": float(batch_idx), **stats})
