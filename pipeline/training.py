@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from pipeline.config import TrainerConfig
 
@@ -44,7 +45,8 @@ def build_trainer(
         gradient_clip_val=grad_clip or None,
         log_every_n_steps=cfg.log_every_n_steps,
         logger=logger,
-        callbacks=list(callbacks),
+        # A bar redrawn every step costs ~8 % of a small model's step time; redraw at the logging interval.
+        callbacks=[TQDMProgressBar(refresh_rate=cfg.log_every_n_steps), *callbacks],
         enable_checkpointing=False,
         enable_model_summary=False,
         deterministic=cfg.accelerator == "cpu",

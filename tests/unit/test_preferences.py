@@ -1,11 +1,16 @@
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from pipeline.config import load_config, read_params
 from pipeline.preferences import (
+    dataset_pairs,
     expected_flip_rate,
     pairs_from_samples,
     preference_probability,
@@ -129,3 +134,36 @@ def test_pairs_schema_rejects_identical_and_empty():
         validate_frame(frame, PREFERENCE_PAIRS, "data/preferences/train.parquet")
     assert "chosen must differ from rejected: rows 0" in str(info.value)
     assert "column 'chosen' fails must be a non-empty string: rows 1" in str(info.value)
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def _prefs_cfg(**overrides):
+    base = load_config(read_params(Path(__file__).resolve().parents[2] / "params.yaml")).preferences
+    return dataclasses.replace(base, mode="dataset", **overrides)
+
+
+def test_hh_style_dataset_from_local_json(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: good answer {i}",
+             "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}"} for i in range(20)]  # fmt: skip
+    cfg = _prefs_cfg(dataset_path="json", data_files=_jsonl(tmp_path / "hh.jsonl", rows), val_fraction=0.25)
+    splits = dataset_pairs(cfg, seed=0)
+    assert (len(splits["train"]), len(splits["val"])) == (15, 5)
+    assert set(splits["train"]["prompt"]).isdisjoint(splits["val"]["prompt"])
+    first = splits["train"].iloc[0]
+    assert first["prompt"].endswith("\n\nAssistant:") and first["chosen"].startswith(" good answer")
+    assert splits["train"]["chosen_gold"].isna().all()
+
+
+def test_prompt_column_dataset_and_missing_column(tmp_path):
+    rows = [{"question": f"Q{i}", "good": f" yes {i}", "bad": f" no {i}"} for i in range(10)]
+    files = _jsonl(tmp_path / "p.jsonl", rows)
+    cfg = _prefs_cfg(dataset_path="json", data_files=files, prompt_column="question", chosen_column="good",
+                     rejected_column="bad")  # fmt: skip
+    splits = dataset_pairs(cfg, seed=0)
+    assert len(splits["train"]) + len(splits["val"]) == 10
+    with pytest.raises(ValueError, match=r"preferences\.chosen_column: column 'chosen' is not in dataset 'json'"):
+        dataset_pairs(dataclasses.replace(cfg, chosen_column="chosen"), seed=0)

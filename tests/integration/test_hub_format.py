@@ -1,0 +1,46 @@
+"""The hub-loading path, exercised offline on local files in the hub's formats (save_pretrained dirs, JSON)."""
+
+import dataclasses
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from pipeline.batches import RowsDataModule, SFTCollator
+from pipeline.models import build_causal_lm, build_reward_model, save_model
+from pipeline.sft import SFTModule
+from pipeline.tokenization import load_tokenizer
+from pipeline.training import build_trainer
+from tests.integration.helpers import tiny_rows
+
+
+def _gpt2_like_checkpoint(tokenizer, path):
+    """A save_pretrained dir shaped like `gpt2`: EOS but no pad token, vocab without the pad."""
+    backend = tokenizer.backend_tokenizer
+    hub_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                            bos_token="<|endoftext|>")  # fmt: skip
+    config = GPT2Config(vocab_size=len(hub_tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
+    hub_tokenizer.save_pretrained(path)
+    assert hub_tokenizer.pad_token_id is None
+
+
+def test_local_hub_checkpoint_gets_a_distinct_pad_and_trains(tmp_path, model_cfg, cpu_trainer_cfg, tokenizer, reviews):
+    _gpt2_like_checkpoint(tokenizer, tmp_path / "gpt2-like")
+    hub_cfg = dataclasses.replace(model_cfg, base=str(tmp_path / "gpt2-like"))
+    loaded = load_tokenizer(hub_cfg.base)
+    assert loaded.pad_token_id is not None and loaded.pad_token_id != loaded.eos_token_id
+    model = build_causal_lm(hub_cfg, loaded)
+    assert model.get_input_embeddings().num_embeddings == len(loaded)
+    assert model.config.pad_token_id == loaded.pad_token_id and model.training
+    assert (tmp_path / "gpt2-like" / "model.safetensors").exists()
+
+    rows = tiny_rows(loaded, reviews, 16)
+    module = SFTModule(model, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=2)
+    data = RowsDataModule(rows, rows[:4], SFTCollator(loaded.pad_token_id, loaded.eos_token_id), 8, 0)
+    before = model.transformer.wte.weight.detach().clone()
+    build_trainer(cpu_trainer_cfg, max_steps=2, val_every_n_steps=None, grad_clip=1.0, logger=False).fit(module, data)
+    assert not torch.equal(before, model.transformer.wte.weight)
+
+    save_model(model, loaded, tmp_path / "sft")
+    reward = build_reward_model(hub_cfg, load_tokenizer(str(tmp_path / "sft")), str(tmp_path / "sft"))
+    assert reward.config.num_labels == 1 and reward.config.pad_token_id == loaded.pad_token_id
