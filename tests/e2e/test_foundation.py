@@ -58,7 +58,7 @@ def test_prepare_and_sft_under_dvc(tmp_path):
 
     # An experiment: `dvc exp run -S` reruns sft only, and its metrics are listed by `dvc exp show`.
     project.commit("baseline")
-    exp = project.dvc("exp", "run", "-S", "sft.lr=0.003", "-n", "lr3e-3")
+    exp = project.dvc("exp", "run", "sft", "-S", "sft.lr=0.003", "-n", "lr3e-3")
     assert project.ran(exp) == {"sft"}
     shown = json.loads(project.dvc("exp", "show", "--json"))
     experiments = [rev for entry in shown for exp in entry.get("experiments") or [] for rev in exp["revs"]]
