@@ -91,7 +91,9 @@ class PrepareConfig:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
+class TrainingConfig:
+    """Keys every Lightning-trained stage (sft, reward, dpo) shares."""
+
     lr: float
     """Peak AdamW learning rate."""
     weight_decay: float
@@ -99,7 +101,7 @@ class SFTConfig:
     warmup_steps: int
     """Linear warm-up steps before cosine decay."""
     batch_size: int
-    """Examples per optimizer step (per device)."""
+    """Examples (sft) or pairs (reward, dpo) per optimizer step, per device."""
     max_steps: int
     """Optimizer steps."""
     val_every_n_steps: int
@@ -108,6 +110,10 @@ class SFTConfig:
     """Prompt + completion + EOS tokens; longer rows are an error, not truncated."""
     grad_clip: float
     """Gradient-norm clip (0 disables)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainingConfig):
     n_samples: int
     """Completions sampled on validation prompts at the end, logged as an artifact."""
 
@@ -161,23 +167,7 @@ class PreferencesConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
-    lr: float
-    """Peak AdamW learning rate (the fresh score head needs a high one, see README)."""
-    weight_decay: float
-    """AdamW weight decay."""
-    warmup_steps: int
-    """Linear warm-up steps."""
-    batch_size: int
-    """Pairs per step (each pair is two sequences in one concatenated forward pass)."""
-    max_steps: int
-    """Optimizer steps."""
-    val_every_n_steps: int
-    """Validation interval."""
-    max_length: int
-    """Prompt + response + EOS tokens."""
-    grad_clip: float
-    """Gradient-norm clip (0 disables)."""
+class RewardConfig(TrainingConfig):
     margin: float
     """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin) (0 disables)."""
     center_coef: float
@@ -193,29 +183,13 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(TrainingConfig):
     loss: Literal["sigmoid", "ipo", "hinge", "robust"]
     """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.)."""
     beta: float
     """KL-constraint strength: higher keeps the policy closer to the reference."""
     label_smoothing: float
     """Assumed label-flip rate for sigmoid (cDPO) and robust; 0 is plain DPO."""
-    lr: float
-    """Peak AdamW learning rate."""
-    weight_decay: float
-    """AdamW weight decay."""
-    warmup_steps: int
-    """Linear warm-up steps."""
-    batch_size: int
-    """Pairs per step."""
-    max_steps: int
-    """Optimizer steps."""
-    val_every_n_steps: int
-    """Validation interval."""
-    max_length: int
-    """Prompt + response + EOS tokens."""
-    grad_clip: float
-    """Gradient-norm clip (0 disables)."""
     kl_prompts: int
     """Validation prompts sampled at the end to measure objective/kl against the reference."""
     max_new_tokens: int

@@ -15,6 +15,7 @@ import statistics
 import pandas as pd
 
 from pipeline.config import PrepareConfig
+from pipeline.hub import load_table, require_columns
 from pipeline.judges import gold_scores
 from pipeline.schemas import PROMPT_COMPLETION, validate_frame
 from pipeline.synthetic import class_fractions, generate_reviews
@@ -35,15 +36,8 @@ def synthetic_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
 
 def dataset_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
     """Read a dataset through the column mapping and split it by prompt."""
-    import datasets
-
-    if not cfg.dataset_path:
-        raise ValueError(
-            "prepare.dataset_path: required when prepare.source is 'dataset' (a hub id, 'json' or 'parquet')"
-        )
-    table = datasets.load_dataset(
-        cfg.dataset_path, cfg.dataset_name, data_files=cfg.data_files, split=cfg.dataset_split
-    ).to_pandas()
+    key = "prepare.dataset_path"
+    table = load_table(cfg.dataset_path, cfg.dataset_name, cfg.data_files, cfg.dataset_split, key)
     frame = _map_columns(table, cfg)
     prompts = sorted(frame["prompt"].unique())
     random.Random(seed).shuffle(prompts)
@@ -70,12 +64,7 @@ def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     wanted = {"prepare.prompt_column": cfg.prompt_column}
     if cfg.completion_column is not None:
         wanted["prepare.completion_column"] = cfg.completion_column
-    for key, column in wanted.items():
-        if column not in table.columns:
-            raise ValueError(
-                f"{key}: column {column!r} is not in dataset {cfg.dataset_path!r}; "
-                f"its columns are {', '.join(map(str, table.columns))}"
-            )
+    require_columns(table, wanted, str(cfg.dataset_path))
     if cfg.completion_column is not None:
         return pd.DataFrame({"prompt": table[cfg.prompt_column], "completion": table[cfg.completion_column]})
     words = table[cfg.prompt_column].astype(str).str.split()

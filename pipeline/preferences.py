@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pandas as pd
 
+from pipeline.hub import load_table, require_columns
 from pipeline.tokenization import encode
 
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -204,22 +205,13 @@ def generate_pairs(
 
 def dataset_pairs(cfg, seed: int) -> dict[str, pd.DataFrame]:
     """Read human preference pairs through the column mapping and split train/val by prompt."""
-    import datasets
-
-    if not cfg.dataset_path:
-        raise ValueError("preferences.dataset_path: required when preferences.mode is 'dataset'")
-    table = datasets.load_dataset(
-        cfg.dataset_path, cfg.dataset_name, data_files=cfg.data_files, split=cfg.dataset_split
-    ).to_pandas()
+    table = load_table(
+        cfg.dataset_path, cfg.dataset_name, cfg.data_files, cfg.dataset_split, "preferences.dataset_path"
+    )
     wanted = {"preferences.chosen_column": cfg.chosen_column, "preferences.rejected_column": cfg.rejected_column}
     if cfg.prompt_column is not None:
         wanted["preferences.prompt_column"] = cfg.prompt_column
-    for key, column in wanted.items():
-        if column not in table.columns:
-            raise ValueError(
-                f"{key}: column {column!r} is not in dataset {cfg.dataset_path!r}; "
-                f"its columns are {', '.join(map(str, table.columns))}"
-            )
+    require_columns(table, wanted, str(cfg.dataset_path))
     source = f"preferences dataset {cfg.dataset_path!r}"
     if cfg.prompt_column is None:
         frame = split_dialogues(table[cfg.chosen_column].tolist(), table[cfg.rejected_column].tolist(), source)

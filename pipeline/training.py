@@ -11,13 +11,14 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from pipeline.config import TrainerConfig
+from pipeline.config import TrainerConfig, TrainingConfig
 
 
 def build_trainer(
@@ -119,3 +120,38 @@ class History(pl.Callback):
         # Not on_validation_epoch_end: callbacks run before the module's epoch-end hook that logs val metrics.
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._record(trainer, "val/")
+
+
+def optim_args(cfg: TrainingConfig) -> dict[str, float | int]:
+    """The optimizer keyword arguments every training module takes, from its stage config."""
+    return {
+        "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay,
+        "warmup_steps": cfg.warmup_steps,
+        "max_steps": cfg.max_steps,
+    }
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a stage needs after training: final metrics, the per-step history, the step, and the rank."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    step: int
+    is_global_zero: bool
+
+
+def fit_and_validate(
+    module: pl.LightningModule, data: pl.LightningDataModule, trainer_cfg: TrainerConfig, cfg: TrainingConfig, logger
+) -> FitResult:
+    """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics."""
+    throughput, history = Throughput(), History()
+    trainer = build_trainer(trainer_cfg, max_steps=cfg.max_steps, val_every_n_steps=cfg.val_every_n_steps,
+                            grad_clip=cfg.grad_clip, logger=logger, callbacks=[throughput, history])  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    trainer.validate(module, datamodule=data, verbose=False)
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+    metrics.update(throughput.summary)
+    metrics["train/loss"] = next((r["train/loss"] for r in reversed(history.rows) if "train/loss" in r), float("nan"))
+    return FitResult(metrics, history.rows, trainer.global_step, trainer.is_global_zero)

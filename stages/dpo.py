@@ -11,7 +11,7 @@ from pipeline.models import build_causal_lm, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
 from pipeline.tokenization import load_tokenizer
-from pipeline.training import History, Throughput, build_trainer
+from pipeline.training import fit_and_validate, optim_args
 from stages.common import finish, stage
 
 PATHS = {
@@ -35,22 +35,15 @@ def main() -> None:
             pairs = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), dpo.max_length, source)
             cached = read_table(f"{args.reference_dir}/{split}.parquet", REFERENCE_LOGPS)
             rows[split] = attach_reference(pairs, cached, f"{args.reference_dir}/{split}.parquet")
-        module = DPOModule(
-            build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), beta=dpo.beta, loss_type=dpo.loss,
-            label_smoothing=dpo.label_smoothing, lr=dpo.lr, weight_decay=dpo.weight_decay,
-            warmup_steps=dpo.warmup_steps, max_steps=dpo.max_steps,
-        )  # fmt: skip
-        data = RowsDataModule(rows["train"], rows["val"], PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id),
-                              dpo.batch_size, cfg.seed)  # fmt: skip
-        throughput, history = Throughput(), History()
-        trainer = build_trainer(cfg.trainer, max_steps=dpo.max_steps, val_every_n_steps=dpo.val_every_n_steps,
-                                grad_clip=dpo.grad_clip, logger=ctx.run.lightning_logger(),
-                                callbacks=[throughput, history])  # fmt: skip
-        trainer.fit(module, datamodule=data)
-        trainer.validate(module, datamodule=data, verbose=False)
-        if not trainer.is_global_zero:
+        policy = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir)
+        module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
+                           **optim_args(dpo))  # fmt: skip
+        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed)
+        result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger())
+        if not result.is_global_zero:
             return
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
+        metrics = result.metrics
         save_model(module.policy, tokenizer, args.model_dir)
 
         # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts.
@@ -65,12 +58,8 @@ def main() -> None:
         metrics["objective/eos_rate"] = sum(samples.ended) / len(samples.ended)
         ctx.run.log_text("\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, samples.texts, strict=True)),
                          "samples/dpo_val_samples.txt")  # fmt: skip
-        write_curve(history.rows, args.curve)
-        metrics.update(throughput.summary)
-        metrics["train/loss"] = next(
-            (r["train/loss"] for r in reversed(history.rows) if "train/loss" in r), float("nan")
-        )
-        finish(ctx, metrics, args.report, [args.model_dir], step=trainer.global_step)
+        write_curve(result.history, args.curve)
+        finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(f"dpo: {metrics}")
 
 

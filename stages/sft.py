@@ -11,7 +11,7 @@ from pipeline.reports import write_curve
 from pipeline.schemas import PROMPT_COMPLETION, read_table
 from pipeline.sft import SFTModule
 from pipeline.tokenization import load_tokenizer
-from pipeline.training import History, Throughput, build_trainer
+from pipeline.training import fit_and_validate, optim_args
 from stages.common import finish, stage
 
 PATHS = {
@@ -32,33 +32,11 @@ def main() -> None:
             s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length, f"{s} split")
             for s, f in frames.items()
         }
-        model = build_causal_lm(cfg.model, tokenizer)
-        module = SFTModule(
-            model,
-            lr=sft.lr,
-            weight_decay=sft.weight_decay,
-            warmup_steps=sft.warmup_steps,
-            max_steps=sft.max_steps,
-        )
-        data = RowsDataModule(
-            rows["train"],
-            rows["val"],
-            SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id),
-            sft.batch_size,
-            cfg.seed,
-        )
-        throughput, history = Throughput(), History()
-        trainer = build_trainer(
-            cfg.trainer,
-            max_steps=sft.max_steps,
-            val_every_n_steps=sft.val_every_n_steps,
-            grad_clip=sft.grad_clip,
-            logger=ctx.run.lightning_logger(),
-            callbacks=[throughput, history],
-        )
-        trainer.fit(module, datamodule=data)
-        trainer.validate(module, datamodule=data, verbose=False)
-        if not trainer.is_global_zero:
+        module = SFTModule(build_causal_lm(cfg.model, tokenizer), **optim_args(sft))
+        collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed)
+        result = fit_and_validate(module, data, cfg.trainer, sft, ctx.run.lightning_logger())
+        if not result.is_global_zero:
             return
         save_model(module.model, tokenizer, args.model_dir)
         prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
@@ -72,15 +50,11 @@ def main() -> None:
         )
         table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
         ctx.run.log_text(table.to_string(), "samples/sft_val_samples.txt")
-        write_curve(history.rows, args.curve)
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
-        metrics.update(throughput.summary)
-        metrics["train/loss"] = next(
-            (r["train/loss"] for r in reversed(history.rows) if "train/loss" in r), float("nan")
-        )
+        write_curve(result.history, args.curve)
+        metrics = result.metrics
         metrics["model/parameters"] = count_parameters(module.model)
         metrics["samples/eos_rate"] = sum(samples.ended) / max(len(samples.ended), 1)
-        finish(ctx, metrics, args.report, [args.model_dir], step=trainer.global_step)
+        finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(table.head(5).to_string())
         print(f"sft: {metrics}")
 
