@@ -1,6 +1,8 @@
 """The whole DAG on tiny params through real DVC: everything runs once, then only what a change feeds."""
 
+import json
 import sys
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -68,9 +70,28 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert project.ran(exp) == {"dpo", "evaluate"}
     assert {"reference", "reward", "sft", "ppo"} <= project.skipped(exp)
 
-    # The frontier report gathers both pipeline runs of this beta sweep from MLflow.
+    # A queued sweep point runs in DVC's temp dir and still logs to this repo's MLflow store.
+    project.dvc("exp", "run", "--queue", "-S", "dpo.beta=1.0", "-n", "beta1")
+    project.dvc("queue", "start", "-j", "1")
+    for _ in range(150):
+        status = project.dvc("queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    assert "Success" in status, status
+    project.dvc("queue", "stop")
+    shown = json.loads(project.dvc("exp", "show", "--json"))
+    queued = next(rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]
+                  if rev["name"] == "beta1")  # fmt: skip
+    assert "dpo/kl" in queued["data"]["metrics"]["reports/metrics.json"]["data"]
+    groups = {r.data.tags["align.run_group"] for r in client.search_runs([client.get_experiment_by_name("alignment")
+                                                                           .experiment_id])}  # fmt: skip
+    assert "beta1" in groups
+
+    # The frontier report gathers the pipeline runs of this beta sweep from MLflow.
     frontier = project.run(sys.executable, "-m", "stages.frontier")
     assert "pipeline runs" in frontier
     table = (project.path / "reports/frontier.md").read_text()
     assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
+    assert "| dpo | dpo.beta | 1 |" in table
     assert (project.path / "reports/frontier.png").exists()

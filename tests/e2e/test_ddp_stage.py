@@ -1,0 +1,22 @@
+"""`trainer.strategy: ddp` with two CPU processes, through the real stage script under DVC."""
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.e2e.project import Project
+
+pytestmark = pytest.mark.slow
+
+
+def test_sft_stage_under_ddp_logs_one_run_and_writes_once(tmp_path):
+    ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "log_every_n_steps": 2}
+    project = Project(tmp_path / "repo", overrides={"trainer": ddp})
+    out = project.dvc("repro", "sft")
+    assert "Starting with 2 processes" in out and project.ran(out) == {"prepare", "sft"}
+    assert (project.path / "models/sft/model.safetensors").exists()
+    assert {"val/loss", "perf/tokens"} <= set(project.report("sft"))
+    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+    # Rank 1 re-runs the script but joins rank 0's run instead of creating its own.
+    assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == ["prepare", "sft"]
+    assert all(r.info.status == "FINISHED" for r in runs)
