@@ -59,6 +59,34 @@ def pad_right(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     return out
 
 
+def response_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    ends: Sequence[bool],
+    *,
+    eos_id: int,
+    pad_id: int,
+) -> dict[str, torch.Tensor]:
+    """Prompt + response (+ EOS where `ends`), right-padded: the one layout every stage trains and scores on.
+
+    Returns `input_ids`, `attention_mask` (1 on real tokens) and `loss_mask` (1 on response and EOS tokens: the
+    prompt is context, not a target), each of shape (B, T).
+    """
+    ids = [[*p, *r, *([eos_id] if e else [])] for p, r, e in zip(prompt_ids, response_ids, ends, strict=True)]
+    masks = [[0] * len(p) + [1] * (len(s) - len(p)) for p, s in zip(prompt_ids, ids, strict=True)]
+    return {
+        "input_ids": pad_right(ids, pad_id),
+        "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
+        "loss_mask": pad_right(masks, 0),
+    }
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Row indices in batches of similar length (shortest first), for no-grad scoring with little padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @dataclass(frozen=True)
 class SFTCollator:
     """Batches `PromptCompletion` rows as prompt + completion + EOS, right-padded.
@@ -71,13 +99,8 @@ class SFTCollator:
     eos_id: int
 
     def __call__(self, rows: Sequence[PromptCompletion]) -> dict[str, torch.Tensor]:
-        ids = [r.prompt_ids + r.completion_ids + [self.eos_id] for r in rows]
-        masks = [[0] * len(r.prompt_ids) + [1] * (len(r.completion_ids) + 1) for r in rows]
-        return {
-            "input_ids": pad_right(ids, self.pad_id),
-            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-            "loss_mask": pad_right(masks, 0),
-        }
+        prompts, completions = [r.prompt_ids for r in rows], [r.completion_ids for r in rows]
+        return response_batch(prompts, completions, [True] * len(rows), eos_id=self.eos_id, pad_id=self.pad_id)
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -191,12 +214,9 @@ class PairCollator:
     def __call__(self, rows: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
         responses = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
         prompts = [r.prompt_ids for r in rows] * 2
-        ids = [p + c + [self.eos_id] for p, c in zip(prompts, responses, strict=True)]
-        masks = [[0] * len(p) + [1] * (len(c) + 1) for p, c in zip(prompts, responses, strict=True)]
+        batch = response_batch(prompts, responses, [True] * len(prompts), eos_id=self.eos_id, pad_id=self.pad_id)
         return {
-            "input_ids": pad_right(ids, self.pad_id),
-            "attention_mask": pad_right([[1] * len(s) for s in ids], 0),
-            "loss_mask": pad_right(masks, 0),
+            **batch,
             "gold": torch.tensor([r.chosen_gold for r in rows] + [r.rejected_gold for r in rows]),
             "reference_logps": torch.tensor(
                 [r.reference_chosen_logps for r in rows] + [r.reference_rejected_logps for r in rows]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.batches import length_sorted_batches, response_batch
 from pipeline.generation import Samples
 
 
@@ -99,21 +100,17 @@ def select(samples: Samples, index: Sequence[int]) -> Samples:
 @torch.no_grad()
 def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, batch_size: int) -> torch.Tensor:
     """Reward-model scores of sampled completions (read at their last token). Shape: (N,), on the CPU."""
-    from pipeline.batches import pad_right
-
     device = next(reward_model.parameters()).device
     reward_model.eval()
-    ids = [p + c + ([eos_id] if e else []) for p, c, e in zip(samples.prompt_ids, samples.completion_ids,
-                                                                samples.ended, strict=True)]  # fmt: skip
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out = torch.empty(len(ids))
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        input_ids = pad_right([ids[i] for i in index], pad_id).to(device)
-        attention_mask = pad_right([[1] * len(ids[i]) for i in index], 0).to(device)
-        out[torch.tensor(index)] = (
-            reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float().cpu()
-        )
+    lengths = [len(p) + len(c) + e for p, c, e in zip(samples.prompt_ids, samples.completion_ids, samples.ended,
+                                                      strict=True)]  # fmt: skip
+    out = torch.empty(len(lengths))
+    for index in length_sorted_batches(lengths, batch_size):
+        batch = select(samples, index)
+        tensors = response_batch(batch.prompt_ids, batch.completion_ids, batch.ended, eos_id=eos_id, pad_id=pad_id)
+        scores = reward_model(input_ids=tensors["input_ids"].to(device),
+                              attention_mask=tensors["attention_mask"].to(device)).logits[:, 0]  # fmt: skip
+        out[torch.tensor(index)] = scores.float().cpu()
     return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.batches import length_sorted_batches, response_batch
+
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-prob of each next token.
@@ -64,25 +66,15 @@ def completion_logps(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]) + len(completion_ids[i]))
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        ids = [prompt_ids[i] + completion_ids[i] + ([eos_id] if ended[i] else []) for i in index]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        mask = torch.zeros_like(input_ids)
-        for row, (i, seq) in enumerate(zip(index, ids, strict=True)):
-            input_ids[row, : len(seq)] = torch.as_tensor(seq)
-            attention_mask[row, : len(seq)] = 1
-            mask[row, len(prompt_ids[i]) : len(seq)] = 1
-        input_ids, attention_mask, mask = input_ids.to(device), attention_mask.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        out.append(sequence_logps(logits, input_ids, mask).float().cpu())
+    result = torch.empty(len(prompt_ids))
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    for index in length_sorted_batches(lengths, batch_size):
+        batch = response_batch([prompt_ids[i] for i in index], [completion_ids[i] for i in index],
+                               [ended[i] for i in index], eos_id=eos_id, pad_id=pad_id)  # fmt: skip
+        input_ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+        result[torch.tensor(index)] = sequence_logps(logits, input_ids, mask).float().cpu()
     model.train(was_training)
-    result = torch.empty(len(order))
-    result[torch.tensor(order, dtype=torch.long)] = torch.cat(out) if out else torch.empty(0)
     return result
 
 

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
 
-from pipeline.batches import pad_right
+from pipeline.batches import response_batch
 from pipeline.config import PPOConfig
 from pipeline.generation import Samples, SamplingParams, sample_ids
 from pipeline.judges import gold_scores
@@ -117,15 +117,11 @@ class PPOModule(pl.LightningModule):
         self.last_samples: list[dict[str, object]] = []
 
     def _sequences(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        ids, masks = [], []
-        for prompt, completion, ended in zip(samples.prompt_ids, samples.completion_ids, samples.ended, strict=True):
-            response = completion + ([eos] if ended else [])
-            ids.append(prompt + response)
-            masks.append([0] * len(prompt) + [1] * len(response))
-        input_ids = pad_right(ids, pad).to(self.device)
-        attention_mask = pad_right([[1] * len(s) for s in ids], 0).to(self.device)
-        return input_ids, attention_mask, pad_right(masks, 0).to(self.device)[:, 1:].float()
+        """(input_ids, attention_mask, token-aligned response mask) of the rollout, on the device."""
+        batch = response_batch(samples.prompt_ids, samples.completion_ids, samples.ended,
+                               eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id)  # fmt: skip
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        return batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:].float()
 
     def _logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits / self.cfg.temperature
