@@ -40,6 +40,10 @@ class ModelConfig:
     """Scratch model only: context length in tokens."""
     dropout: float
     """Scratch model only: residual, embedding and attention dropout."""
+    chat_template: str
+    """`auto` (the tokenizer's chat template when it has one), `none` (plain text), or a path to a Jinja file.
+    With a template, prompts are rendered with `apply_chat_template(..., add_generation_prompt=True)` and every
+    completion ends with the template's end-of-turn token, which becomes the tokenizer's EOS."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,9 @@ class PrepareConfig:
     """Column holding the completion; null splits `prompt_column` after `prompt_words` words (IMDb style)."""
     prompt_words: int
     """Words kept as the prompt when `completion_column` is null."""
+    messages_column: str | None
+    """Conversational data: a column of `{role, content}` turn lists. The prompt is every turn before the last
+    assistant turn, the completion that turn's content; `prompt_column`/`completion_column` are then not read."""
 
 
 @dataclass(frozen=True)
@@ -275,6 +282,27 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    kind: Literal["vader", "classifier", "reward_model"]
+    """The gold judge: `vader` (the embedded task's sentiment lexicon), `classifier` (a Hugging Face
+    sequence-classification model, scored on `label`), `reward_model` (a one-logit `save_pretrained` model)."""
+    path: str | None
+    """classifier / reward_model: a hub id (`lvwerra/distilbert-imdb`) or a local `save_pretrained` directory."""
+    label: str | None
+    """classifier: the label whose score is the gold score (one of the model's `id2label`, e.g. `POSITIVE`)."""
+    score: Literal["log_odds", "probability"]
+    """classifier: `log_odds` (logit of `label` minus the log-sum-exp of the others) or its `probability`."""
+    include_prompt: bool
+    """classifier: score prompt + response as one text (false: the response alone, as VADER does)."""
+    batch_size: int
+    """Texts per judge forward pass."""
+    max_length: int
+    """Judge tokens per text; longer inputs are truncated (hub classifiers stop at 512)."""
+    trust_remote_code: bool
+    """Passed to the judge's `from_pretrained`; keep false unless you trust the repository's code."""
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int
     """Drives every random choice of every stage."""
@@ -288,6 +316,7 @@ class Config:
     dpo: DPOConfig
     ppo: PPOConfig
     evaluate: EvaluateConfig
+    judge: JudgeConfig
 
 
 def read_params(path: str | Path) -> dict[str, Any]:
@@ -324,6 +353,11 @@ def _semantic_errors(config: Config) -> list[str]:
             f"prepare.frac_positive + prepare.frac_negative: {prepare.frac_positive} + {prepare.frac_negative} "
             "must lie in [0, 1] (the rest is neutral)"
         )
+    if model.base == "scratch" and model.chat_template not in ("auto", "none"):
+        errors.append(
+            f"model.chat_template: {model.chat_template!r} needs a hub or local model.base whose tokenizer has the "
+            "template's special tokens; the scratch tokenizer has none (use auto or none)"
+        )
     if model.base == "scratch" and model.n_embd % model.n_head:
         errors.append(f"model.n_embd: {model.n_embd} is not divisible by model.n_head = {model.n_head}")
     for section in dataclasses.fields(config):
@@ -345,6 +379,7 @@ def _semantic_errors(config: Config) -> list[str]:
                     f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
                     "lower it or enlarge the model"
                 )
+    errors += _judge_errors(config.judge)
     dpo = config.dpo
     if dpo.beta <= 0:
         errors.append(f"dpo.beta: {dpo.beta} must be positive")
@@ -356,6 +391,15 @@ def _semantic_errors(config: Config) -> list[str]:
             f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
             "the cached log-probs must cover exactly the pairs DPO trains on"
         )
+    return errors
+
+
+def _judge_errors(judge: JudgeConfig) -> list[str]:
+    errors = []
+    if judge.kind != "vader" and not judge.path:
+        errors.append(f"judge.path: required for judge.kind {judge.kind!r} (a hub id or a save_pretrained directory)")
+    if judge.kind == "classifier" and not judge.label:
+        errors.append("judge.label: required for judge.kind 'classifier' (the label to score, e.g. POSITIVE)")
     return errors
 
 

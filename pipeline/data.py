@@ -4,7 +4,9 @@ Train, val and test are disjoint *by prompt*: a prompt seen in training never re
 held-out test prompts that evaluation samples from. With `source: dataset`, rows come from
 `datasets.load_dataset` (a hub id, or a builder such as `json`/`parquet` with local `data_files`) through a column
 mapping; when there is no completion column the text is split after `prompt_words` words, as the DPO paper's IMDb
-task uses review prefixes as prompts.
+task uses review prefixes as prompts. With `messages_column`, each row is a conversation (`pipeline.chat`): the
+prompt is every turn before the last assistant turn, rendered with the tokenizer's chat template when it has one.
+The `gold` column is the judge's score of each completion.
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ import random
 import statistics
 
 import pandas as pd
+from transformers import PreTrainedTokenizerBase
 
+from pipeline.chat import conversation_prompts, render_prompt
 from pipeline.config import PrepareConfig
 from pipeline.hub import load_table, require_columns
-from pipeline.judges import gold_scores
+from pipeline.judges import Judge
 from pipeline.schemas import PROMPT_COMPLETION, validate_frame
 from pipeline.synthetic import class_fractions, generate_reviews
 
 SPLITS = ("train", "val", "test")
 
 
-def synthetic_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
+def synthetic_splits(
+    cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None
+) -> dict[str, pd.DataFrame]:
     """Draw the embedded task's reviews; held-out prompts are unique and never used in train."""
     rng = random.Random(seed)
     fractions = {"frac_positive": cfg.frac_positive, "frac_negative": cfg.frac_negative}
@@ -31,14 +37,26 @@ def synthetic_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
     reserved = frozenset(review.prompt for review in held_out)
     train = generate_reviews(cfg.n_train, rng, exclude_prompts=reserved, **fractions)
     rows = {"train": train, "val": held_out[: cfg.n_val], "test": held_out[cfg.n_val :]}
-    return {name: pd.DataFrame([vars(r) for r in reviews]) for name, reviews in rows.items()}
+    splits = {name: pd.DataFrame([vars(r) for r in reviews]) for name, reviews in rows.items()}
+    if tokenizer is not None:  # a hub model on the embedded task: prompts in its chat template, if it has one
+        splits = {name: _render_prompts(split, tokenizer) for name, split in splits.items()}
+    return splits
 
 
-def dataset_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
-    """Read a dataset through the column mapping and split it by prompt."""
+def dataset_splits(cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizerBase | None) -> dict[str, pd.DataFrame]:
+    """Read a dataset through the column mapping (or its conversations) and split it by prompt."""
     key = "prepare.dataset_path"
     table = load_table(cfg.dataset_path, cfg.dataset_name, cfg.data_files, cfg.dataset_split, key)
-    frame = _map_columns(table, cfg)
+    if cfg.messages_column is not None:
+        require_columns(table, {"prepare.messages_column": cfg.messages_column}, str(cfg.dataset_path))
+        if tokenizer is None:
+            raise ValueError("prepare.messages_column: conversations need a hub or local model.base, not scratch")
+        where = f"{cfg.data_files or cfg.dataset_path} column {cfg.messages_column!r}"
+        prompts, completions = conversation_prompts(table[cfg.messages_column].tolist(), tokenizer, where)
+        frame = pd.DataFrame({"prompt": prompts, "completion": completions})
+    else:
+        frame = _map_columns(table, cfg)
+        frame = _render_prompts(frame, tokenizer) if tokenizer is not None else frame
     prompts = sorted(frame["prompt"].unique())
     random.Random(seed).shuffle(prompts)
     if len(prompts) <= cfg.n_val + cfg.n_test:
@@ -54,11 +72,11 @@ def dataset_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
         "train": frame[~frame["prompt"].isin(test_prompts | val_prompts)],
     }
     splits["train"] = splits["train"].sample(frac=1.0, random_state=seed).head(cfg.n_train)
-    for name, split in splits.items():
-        split = split.reset_index(drop=True)
-        splits[name] = split.assign(gold=gold_scores(split["completion"].tolist()))
-    return splits
+    return {name: split.reset_index(drop=True) for name, split in splits.items()}
 
+
+def _render_prompts(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
+    return frame.assign(prompt=[render_prompt(tokenizer, prompt) for prompt in frame["prompt"]])
 
 def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     wanted = {"prepare.prompt_column": cfg.prompt_column}
@@ -76,10 +94,21 @@ def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     )
 
 
-def prepare_splits(cfg: PrepareConfig, seed: int) -> dict[str, pd.DataFrame]:
-    """Build and validate the three splits."""
+def prepare_splits(
+    cfg: PrepareConfig, seed: int, judge: Judge, tokenizer: PreTrainedTokenizerBase | None = None
+) -> dict[str, pd.DataFrame]:
+    """Build the three splits, score each completion with the judge, and validate them.
+
+    Args:
+        tokenizer: the model's tokenizer, whose chat template (if any) renders the prompts; None for a scratch
+            model, whose tokenizer is trained on these splits afterwards.
+    """
     build = synthetic_splits if cfg.source == "synthetic" else dataset_splits
-    splits = build(cfg, seed)
+    splits = build(cfg, seed, tokenizer)
+    splits = {
+        name: split.assign(gold=judge.score(split["prompt"].tolist(), split["completion"].tolist()))
+        for name, split in splits.items()
+    }
     source = f"prepare ({cfg.source} {cfg.dataset_path or 'grammar'})"
     return {name: validate_frame(splits[name], PROMPT_COMPLETION, f"{source}, {name} split") for name in SPLITS}
 

@@ -118,3 +118,4 @@ class DPOModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.policy, **self.optim_args)
+

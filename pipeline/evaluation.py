@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.batches import length_sorted_batches, response_batch
-from pipeline.generation import Samples
+from pipeline.config import EvaluateConfig
+from pipeline.generation import Samples, SamplingParams, sample
+from pipeline.judges import Judge
+from pipeline.logprobs import sequence_kl
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -114,28 +117,28 @@ def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, b
     return out
 
 
-def evaluate_policies(policies: dict, sft, reward_model, tokenizer, prompts: list[str], cfg, *, seed: int):
+def evaluate_policies(
+    policies: dict, sft, reward_model, judge: Judge, tokenizer, prompts: list[str], cfg: EvaluateConfig, *, seed: int
+):
     """Sample every policy (and Best-of-N from SFT) on `prompts` and measure it against SFT.
 
     Args:
         policies: name -> causal LM, besides SFT (e.g. `ppo`, `dpo`).
         sft: the SFT policy, the KL reference and the win-rate baseline.
+        judge: the gold judge.
         cfg: the `evaluate` config.
 
     Returns:
         (results by policy name, flat metrics `<policy>/<metric>`).
     """
-    from pipeline.generation import SamplingParams, sample
-    from pipeline.judges import gold_scores
-    from pipeline.logprobs import sequence_kl
-
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
 
     def result(name: str, samples: Samples, kl: float) -> PolicyResult:
         rewards = reward_scores(reward_model, samples, **ids).tolist()
         lengths = [len(c) + int(e) for c, e in zip(samples.completion_ids, samples.ended, strict=True)]
-        return PolicyResult(name, samples.texts, gold_scores(samples.texts), rewards, kl, lengths, samples.ended)
+        gold = judge.score(tokenizer.batch_decode(samples.prompt_ids), samples.texts)
+        return PolicyResult(name, samples.texts, gold, rewards, kl, lengths, samples.ended)
 
     results = {"sft": result("sft", sample(sft, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=seed), 0.0)}
     for name, model in policies.items():
@@ -160,3 +163,35 @@ def evaluate_policies(policies: dict, sft, reward_model, tokenizer, prompts: lis
     metrics = {f"{name}/{key}": value for name, res in results.items()
                for key, value in summarize(res, results["sft"]).items()}  # fmt: skip
     return results, metrics
+
+
+@torch.no_grad()
+def sampled_objective(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    judge: Judge,
+    *,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 256,
+) -> tuple[dict[str, float], Samples]:
+    """The DPO paper's frontier coordinates on held-out prompts: the sampled sequence KL of the trained policy to
+    the reference, and both models' mean gold score (pure sampling at temperature 1, so the KL is unbiased).
+
+    Returns:
+        (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`; the policy's samples).
+    """
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    samples = sample(policy, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
+    reference_samples = sample(reference, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
+    policy_gold = judge.score(prompts, samples.texts)
+    reference_gold = judge.score(prompts, reference_samples.texts)
+    metrics = {
+        "objective/kl": float(sequence_kl(policy, reference, samples, tokenizer, batch_size).mean()),
+        "objective/gold_scores": sum(policy_gold) / len(policy_gold),
+        "reference/gold_scores": sum(reference_gold) / len(reference_gold),
+        "objective/eos_rate": sum(samples.ended) / len(samples.ended),
+    }
+    return metrics, samples

@@ -2,8 +2,10 @@
 
 Prompts are sorted by length and left-padded per batch (little padding, correct position ids from the attention
 mask), generation stops per row at EOS and for the batch once every row has ended, and each completion comes
-back without its EOS or padding, flagged with whether it ended. Every sampling knob is passed explicitly:
-transformers otherwise applies a default `top_k=50`.
+back without its EOS or padding, flagged with whether it ended. A response ends at any of the model's stop tokens
+(`generation_config.eos_token_id`, a list under a chat template: the end-of-turn first); the collators re-append
+the tokenizer's EOS, which is that end-of-turn. Every sampling knob is passed explicitly: transformers otherwise
+applies a default `top_k=50`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ class Samples:
     ended: list[bool]
 
 
+def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS first, then the model's other declared stop tokens."""
+    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    declared = declared if isinstance(declared, list) else [declared]
+    return list(dict.fromkeys([tokenizer.eos_token_id, *(t for t in declared if t is not None)]))
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -61,7 +70,8 @@ def sample_ids(
     seed: int,
 ) -> Samples:
     """`sample` on already-tokenised prompts."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
+    stops = stop_ids(model, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -86,14 +96,15 @@ def sample_ids(
             top_k=params.top_k if params.temperature > 0 else None,
             top_p=params.top_p if params.temperature > 0 else None,
             max_new_tokens=params.max_new_tokens,
-            eos_token_id=eos,
+            eos_token_id=stops if len(stops) > 1 else stops[0],
             pad_token_id=pad,
             use_cache=True,
         )
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
-            if eos in tokens:
-                tokens, ended[i] = tokens[: tokens.index(eos)], True
+            end = next((t for t, token in enumerate(tokens) if token in stops), None)
+            if end is not None:
+                tokens, ended[i] = tokens[:end], True
             else:
                 tokens = [t for t in tokens if t != pad]
             completions[i] = tokens

@@ -1,17 +1,41 @@
-"""The gold judge: VADER's compound sentiment score, the ground truth of the embedded task.
+"""Gold judges: what scores a (prompt, response) pair as the ground truth the pipeline aligns towards.
 
-The embedded task plays the role of the DPO paper's controlled sentiment experiment: VADER (a lexicon and rule
-model, so fully offline and deterministic) stands in for the human whose preferences the pipeline learns. It
-labels preference pairs and scores every policy at evaluation. Scores lie in [-1, 1]; text with no sentiment
-words scores exactly 0.
+A judge labels simulated preference pairs and scores every policy; the reward model only ever learns from it. One
+small interface, `Judge.score(prompts, responses) -> list[float]`, chosen by the `judge` params section
+(`build_judge`) and handed to every place that computes a gold score:
+
+- `vader`: VADER's compound sentiment of the response, in [-1, 1] (a lexicon and rule model, so offline and
+  deterministic). The embedded task plays the DPO paper's controlled-sentiment experiment with it; text with no
+  sentiment words scores exactly 0.
+- `classifier`: any Hugging Face sequence classifier (`lvwerra/distilbert-imdb`, as in TRL's sentiment example and
+  the DPO paper's IMDb setting); the score is the log-odds or the probability of `judge.label`.
+- `reward_model`: a one-logit sequence classifier, e.g. a reward model this pipeline trained or
+  `OpenAssistant/reward-model-deberta-v3-large-v2`, on the (prompt, response) text pair.
+
+Model judges use their own tokenizer on the decoded texts (they rarely share the policy's vocabulary), run without
+gradients on the device they are moved to, and take one forward pass per batch of rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Protocol
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+from pipeline.batches import length_sorted_batches, pad_right
+from pipeline.config import JudgeConfig
+
+
+class Judge(Protocol):
+    """Scores (prompt, response) pairs; higher is better."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+    def to(self, device: torch.device | str) -> Judge: ...
 
 
 @lru_cache(maxsize=1)
@@ -33,3 +57,130 @@ def gold_scores(texts: Sequence[str]) -> list[float]:
 def lexicon_valence(word: str) -> float | None:
     """The VADER lexicon's valence of one lower-case word, or None when the word carries no sentiment."""
     return _analyzer().lexicon.get(word)
+
+
+class VaderJudge:
+    """VADER's compound score of the response (the prompt is context, not judged)."""
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return gold_scores(responses)
+
+    def to(self, device: torch.device | str) -> VaderJudge:
+        return self
+
+
+def label_scores(logits: torch.Tensor, label: int, kind: str) -> torch.Tensor:
+    """A classifier's score of one label: its log-odds, log p / (1 - p), or its probability p.
+
+    Args:
+        logits: Shape: (B, L), L >= 2 labels.
+
+    Returns:
+        Shape: (B,).
+    """
+    logits = logits.float()
+    if kind == "probability":
+        return torch.softmax(logits, -1)[:, label]
+    others = torch.cat([logits[:, :label], logits[:, label + 1 :]], dim=1)  # (B, L-1)
+    return logits[:, label] - torch.logsumexp(others, -1)
+
+
+class _ModelJudge:
+    """Shared by the model-backed judges: a frozen classifier, its tokenizer, batching and device."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: JudgeConfig) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if model.config.pad_token_id is None:  # batched sequence classifiers find the last token through pad
+            model.config.pad_token_id = self.pad_id
+
+    def to(self, device: torch.device | str) -> _ModelJudge:
+        self.model.to(device)
+        return self
+
+    def encode(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        ids = self.encode(list(prompts), list(responses))
+        device = next(self.model.parameters()).device
+        out = torch.empty(len(ids))
+        for index in length_sorted_batches([len(row) for row in ids], self.cfg.batch_size):
+            input_ids = pad_right([ids[i] for i in index], self.pad_id)
+            attention_mask = pad_right([[1] * len(ids[i]) for i in index], 0)
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            out[torch.tensor(index)] = self.read(logits).float().cpu()
+        return out.tolist()
+
+
+class ClassifierJudge(_ModelJudge):
+    """A sequence classifier's score of `judge.label` on the response (or prompt + response)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: JudgeConfig) -> None:
+        super().__init__(model, tokenizer, cfg)
+        labels = {str(name): int(i) for i, name in model.config.id2label.items()}
+        if model.config.num_labels < 2 or cfg.label not in labels:
+            raise ValueError(
+                f"judge.label: {cfg.label!r} is not a label of classifier {cfg.path!r}; its labels are "
+                f"{', '.join(labels)}. Set judge.label to one of them (a one-logit model is judge.kind: reward_model)"
+            )
+        self.label = labels[cfg.label]
+
+    def encode(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)] if self.cfg.include_prompt else responses
+        return self.tokenizer(texts, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        return label_scores(logits, self.label, self.cfg.score)
+
+
+class RewardModelJudge(_ModelJudge):
+    """A one-logit reward model on the (prompt, response) text pair, with its tokenizer's own special tokens.
+
+    A decoder-style tokenizer adds none, so the EOS is appended (that is where this pipeline's reward models, and
+    most decoder reward models, read their score); an encoder's `[CLS] prompt [SEP] response [SEP]` is kept.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: JudgeConfig) -> None:
+        super().__init__(model, tokenizer, cfg)
+        if model.config.num_labels != 1:
+            raise ValueError(
+                f"judge.path: {cfg.path!r} has {model.config.num_labels} labels; a reward_model judge has exactly "
+                "one logit (for a classifier set judge.kind: classifier and judge.label)"
+            )
+
+    def encode(self, prompts: list[str], responses: list[str]) -> list[list[int]]:
+        tok = self.tokenizer
+        ids = tok(prompts, responses, truncation=True, max_length=self.cfg.max_length - 1)["input_ids"]
+        ends = {tok.eos_token_id, tok.sep_token_id} - {None}
+        if tok.eos_token_id is None:
+            return ids
+        return [row if row and row[-1] in ends else [*row, tok.eos_token_id] for row in ids]
+
+    def read(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0]
+
+
+_MODEL_JUDGES = {"classifier": ClassifierJudge, "reward_model": RewardModelJudge}
+
+
+def build_judge(cfg: JudgeConfig) -> Judge:
+    """The judge `cfg` names, on the CPU (move it with `.to(device)`)."""
+    if cfg.kind == "vader":
+        return VaderJudge()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
+    except OSError as error:
+        raise FileNotFoundError(
+            f"judge.path: cannot load {cfg.path!r} as a sequence-classification model ({error}); give a hub id or "
+            "a save_pretrained directory"
+        ) from None
+    return _MODEL_JUDGES[cfg.kind](model, tokenizer, cfg)

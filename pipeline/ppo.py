@@ -22,7 +22,7 @@ from torch.utils.data import Sampler
 from pipeline.batches import response_batch
 from pipeline.config import PPOConfig
 from pipeline.generation import Samples, SamplingParams, sample_ids
-from pipeline.judges import gold_scores
+from pipeline.judges import Judge
 from pipeline.logprobs import token_logps
 from pipeline.optim import build_optimizer
 from pipeline.rl import (
@@ -94,6 +94,7 @@ class PPOModule(pl.LightningModule):
         value_model: torch.nn.Module,
         reference: torch.nn.Module,
         reward_model: torch.nn.Module,
+        judge: Judge,
         tokenizer,
         cfg: PPOConfig,
         *,
@@ -106,7 +107,7 @@ class PPOModule(pl.LightningModule):
         self.policy, self.value_model = policy, value_model
         self.reference = reference.requires_grad_(False).eval()
         self.reward_model = reward_model.requires_grad_(False).eval()
-        self.tokenizer, self.cfg, self.seed = tokenizer, cfg, seed
+        self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
         self.reward_mean, self.reward_std = reward_mean, reward_std
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -158,7 +159,8 @@ class PPOModule(pl.LightningModule):
                 f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
                 "reward model's saved mean/std (models/reward/reward_stats.json), ppo.reward_clip and ppo.lr"
             )
-        golds = gold_scores(samples.texts)
+        prompts = self.tokenizer.batch_decode(samples.prompt_ids)
+        golds = self.judge.score(prompts, samples.texts)
         stats = {
             "objective/kl": float(kl.sum(1).mean()),
             "objective/entropy": float((-logps * mask).sum(1).mean()),
@@ -172,8 +174,8 @@ class PPOModule(pl.LightningModule):
             "val/response_length": float(mask.sum(1).mean()),
         }
         self.last_samples = [
-            {"prompt": self.tokenizer.decode(p), "response": t, "score": float(s), "gold": g, "ended": e}
-            for p, t, s, g, e in zip(samples.prompt_ids, samples.texts, scores, golds, samples.ended, strict=True)
+            {"prompt": p, "response": t, "score": float(s), "gold": g, "ended": e}
+            for p, t, s, g, e in zip(prompts, samples.texts, scores, golds, samples.ended, strict=True)
         ]
         rollout = Rollout(input_ids, attention_mask, mask, logps, values, advantages, returns)
         return rollout, stats, samples
@@ -225,6 +227,9 @@ class PPOModule(pl.LightningModule):
                 f"ppo: mean importance ratio {worst:.3g} exceeds ppo.max_ratio = {self.cfg.max_ratio} at rollout "
                 f"{step}: the policy moved too far from the rollout policy; lower ppo.lr or ppo.ppo_epochs"
             )
+
+    def on_fit_start(self) -> None:
+        self.judge.to(self.device)
 
     def training_step(self, prompt_ids: list[list[int]], batch_idx: int) -> None:
         start = time.perf_counter()

@@ -3,8 +3,10 @@
 On the embedded task the "human" is a Bradley-Terry annotator over the gold judge: it prefers response a over b
 with probability sigmoid((gold_a - gold_b) / tau), so small gold gaps give noisy labels and tau = 0 gives the
 gold order exactly (the DPO paper's controlled setting uses a sentiment classifier the same way). On a dataset,
-human pairs are read through a column mapping; Anthropic-HH style whole dialogues are split at the last
-assistant turn.
+human pairs are read through a column mapping, in any of the formats `read_dataset_pairs` detects: plain
+prompt/chosen/rejected strings, Anthropic-HH whole dialogues, and TRL's conversational format (turn lists, with the
+prompt in its own column or implicit in chosen/rejected). Conversational prompts are rendered with the tokenizer's
+chat template when it has one.
 
 Every pair then goes through `screen_pairs`, a table of named checks (identical, empty, repeating the prompt,
 containing EOS, over-long). Each check's count is reported; `on_invalid` decides whether bad rows are dropped
@@ -19,8 +21,22 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
+from transformers import PreTrainedTokenizerBase
 
+from pipeline.chat import (
+    Turns,
+    has_template,
+    hh_turns,
+    is_conversation,
+    parse_turns,
+    render_completion,
+    render_prompt,
+    split_last_assistant,
+)
+from pipeline.config import PreferencesConfig
+from pipeline.generation import SamplingParams, sample
 from pipeline.hub import load_table, require_columns
+from pipeline.judges import Judge
 from pipeline.tokenization import encode
 
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -173,20 +189,17 @@ def screen_pairs(
 
 
 def generate_pairs(
-    model, tokenizer, prompts: Sequence[str], cfg, *, seed: int
+    model, tokenizer, prompts: Sequence[str], cfg: PreferencesConfig, judge: Judge, *, seed: int
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Sample `cfg.k` completions per prompt, score them with the gold judge and label pairs.
 
     Completions that hit `max_new_tokens` before EOS are paired like the others (the reward model sees them
     with the EOS its collator appends); their share is reported as `samples/eos_rate`.
     """
-    from pipeline.generation import SamplingParams, sample
-    from pipeline.judges import gold_scores
-
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
-    golds = gold_scores(samples.texts)
+    golds = judge.score(repeated, samples.texts)
     responses: dict[str, list[str]] = {p: [] for p in prompts}
     scores: dict[str, list[float]] = {p: [] for p in prompts}
     for prompt, text, gold in zip(repeated, samples.texts, golds, strict=True):
@@ -203,7 +216,7 @@ def generate_pairs(
     return table, stats
 
 
-def dataset_pairs(cfg, seed: int) -> dict[str, pd.DataFrame]:
+def dataset_pairs(cfg: PreferencesConfig, seed: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, pd.DataFrame]:
     """Read human preference pairs through the column mapping and split train/val by prompt."""
     table = load_table(
         cfg.dataset_path, cfg.dataset_name, cfg.data_files, cfg.dataset_split, "preferences.dataset_path"
@@ -212,17 +225,96 @@ def dataset_pairs(cfg, seed: int) -> dict[str, pd.DataFrame]:
     if cfg.prompt_column is not None:
         wanted["preferences.prompt_column"] = cfg.prompt_column
     require_columns(table, wanted, str(cfg.dataset_path))
-    source = f"preferences dataset {cfg.dataset_path!r}"
-    if cfg.prompt_column is None:
-        frame = split_dialogues(table[cfg.chosen_column].tolist(), table[cfg.rejected_column].tolist(), source)
-    else:
-        frame = pd.DataFrame(
-            {"prompt": table[cfg.prompt_column], "chosen": table[cfg.chosen_column],
-             "rejected": table[cfg.rejected_column]}
-        )  # fmt: skip
+    frame = read_dataset_pairs(table, cfg, tokenizer, str(cfg.data_files or cfg.dataset_path))
     frame = frame.assign(chosen_gold=math.nan, rejected_gold=math.nan)
     prompts = sorted(frame["prompt"].unique())
     np.random.default_rng(seed).shuffle(prompts)
     val_prompts = set(prompts[: max(1, round(len(prompts) * cfg.val_fraction))])
     in_val = frame["prompt"].isin(val_prompts)
     return {"train": frame[~in_val].reset_index(drop=True), "val": frame[in_val].reset_index(drop=True)}
+
+
+def read_dataset_pairs(
+    table: pd.DataFrame, cfg: PreferencesConfig, tokenizer: PreTrainedTokenizerBase, source: str
+) -> pd.DataFrame:
+    """(prompt, chosen, rejected) texts from a pairs table, in the format its first row shows.
+
+    - prompt column + chosen/rejected strings: used as they are (a prompt is rendered with the chat template);
+    - no prompt column, chosen/rejected strings: Anthropic-HH whole dialogues, split at the last assistant turn;
+    - chosen/rejected turn lists (TRL's conversational format): the prompt is the `prompt` column (turns or a
+      string) followed by any turns before chosen's last assistant turn, or, with no prompt column, the turns
+      both conversations share before their last assistant turn; the responses are the last assistant turns.
+
+    A row in another format than the first, a malformed turn, or chosen/rejected that disagree on the prompt is an
+    error naming the file, row and column.
+    """
+    columns = {"chosen": cfg.chosen_column, "rejected": cfg.rejected_column}
+    if cfg.prompt_column is not None:
+        columns = {"prompt": cfg.prompt_column, **columns}
+    _require_one_format(table, columns, source)
+    conversational = is_conversation(table[cfg.chosen_column].iloc[0]) if len(table) else False
+    if not conversational and cfg.prompt_column is not None:
+        prompts = [render_prompt(tokenizer, p) for p in table[cfg.prompt_column]]
+        return pd.DataFrame(
+            {"prompt": prompts, "chosen": table[cfg.chosen_column], "rejected": table[cfg.rejected_column]}
+        )
+    if not conversational and not has_template(tokenizer):
+        return split_dialogues(table[cfg.chosen_column].tolist(), table[cfg.rejected_column].tolist(), source)
+    rows = []
+    for row, record in enumerate(table[list(columns.values())].itertuples(index=False)):
+        values = dict(zip(columns, record, strict=True))
+        at = {key: f"{source} row {row} column {column!r}" for key, column in columns.items()}
+        read = parse_turns if conversational else hh_turns
+        chosen, rejected = read(values["chosen"], at["chosen"]), read(values["rejected"], at["rejected"])
+        prompt, chosen_text, rejected_text = _pair_turns(values.get("prompt"), chosen, rejected, at)
+        rows.append((render_prompt(tokenizer, prompt), render_completion(tokenizer, chosen_text, conversational=True),
+                     render_completion(tokenizer, rejected_text, conversational=True)))  # fmt: skip
+    return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
+
+
+def _pair_turns(prompt, chosen: Turns, rejected: Turns, at: dict[str, str]) -> tuple[Turns, str, str]:
+    """The shared prompt turns and the two final assistant responses of one conversational pair."""
+    split = split_last_assistant if prompt is None else _context
+    chosen_context, chosen_text = split(chosen, at["chosen"])
+    rejected_context, rejected_text = split(rejected, at["rejected"])
+    if chosen_context != rejected_context:
+        raise ValueError(
+            f"{at['chosen']}: the turns before the last assistant turn differ from {at['rejected']}; a pair must "
+            "share its prompt"
+        )
+    if prompt is None:
+        return chosen_context, chosen_text, rejected_text
+    head = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else parse_turns(prompt, at["prompt"])
+    return head + chosen_context, chosen_text, rejected_text
+
+
+def _context(turns: Turns, where: str) -> tuple[Turns, str]:
+    """Turns before the last assistant turn (possibly none: the prompt column holds the rest) and its content."""
+    if turns[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last turn is {turns[-1]['role']!r}; a response must end with an assistant turn")
+    return turns[:-1], turns[-1]["content"]
+
+
+def _require_one_format(table: pd.DataFrame, columns: dict[str, str], source: str) -> None:
+    """Every cell of a column holds text, or every cell holds a list of turns, as the first row does."""
+    for key, column in columns.items():
+        first = None
+        for row, value in enumerate(table[column]):
+            if not (isinstance(value, str) or is_conversation(value)):
+                raise ValueError(
+                    f"{source} row {row} column {column!r}: {value!r} is neither text nor a list of turns; "
+                    f"fix the row or drop it (preferences.{key}_column reads this column)"
+                )
+            kind = "a list of turns" if is_conversation(value) else "text"
+            first = first or kind
+            if kind != first:
+                raise ValueError(
+                    f"{source} row {row} column {column!r}: holds {kind} but row 0 holds {first}; a dataset must "
+                    "use one format"
+                )
+    chosen_kind = is_conversation(table[columns["chosen"]].iloc[0]) if len(table) else False
+    if len(table) and is_conversation(table[columns["rejected"]].iloc[0]) != chosen_kind:
+        raise ValueError(
+            f"{source} row 0: column {columns['chosen']!r} and column {columns['rejected']!r} hold different formats "
+            "(text and a list of turns); chosen and rejected must match"
+        )

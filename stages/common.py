@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.io import dvc_md5, write_json
@@ -36,6 +37,11 @@ class StageContext:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def inference_device() -> torch.device:
+    """Where the no-grad stages (sampling, scoring, judging) run: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:

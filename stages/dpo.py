@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
 from pipeline.dpo import DPOModule, attach_reference
-from pipeline.generation import SamplingParams, sample
-from pipeline.judges import gold_scores
-from pipeline.logprobs import sequence_kl
+from pipeline.evaluation import sampled_objective
+from pipeline.judges import build_judge
 from pipeline.models import build_causal_lm, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
 from pipeline.tokenization import load_tokenizer
 from pipeline.training import fit_and_validate, optim_args
-from stages.common import finish, stage
+from stages.common import finish, inference_device, stage
 
 PATHS = {
     "pairs_dir": "data/preferences",
@@ -26,7 +25,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("dpo", ["seed", "model", "trainer", "dpo"], PATHS) as ctx:
+    with stage("dpo", ["seed", "model", "trainer", "dpo", "judge"], PATHS) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         rows = {}
@@ -47,15 +46,14 @@ def main() -> None:
         save_model(module.policy, tokenizer, args.model_dir)
 
         # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts.
-        prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts)
-        reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False)
-        params = SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0)
-        samples = sample(module.policy, tokenizer, prompts.tolist(), params, batch_size=256, seed=cfg.seed)
-        reference_samples = sample(reference, tokenizer, prompts.tolist(), params, batch_size=256, seed=cfg.seed)
-        metrics["objective/kl"] = float(sequence_kl(module.policy, reference, samples, tokenizer, 256).mean())
-        metrics["objective/gold_scores"] = sum(gold_scores(samples.texts)) / len(samples.texts)
-        metrics["reference/gold_scores"] = sum(gold_scores(reference_samples.texts)) / len(reference_samples.texts)
-        metrics["objective/eos_rate"] = sum(samples.ended) / len(samples.ended)
+        prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
+        device = inference_device()
+        reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(device)
+        objective, samples = sampled_objective(
+            module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
+            max_new_tokens=dpo.max_new_tokens, seed=cfg.seed,
+        )  # fmt: skip
+        metrics.update(objective)
         ctx.run.log_text("\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, samples.texts, strict=True)),
                          "samples/dpo_val_samples.txt")  # fmt: skip
         write_curve(result.history, args.curve)

@@ -8,11 +8,12 @@ import pandas as pd
 
 from pipeline.evaluation import evaluate_policies
 from pipeline.io import write_text
+from pipeline.judges import build_judge
 from pipeline.models import build_causal_lm, build_reward_model
 from pipeline.reports import HEADLINE, eval_markdown, plot_gold_vs_kl
 from pipeline.schemas import PROMPT_COMPLETION, read_table
 from pipeline.tokenization import load_tokenizer
-from stages.common import finish, stage
+from stages.common import finish, inference_device, stage
 
 PATHS = {
     "data_dir": "data/prepared",
@@ -28,15 +29,15 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("evaluate", ["seed", "model", "evaluate"], PATHS) as ctx:
-        cfg, args = ctx.config, ctx.args
+    with stage("evaluate", ["seed", "model", "evaluate", "judge"], PATHS) as ctx:
+        cfg, args, device = ctx.config, ctx.args, inference_device()
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False)  # noqa: E731
+        load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False).to(device)  # noqa: E731
+        reward_model = build_reward_model(cfg.model, tokenizer, args.reward_dir).requires_grad_(False).to(device)
         prompts = read_table(f"{args.data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"].tolist()
         results, metrics = evaluate_policies(
-            {"ppo": load(args.ppo_dir), "dpo": load(args.dpo_dir)}, load(args.sft_dir),
-            build_reward_model(cfg.model, tokenizer, args.reward_dir).requires_grad_(False), tokenizer, prompts,
-            cfg.evaluate, seed=cfg.seed,
+            {"ppo": load(args.ppo_dir), "dpo": load(args.dpo_dir)}, load(args.sft_dir), reward_model,
+            build_judge(cfg.judge).to(device), tokenizer, prompts, cfg.evaluate, seed=cfg.seed,
         )  # fmt: skip
         points = {name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results}
         table = pd.DataFrame([{"policy": n, "kl": kl, "gold_score": g} for n, (kl, g) in points.items()])

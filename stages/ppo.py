@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.data import DataLoader
 
+from pipeline.judges import build_judge
 from pipeline.models import build_causal_lm, build_reward_model, save_model
 from pipeline.ppo import PPOModule, PromptBatches
 from pipeline.reports import write_curve
@@ -27,7 +28,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("ppo", ["seed", "model", "trainer", "ppo"], PATHS) as ctx:
+    with stage("ppo", ["seed", "model", "trainer", "ppo", "judge"], PATHS) as ctx:
         cfg, ppo, args = ctx.config, ctx.config.ppo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
@@ -37,7 +38,7 @@ def main() -> None:
             policy=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             value_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
             reference=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
-            reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
+            reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),
             tokenizer=tokenizer, cfg=ppo, reward_mean=stats["mean"], reward_std=stats["std"], seed=cfg.seed,
         )  # fmt: skip
         batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 
 from pipeline.io import atomic_path, write_parquet
+from pipeline.judges import build_judge
 from pipeline.models import build_causal_lm
 from pipeline.preferences import dataset_pairs, generate_pairs, screen_pairs
 from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, read_table, validate_frame
 from pipeline.tokenization import load_tokenizer
-from stages.common import finish, stage
+from stages.common import finish, inference_device, stage
 
 PATHS = {
     "data_dir": "data/prepared",
@@ -20,22 +21,23 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("preferences", ["seed", "model", "preferences"], PATHS) as ctx:
+    with stage("preferences", ["seed", "model", "preferences", "judge"], PATHS) as ctx:
         cfg, prefs, args = ctx.config, ctx.config.preferences, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         if prefs.mode == "generate":
-            model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir)
+            model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).to(inference_device())
+            judge = build_judge(cfg.judge).to(inference_device())
             splits = {}
             for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
                 prompts = read_table(f"{args.data_dir}/{name}.parquet", PROMPT_COMPLETION)["prompt"].unique()
                 splits[name], stats = generate_pairs(
-                    model, tokenizer, list(prompts[:count]), prefs, seed=cfg.seed + offset
+                    model, tokenizer, list(prompts[:count]), prefs, judge, seed=cfg.seed + offset
                 )
                 metrics.update({f"{name}/{key}": value for key, value in stats.items()})
         else:
-            splits = dataset_pairs(prefs, cfg.seed)
+            splits = dataset_pairs(prefs, cfg.seed, tokenizer)
         metrics["perf/wall_s"] = time.perf_counter() - start
         with atomic_path(args.out_dir) as tmp:
             tmp.mkdir()

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 import statistics
 
+from pipeline.chat import use_chat_template
 from pipeline.data import SPLITS, prepare_splits, summarize_splits
 from pipeline.io import atomic_path, write_parquet
+from pipeline.judges import build_judge
 from pipeline.tokenization import encode, load_tokenizer, train_bpe_tokenizer
-from stages.common import finish, stage
+from stages.common import finish, inference_device, stage
 
 PATHS = {"data_dir": "data/prepared", "tokenizer_dir": "models/tokenizer", "report": "reports/prepare.json"}
 
 
 def main() -> None:
-    with stage("prepare", ["seed", "model", "prepare"], PATHS) as ctx:
+    with stage("prepare", ["seed", "model", "prepare", "judge"], PATHS) as ctx:
         cfg, args = ctx.config, ctx.args
-        splits = prepare_splits(cfg.prepare, cfg.seed)
+        tokenizer = None
+        if cfg.model.base != "scratch":
+            tokenizer = load_tokenizer(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
+            use_chat_template(tokenizer, cfg.model.chat_template)
+        splits = prepare_splits(cfg.prepare, cfg.seed, build_judge(cfg.judge).to(inference_device()), tokenizer)
         train = splits["train"]
-        if cfg.model.base == "scratch":
+        if tokenizer is None:
             texts = (train["prompt"] + train["completion"]).tolist()
             tokenizer = train_bpe_tokenizer(texts, cfg.prepare.tokenizer_vocab_size)
-        else:
-            tokenizer = load_tokenizer(cfg.model.base, trust_remote_code=cfg.model.trust_remote_code)
         with atomic_path(args.data_dir) as tmp:
             tmp.mkdir()
             for name in SPLITS:

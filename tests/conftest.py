@@ -30,7 +30,8 @@ def tokenizer(reviews):
 @pytest.fixture
 def model_cfg() -> ModelConfig:
     return ModelConfig(
-        base="scratch", trust_remote_code=False, n_layer=2, n_head=2, n_embd=32, n_positions=128, dropout=0.0
+        base="scratch", trust_remote_code=False, n_layer=2, n_head=2, n_embd=32, n_positions=128, dropout=0.0,
+        chat_template="auto",
     )
 
 

@@ -6,6 +6,7 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
 from pipeline.config import load_config, read_params
+from pipeline.judges import VaderJudge
 from pipeline.models import build_causal_lm, build_reward_model, save_model
 from pipeline.ppo import PPOHealthError, PPOModule, PromptBatches
 from pipeline.tokenization import encode
@@ -37,7 +38,7 @@ def _module(model_cfg, tokenizer, tmp_path, cfg):
         policy=build_causal_lm(model_cfg, tokenizer, path=sft),
         value_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
         reference=build_causal_lm(model_cfg, tokenizer, path=sft),
-        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
+        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")), judge=VaderJudge(),
         tokenizer=tokenizer, cfg=cfg, reward_mean=0.0, reward_std=1.0, seed=0,
     )  # fmt: skip
 

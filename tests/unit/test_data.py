@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from pipeline.data import prepare_splits
+from pipeline.judges import VaderJudge
 from pipeline.schemas import PROMPT_COMPLETION, DataContractError, validate_frame
 from tests.unit.test_synthetic import _cfg
 
@@ -26,7 +27,7 @@ def test_local_json_with_column_mapping(tmp_path):
         prompt_column="question",
         completion_column="answer",
     )
-    splits = prepare_splits(cfg, seed=0)
+    splits = prepare_splits(cfg, seed=0, judge=VaderJudge())
     assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (30, 5, 5)
     assert set(splits["train"]["prompt"]).isdisjoint(splits["test"]["prompt"])
     assert splits["train"]["completion"].str.startswith(" answer").all()
@@ -44,7 +45,7 @@ def test_text_only_dataset_is_split_after_prompt_words(tmp_path):
         completion_column=None,
         prompt_words=3,
     )
-    train = prepare_splits(cfg, seed=0)["train"]
+    train = prepare_splits(cfg, seed=0, judge=VaderJudge())["train"]
     first = train.iloc[0]
     assert len(first["prompt"].split()) == 3
     assert first["completion"].startswith(" c d e")
@@ -59,7 +60,7 @@ def test_missing_column_names_the_key_and_the_columns(tmp_path):
         match=r"prepare\.prompt_column: column 'prompt' is not in dataset 'json'; "
         r"its columns are q, a",
     ):
-        prepare_splits(cfg, seed=0)
+        prepare_splits(cfg, seed=0, judge=VaderJudge())
 
 
 def test_schema_names_file_column_check_and_rows():

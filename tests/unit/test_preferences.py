@@ -146,11 +146,11 @@ def _prefs_cfg(**overrides):
     return dataclasses.replace(base, mode="dataset", **overrides)
 
 
-def test_hh_style_dataset_from_local_json(tmp_path):
+def test_hh_style_dataset_from_local_json(tmp_path, tokenizer):
     rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: good answer {i}",
              "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}"} for i in range(20)]  # fmt: skip
     cfg = _prefs_cfg(dataset_path="json", data_files=_jsonl(tmp_path / "hh.jsonl", rows), val_fraction=0.25)
-    splits = dataset_pairs(cfg, seed=0)
+    splits = dataset_pairs(cfg, seed=0, tokenizer=tokenizer)
     assert (len(splits["train"]), len(splits["val"])) == (15, 5)
     assert set(splits["train"]["prompt"]).isdisjoint(splits["val"]["prompt"])
     first = splits["train"].iloc[0]
@@ -158,12 +158,12 @@ def test_hh_style_dataset_from_local_json(tmp_path):
     assert splits["train"]["chosen_gold"].isna().all()
 
 
-def test_prompt_column_dataset_and_missing_column(tmp_path):
+def test_prompt_column_dataset_and_missing_column(tmp_path, tokenizer):
     rows = [{"question": f"Q{i}", "good": f" yes {i}", "bad": f" no {i}"} for i in range(10)]
     files = _jsonl(tmp_path / "p.jsonl", rows)
     cfg = _prefs_cfg(dataset_path="json", data_files=files, prompt_column="question", chosen_column="good",
                      rejected_column="bad")  # fmt: skip
-    splits = dataset_pairs(cfg, seed=0)
+    splits = dataset_pairs(cfg, seed=0, tokenizer=tokenizer)
     assert len(splits["train"]) + len(splits["val"]) == 10
     with pytest.raises(ValueError, match=r"preferences\.chosen_column: column 'chosen' is not in dataset 'json'"):
-        dataset_pairs(dataclasses.replace(cfg, chosen_column="chosen"), seed=0)
+        dataset_pairs(dataclasses.replace(cfg, chosen_column="chosen"), seed=0, tokenizer=tokenizer)

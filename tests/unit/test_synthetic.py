@@ -23,6 +23,7 @@ def _cfg(**overrides) -> PrepareConfig:
         prompt_column="prompt",
         completion_column="completion",
         prompt_words=8,
+        messages_column=None,
     )
     values.update(overrides)
     return PrepareConfig(**values)
@@ -49,11 +50,11 @@ def test_classes_are_balanced_and_agree_with_the_judge():
 
 
 def test_same_seed_same_data_and_splits_disjoint_by_prompt():
-    first, second = synthetic_splits(_cfg(), 7), synthetic_splits(_cfg(), 7)
+    first, second = synthetic_splits(_cfg(), 7, None), synthetic_splits(_cfg(), 7, None)
     for name in ("train", "val", "test"):
         assert first[name].equals(second[name])
     assert len(first["train"]) == 600 and len(first["val"]) == 100 and len(first["test"]) == 50
     train, val, test = (set(first[n]["prompt"]) for n in ("train", "val", "test"))
     assert not train & val and not train & test and not val & test
     assert len(val) == 100 and len(test) == 50
-    assert not synthetic_splits(_cfg(), 8)["train"].equals(first["train"])
+    assert not synthetic_splits(_cfg(), 8, None)["train"].equals(first["train"])
