@@ -1,0 +1,106 @@
+"""Preference datasets in every accepted format, read from local JSON lines through `datasets`, and their errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.chat import use_chat_template
+from pipeline.config import load_config, read_params
+from pipeline.data import prepare_splits
+from pipeline.judges import VaderJudge
+from pipeline.preferences import dataset_pairs
+from tests.standins import chat_tokenizer, hh_rows, ultrafeedback_rows, write_jsonl
+from tests.unit.test_synthetic import _cfg
+
+ROOT = Path(__file__).resolve().parents[2]
+USER = {"role": "user", "content": "Rate the film."}
+
+
+@pytest.fixture(scope="module")
+def chat_tok():
+    tokenizer = chat_tokenizer()
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return use_chat_template(tokenizer, "auto")
+
+
+def _cfg_for(path, **overrides):
+    base = load_config(read_params(ROOT / "params.yaml")).preferences
+    values = {"mode": "dataset", "dataset_path": "json", "data_files": str(path), "val_fraction": 0.25, **overrides}
+    return dataclasses.replace(base, **values)
+
+
+def test_trl_implicit_prompt_conversations_render_with_the_template(tmp_path, chat_tok):
+    path = write_jsonl(tmp_path / "uf.jsonl", ultrafeedback_rows(12))
+    splits = dataset_pairs(_cfg_for(path), seed=0, tokenizer=chat_tok)
+    rows = splits["train"]
+    assert (len(rows), len(splits["val"])) == (9, 3)
+    assert rows["prompt"].str.startswith("<|im_start|>user\nWrite about this:").all()
+    assert rows["prompt"].str.endswith("<|im_start|>assistant\n").all()
+    assert not rows["chosen"].str.contains("<|im_", regex=False).any()  # the end-of-turn is the collator's EOS
+
+
+def test_trl_explicit_prompt_with_multi_turn_chosen(tmp_path, chat_tok):
+    rows = [{"prompt": [USER], "chosen": [{"role": "assistant", "content": f"Great {i}."}],
+             "rejected": [{"role": "assistant", "content": f"Dull {i}."}]} for i in range(4)]  # fmt: skip
+    rows.append({"prompt": [USER], "chosen": [{"role": "assistant", "content": "Well,"}, {"role": "user", "content":
+                 "go on"}, {"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content":
+                 "Well,"}, {"role": "user", "content": "go on"}, {"role": "assistant", "content": "No."}]})  # fmt: skip
+    splits = dataset_pairs(_cfg_for(write_jsonl(tmp_path / "p.jsonl", rows), prompt_column="prompt"), seed=0,
+                           tokenizer=chat_tok)  # fmt: skip
+    frame = pd.concat([splits["train"], splits["val"]])
+    single = "<|im_start|>user\nRate the film.<|im_end|>\n<|im_start|>assistant\n"
+    assert set(frame["prompt"]) == {single, single + "Well,<|im_end|>\n<|im_start|>user\ngo on<|im_end|>\n"
+                                    "<|im_start|>assistant\n"}  # earlier turns of chosen join the prompt
+    assert sorted(frame["chosen"])[:2] == ["Great 0.", "Great 1."]
+
+
+def test_hh_dialogues_render_with_a_template_and_stay_text_without(tmp_path, chat_tok):
+    path = write_jsonl(tmp_path / "hh.jsonl", hh_rows(8))
+    templated = dataset_pairs(_cfg_for(path, prompt_column=None), seed=0, tokenizer=chat_tok)["train"]
+    assert templated["prompt"].str.contains("<|im_start|>user\nAnd then?<|im_end|>", regex=False).all()
+    plain_tok = chat_tokenizer()
+    plain_tok.chat_template = None
+    plain = dataset_pairs(_cfg_for(path, prompt_column=None), seed=0, tokenizer=plain_tok)["train"]
+    assert plain["prompt"].str.endswith("\n\nHuman: And then?\n\nAssistant:").all()
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"chosen": [USER, {"role": "assistant", "content": "a"}], "rejected": "text"},
+         r"column 'rejected': holds text but row 0 holds a list of turns; a dataset must use one format"),
+        ({"chosen": [{"content": "hi"}, {"role": "assistant", "content": "a"}],
+          "rejected": [USER, {"role": "assistant", "content": "b"}]},
+         r"p\.jsonl row 1 column 'chosen': turn 0 has no 'role'"),
+        ({"chosen": [USER, {"role": "assistant", "content": "a"}],
+          "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]},
+         r"p\.jsonl row 1 column 'chosen': the turns before the last assistant turn differ from .*row 1 column "
+         r"'rejected'"),
+        ({"chosen": [USER, {"role": "assistant", "content": "a"}], "rejected": None},
+         r"p\.jsonl row 1 column 'rejected': None is neither text nor a list of turns"),
+        ({"chosen": [USER, USER], "rejected": [USER, {"role": "assistant", "content": "b"}]},
+         r"row 1 column 'chosen': the conversation has no assistant turn"),
+    ],
+)  # fmt: skip
+def test_bad_pair_rows_name_file_row_and_column(tmp_path, chat_tok, row, message):
+    good = {"chosen": [USER, {"role": "assistant", "content": "a"}], "rejected": [USER, {"role": "assistant",
+                                                                                         "content": "b"}]}  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    write_jsonl(path, [good, row])
+    with pytest.raises(ValueError, match=message):
+        dataset_pairs(_cfg_for(path, val_fraction=0.5), seed=0, tokenizer=chat_tok)
+
+
+def test_prepare_messages_column_renders_prompts_and_names_bad_rows(tmp_path, chat_tok):
+    rows = [{"messages": r["chosen"]} for r in ultrafeedback_rows(20)]
+    cfg = _cfg(source="dataset", dataset_path="json", data_files=write_jsonl(tmp_path / "sft.jsonl", rows),
+               n_val=4, n_test=4, messages_column="messages")  # fmt: skip
+    splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=chat_tok)
+    assert splits["train"]["prompt"].str.startswith("<|im_start|>user\n").all()
+    assert splits["test"]["completion"].tolist()[0] in {r["messages"][1]["content"] for r in rows}
+    rows[7] = {"messages": [{"role": "user", "content": "hi"}]}
+    write_jsonl(tmp_path / "sft.jsonl", rows)
+    with pytest.raises(ValueError, match=r"sft\.jsonl column 'messages' row 7: the conversation has no assistant"):
+        prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=chat_tok)
