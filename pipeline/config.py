@@ -92,6 +92,9 @@ class PrepareConfig:
     """Column holding the completion; null splits `prompt_column` after `prompt_words` words (IMDb style)."""
     prompt_words: int
     """Words kept as the prompt when `completion_column` is null."""
+    completion_words: int | None
+    """When `completion_column` is null: keep at most this many words after the prompt (whole IMDb reviews run to
+    hundreds of tokens; null keeps the rest of the text)."""
     messages_column: str | None
     """Conversational data: a column of `{role, content}` turn lists. The prompt is every turn before the last
     assistant turn, the completion that turn's content; `prompt_column`/`completion_column` are then not read."""

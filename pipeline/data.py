@@ -86,10 +86,11 @@ def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     if cfg.completion_column is not None:
         return pd.DataFrame({"prompt": table[cfg.prompt_column], "completion": table[cfg.completion_column]})
     words = table[cfg.prompt_column].astype(str).str.split()
+    end = None if cfg.completion_words is None else cfg.prompt_words + cfg.completion_words
     return pd.DataFrame(
         {
             "prompt": words.str[: cfg.prompt_words].str.join(" "),
-            "completion": " " + words.str[cfg.prompt_words :].str.join(" "),
+            "completion": " " + words.str[cfg.prompt_words : end].str.join(" "),
         }
     )
 

@@ -41,16 +41,15 @@ TINY = {
 
 
 class Project:
-    def __init__(self, path: Path, overrides: dict | None = None) -> None:
+    """`preset` is applied with the documented command (`python -m stages.preset NAME`) before the tiny sizes and
+    `overrides` (section -> keys, e.g. local stand-in paths), which win over both."""
+
+    def __init__(self, path: Path, overrides: dict | None = None, preset: str | None = None) -> None:
         self.path = path
-        for name in ("pipeline", "stages"):
+        for name in ("pipeline", "stages", "presets"):
             shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml"):
             shutil.copy(ROOT / name, path / name)
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        for section, values in {**TINY, **(overrides or {})}.items():
-            params[section].update(values)
-        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         self.env = {
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -62,6 +61,14 @@ class Project:
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)
         self.env.pop("DVC_ROOT", None)
+        if preset is not None:
+            self.run(sys.executable, "-m", "stages.preset", preset)
+        params = yaml.safe_load((path / "params.yaml").read_text())
+        for section, values in TINY.items():
+            params[section].update(values)
+        for section, values in (overrides or {}).items():
+            params[section].update(values)
+        (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         self.run("git", "init", "-q", "-b", "main")
         self.run("dvc", "init", "-q")
         self.run("dvc", "config", "core.analytics", "false")

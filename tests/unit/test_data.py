@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pandas as pd
@@ -50,6 +51,8 @@ def test_text_only_dataset_is_split_after_prompt_words(tmp_path):
     assert len(first["prompt"].split()) == 3
     assert first["completion"].startswith(" c d e")
     assert train["gold"].gt(0).all()  # "great" is read by the gold judge
+    capped = prepare_splits(dataclasses.replace(cfg, completion_words=2), seed=0, judge=VaderJudge())["train"]
+    assert (capped["completion"].str.split().str.len() == 2).all() and capped.iloc[0]["completion"] == " c d"
 
 
 def test_missing_column_names_the_key_and_the_columns(tmp_path):

@@ -24,6 +24,7 @@ def _cfg(**overrides) -> PrepareConfig:
         completion_column="completion",
         prompt_words=8,
         messages_column=None,
+        completion_words=None,
     )
     values.update(overrides)
     return PrepareConfig(**values)
