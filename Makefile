@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench ui ui-stop frontier clean-stores
+.PHONY: install run test test-fast lint bench ui ui-stop frontier preset clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,3 +59,7 @@ bench: install
 
 frontier: install
 	python -m stages.frontier
+
+# A real-task preset into params.yaml (presets/<name>.yaml: imdb, hh, chat); then `make run` or `dvc repro`.
+preset: install
+	python -m stages.preset $(PRESET)

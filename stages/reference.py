@@ -10,7 +10,7 @@ from pipeline.io import atomic_path, write_parquet
 from pipeline.models import build_causal_lm
 from pipeline.schemas import PREFERENCE_PAIRS, REFERENCE_LOGPS, read_table, validate_frame
 from pipeline.tokenization import load_tokenizer
-from stages.common import finish, stage
+from stages.common import finish, inference_device, stage
 
 PATHS = {
     "pairs_dir": "data/preferences",
@@ -24,7 +24,7 @@ def main() -> None:
     with stage("reference", ["model", "reference"], PATHS) as ctx:
         cfg, ref, args = ctx.config, ctx.config.reference, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False)
+        model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(inference_device())
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
         metrics: dict[str, float] = {}
         with atomic_path(args.out_dir) as tmp:

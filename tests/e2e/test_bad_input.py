@@ -1,0 +1,66 @@
+"""Bad conversational input and a bad judge stop the `prepare` stage with a named error, and nothing is written."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.standins import chat_llama, sentiment_classifier, ultrafeedback_rows, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _prepare(workdir: Path, **sections) -> subprocess.CompletedProcess:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}  # fmt: skip
+    env.pop("DVC_ROOT", None)
+    return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=workdir, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return {"model": chat_llama(root / "chat-llama"), "classifier": sentiment_classifier(root / "cls")}
+
+
+def _chat_data(tmp_path, broken_row: dict | None) -> dict:
+    rows = [{"messages": r["chosen"]} for r in ultrafeedback_rows(40)]
+    if broken_row is not None:
+        rows[5] = broken_row
+    files = write_jsonl(tmp_path / "chat.jsonl", rows)
+    return {"source": "dataset", "dataset_path": "json", "data_files": files, "messages_column": "messages",
+            "n_val": 4, "n_test": 4}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "a"}]}, "turn 0 has no 'role'"),
+        ({"messages": [{"role": "critic", "content": "hi"}, {"role": "assistant", "content": "a"}]},
+         "turn 0 has unknown role 'critic'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "the conversation has no assistant turn"),
+    ],
+)  # fmt: skip
+def test_bad_conversation_names_file_row_column_and_writes_nothing(tmp_path, hub, row, message):
+    done = _prepare(tmp_path, model={"base": hub["model"]}, prepare=_chat_data(tmp_path, row))
+    assert done.returncode != 0
+    assert f"chat.jsonl column 'messages' row 5: {message}" in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+    assert not (tmp_path / "reports").exists()
+
+
+def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_path, hub):
+    judge = {"kind": "classifier", "path": hub["classifier"], "label": "HAPPY"}
+    done = _prepare(tmp_path, model={"base": hub["model"]}, prepare=_chat_data(tmp_path, None), judge=judge)
+    assert done.returncode != 0
+    assert "judge.label: 'HAPPY' is not a label of classifier" in done.stderr
+    assert "its labels are NEGATIVE, POSITIVE" in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
