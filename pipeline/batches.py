@@ -103,32 +103,78 @@ class SFTCollator:
         return response_batch(prompts, completions, [True] * len(rows), eos_id=self.eos_id, pad_id=self.pad_id)
 
 
-class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Shuffled batches of similar-length rows; a new, seeded order every epoch."""
+class LengthGroupedBatchSampler(Sampler[list]):
+    """Shuffled batches of similar-length rows; a new, seeded order every epoch.
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, window: int = 50) -> None:
+    With `accumulate` > 1 the groups are effective batches of `batch_size * accumulate` rows, each yielded as
+    `accumulate` consecutive micro-batches, so accumulation sees exactly the rows one large batch would. With
+    `weight` given, every index comes tagged with its group's total weight, `(index, total)`, so a loss can be
+    normalised over the whole effective batch (SFT: its target tokens) instead of per micro-batch.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        window: int = 50,
+        accumulate: int = 1,
+        weights: Sequence[int] | None = None,
+    ) -> None:
         self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
+        self.accumulate, self.weights = accumulate, weights
         self.epoch = 0
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         rng = random.Random(self.seed + self.epoch)
         self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        span = self.batch_size * self.window
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start : start + span], key=self.lengths.__getitem__)
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
-        return iter(batches)
+        group = self.batch_size * self.accumulate
+        groups = []
+        for start in range(0, len(order), group * self.window):
+            chunk = sorted(order[start : start + group * self.window], key=self.lengths.__getitem__)
+            groups += [chunk[i : i + group] for i in range(0, len(chunk), group)]
+        rng.shuffle(groups)
+        for rows in groups:
+            if self.weights is not None:
+                total = sum(self.weights[i] for i in rows)
+                rows = [(i, total) for i in rows]
+            yield from (rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size))
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
 
+class _Tagged(torch.utils.data.Dataset):
+    """Rows looked up by `(index, group total)` keys: yields `(row, total)`."""
+
+    def __init__(self, rows: Sequence) -> None:
+        self.rows = rows
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[object, int]:
+        return self.rows[key[0]], key[1]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True)
+class _TaggedCollate:
+    """Collates `(row, total)` items and adds the group total as `group_weight` (a scalar tensor)."""
+
+    collate: Callable
+
+    def __call__(self, items: Sequence[tuple[object, int]]) -> dict[str, torch.Tensor]:
+        return {**self.collate([row for row, _ in items]), "group_weight": torch.tensor(float(items[0][1]))}
+
+
 class RowsDataModule(pl.LightningDataModule):
-    """Serves pre-tokenised train/val rows through a collator, with length-grouped training batches."""
+    """Serves pre-tokenised train/val rows through a collator, with length-grouped training batches.
+
+    `accumulate` groups micro-batches into effective batches (`LengthGroupedBatchSampler`); `weight`, if given,
+    tags each training batch with its effective batch's total weight (`group_weight`).
+    """
 
     def __init__(
         self,
@@ -138,10 +184,13 @@ class RowsDataModule(pl.LightningDataModule):
         batch_size: int,
         seed: int,
         length: Callable[[object], int] = len,
+        accumulate: int = 1,
+        weight: Callable[[object], int] | None = None,
     ) -> None:
         super().__init__()
         self.train_rows, self.val_rows, self.collate = list(train_rows), list(val_rows), collate
         self.batch_size, self.seed, self.length = batch_size, seed, length
+        self.accumulate, self.weight = accumulate, weight
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -153,8 +202,12 @@ class RowsDataModule(pl.LightningDataModule):
                 collate_fn=self.collate,
                 generator=generator,
             )
-        sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed)
-        return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate)
+        weights = [self.weight(r) for r in self.train_rows] if self.weight and self.accumulate > 1 else None
+        sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed,
+                                            accumulate=self.accumulate, weights=weights)  # fmt: skip
+        if weights is None:
+            return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate)
+        return DataLoader(_Tagged(self.train_rows), batch_sampler=sampler, collate_fn=_TaggedCollate(self.collate))
 
     def val_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))

@@ -44,6 +44,16 @@ class ModelConfig:
     """`auto` (the tokenizer's chat template when it has one), `none` (plain text), or a path to a Jinja file.
     With a template, prompts are rendered with `apply_chat_template(..., add_generation_prompt=True)` and every
     completion ends with the template's end-of-turn token, which becomes the tokenizer's EOS."""
+    lora_r: int
+    """LoRA rank for every trained stage (0: full fine-tuning). Stages train adapters (and the reward/value score
+    head) and write merged, self-contained weights; the reference is the policy with its adapters disabled."""
+    lora_alpha: int
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str
+    """`all-linear` (every linear layer of the blocks, not the output head) or comma-separated module names
+    (`q_proj,v_proj`, `c_attn`)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,11 @@ class TrainerConfig:
     """Nodes for multi-node DDP/FSDP."""
     log_every_n_steps: int
     """How often training metrics are logged."""
+    accumulate_grad_batches: int
+    """Micro-batches per optimizer step: the effective batch is batch_size x this x devices (PPO: minibatch_size
+    is split into this many micro-batches)."""
+    gradient_checkpointing: bool
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30 % more compute)."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +135,9 @@ class TrainingConfig:
     """Prompt + completion + EOS tokens; longer rows are an error, not truncated."""
     grad_clip: float
     """Gradient-norm clip (0 disables)."""
+    disable_dropout: bool
+    """Set every dropout of the model to 0 while training (TRL's default for reward, DPO and PPO: dropout makes
+    the policy's log-probs noisy against a reference computed without it)."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +276,8 @@ class PPOConfig:
     """Subtracted from the normalised score of responses that never produced EOS."""
     grad_clip: float
     """Gradient-norm clip for policy and value models (0 disables)."""
+    disable_dropout: bool
+    """Set every dropout of policy and value model to 0 (keeps rollout, training and reference log-probs consistent)."""
     max_ratio: float
     """Health gate: stop when a minibatch's mean importance ratio exceeds this."""
     min_eos_rate: float
@@ -383,6 +403,18 @@ def _semantic_errors(config: Config) -> list[str]:
                     "lower it or enlarge the model"
                 )
     errors += _judge_errors(config.judge)
+    if config.trainer.accumulate_grad_batches < 1:
+        errors.append(f"trainer.accumulate_grad_batches: {config.trainer.accumulate_grad_batches} must be at least 1")
+    if model.lora_r < 0 or (model.lora_r and model.lora_alpha <= 0):
+        errors.append(f"model.lora_r / model.lora_alpha: {model.lora_r} / {model.lora_alpha}: the rank must be >= 0 "
+                      "(0 turns LoRA off) and alpha positive")  # fmt: skip
+    if not 0 <= model.lora_dropout < 1:
+        errors.append(f"model.lora_dropout: {model.lora_dropout} must lie in [0, 1)")
+    if config.ppo.minibatch_size % config.trainer.accumulate_grad_batches:
+        errors.append(
+            f"ppo.minibatch_size: {config.ppo.minibatch_size} is not divisible by trainer.accumulate_grad_batches = "
+            f"{config.trainer.accumulate_grad_batches} (PPO splits each minibatch into that many micro-batches)"
+        )
     dpo = config.dpo
     if dpo.beta <= 0:
         errors.append(f"dpo.beta: {dpo.beta} must be positive")

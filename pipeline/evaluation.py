@@ -20,6 +20,7 @@ from pipeline.config import EvaluateConfig
 from pipeline.generation import Samples, SamplingParams, sample
 from pipeline.judges import Judge
 from pipeline.logprobs import sequence_kl
+from pipeline.lora import as_reference
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -168,7 +169,7 @@ def evaluate_policies(
 @torch.no_grad()
 def sampled_objective(
     policy: torch.nn.Module,
-    reference: torch.nn.Module,
+    reference: torch.nn.Module | None,
     tokenizer,
     prompts: Sequence[str],
     judge: Judge,
@@ -179,13 +180,15 @@ def sampled_objective(
 ) -> tuple[dict[str, float], Samples]:
     """The DPO paper's frontier coordinates on held-out prompts: the sampled sequence KL of the trained policy to
     the reference, and both models' mean gold score (pure sampling at temperature 1, so the KL is unbiased).
+    `reference` None: the LoRA policy with its adapters disabled.
 
     Returns:
         (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`; the policy's samples).
     """
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
     samples = sample(policy, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
-    reference_samples = sample(reference, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
+    with as_reference(policy, reference) as frozen:
+        reference_samples = sample(frozen, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
     policy_gold = judge.score(prompts, samples.texts)
     reference_gold = judge.score(prompts, reference_samples.texts)
     metrics = {

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.batches import length_sorted_batches, response_batch
+from pipeline.lora import as_reference
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -79,13 +80,16 @@ def completion_logps(
 
 
 def sequence_kl(
-    policy: torch.nn.Module, reference: torch.nn.Module, samples, tokenizer, batch_size: int
+    policy: torch.nn.Module, reference: torch.nn.Module | None, samples, tokenizer, batch_size: int
 ) -> torch.Tensor:
     """Per-sample log pi(y|x) - log ref(y|x) of completions sampled from `policy`; its mean is the sequence KL.
+    `reference` None: the LoRA policy with its adapters disabled.
 
     Returns:
         Shape: (N,).
     """
     args = (samples.prompt_ids, samples.completion_ids, samples.ended)
     kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": batch_size}
-    return completion_logps(policy, *args, **kwargs) - completion_logps(reference, *args, **kwargs)
+    policy_logps = completion_logps(policy, *args, **kwargs)
+    with as_reference(policy, reference) as frozen:
+        return policy_logps - completion_logps(frozen, *args, **kwargs)

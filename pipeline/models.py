@@ -20,8 +20,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, TrainerConfig
 from pipeline.io import atomic_path
+from pipeline.lora import merged, with_lora
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> PreTrainedModel:
@@ -84,11 +85,39 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return [t for t in dict.fromkeys(stops) if t != tokenizer.pad_token_id]
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> None:
-    """Write model (safetensors) and tokenizer into `path` atomically."""
+def prepare_for_training(
+    model: PreTrainedModel, cfg: ModelConfig, trainer: TrainerConfig, *, disable_dropout: bool, task: str
+) -> torch.nn.Module:
+    """What every trained stage does to its model: dropout off (if asked), activation checkpointing (if asked),
+    then LoRA adapters when `cfg.lora_r > 0` (`task`: `CAUSAL_LM` or `SEQ_CLS`)."""
+    if disable_dropout:
+        zero_dropout(model)
+    if trainer.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return with_lora(model, cfg, task=task)
+
+
+def zero_dropout(model: torch.nn.Module) -> None:
+    """Every dropout probability of the model to 0: `nn.Dropout` modules, and the attention dropout that
+    Llama-family attention passes to SDPA as a float."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def save_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> torch.nn.Module:
+    """Write model (safetensors) and tokenizer into `path` atomically; LoRA adapters are merged first (in place).
+
+    Returns:
+        The model as saved (the merged one under LoRA): use it, not the argument, afterwards.
+    """
+    model = merged(model)
     with atomic_path(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

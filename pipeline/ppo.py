@@ -24,6 +24,7 @@ from pipeline.config import PPOConfig
 from pipeline.generation import Samples, SamplingParams, sample_ids
 from pipeline.judges import Judge
 from pipeline.logprobs import token_logps
+from pipeline.lora import as_reference, unwrapped
 from pipeline.optim import build_optimizer
 from pipeline.rl import (
     AdaptiveKLController,
@@ -62,8 +63,10 @@ class PromptBatches(Sampler[list[int]]):
 
 def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-token values from a sequence classifier: its score head on every hidden state. Shape: (B, T)."""
-    hidden = value_model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return value_model.score(hidden)[..., 0].float()
+    model = unwrapped(value_model)  # under LoRA: the HF model with its adapters in place
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return model.score(hidden)[..., 0].float()
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -86,13 +89,16 @@ class Rollout:
 
 
 class PPOModule(pl.LightningModule):
-    """PPO with separate policy and value models, a frozen reference and a frozen reward model."""
+    """PPO with separate policy and value models, a frozen reference and a frozen reward model.
+
+    `reference` None: the policy is a LoRA model and its adapter-disabled self is the reference (one weight copy).
+    """
 
     def __init__(
         self,
         policy: torch.nn.Module,
         value_model: torch.nn.Module,
-        reference: torch.nn.Module,
+        reference: torch.nn.Module | None,
         reward_model: torch.nn.Module,
         judge: Judge,
         tokenizer,
@@ -101,14 +107,16 @@ class PPOModule(pl.LightningModule):
         reward_mean: float,
         reward_std: float,
         seed: int,
+        accumulate: int = 1,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.policy, self.value_model = policy, value_model
-        self.reference = reference.requires_grad_(False).eval()
+        self.reference = reference.requires_grad_(False).eval() if reference is not None else None
         self.reward_model = reward_model.requires_grad_(False).eval()
         self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
         self.reward_mean, self.reward_std = reward_mean, reward_std
+        self.accumulate = accumulate
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
             if cfg.kl_control == "adaptive"
@@ -136,7 +144,8 @@ class PPOModule(pl.LightningModule):
         samples = sample_ids(self.policy, self.tokenizer, prompt_ids, params, batch_size=len(prompt_ids), seed=seed)
         input_ids, attention_mask, mask = self._sequences(samples)
         logps, _ = self._logps(self.policy, input_ids, attention_mask)
-        ref_logps, _ = self._logps(self.reference, input_ids, attention_mask)
+        with as_reference(self.policy, self.reference) as reference:
+            ref_logps, _ = self._logps(reference, input_ids, attention_mask)
         values = token_values(self.value_model, input_ids, attention_mask)[:, :-1]
         raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
@@ -188,32 +197,43 @@ class PPOModule(pl.LightningModule):
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(len(rollout.input_ids), generator=generator).split(cfg.minibatch_size):
                 index = index.to(self.device)
-                ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
-                logps, logits = self._logps(self.policy, ids, am)
-                pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
-                                                        cliprange=cfg.cliprange)  # fmt: skip
-                values = token_values(self.value_model, ids, am)[:, :-1]
-                vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
-                                                          cliprange=cfg.cliprange_value)  # fmt: skip
                 policy_opt.zero_grad()
                 value_opt.zero_grad()
-                self.manual_backward(pg_loss + cfg.vf_coef * vf_loss)
+                tokens = rollout.mask[index].sum()
+                # Gradient accumulation: micro-batches weighted by their share of the minibatch's response tokens,
+                # so k of them give the gradient of the minibatch's token means.
+                for micro in index.chunk(self.accumulate):
+                    stats = self._backward(rollout, micro, weight=rollout.mask[micro].sum() / tokens)
+                    for key, value in stats.items():
+                        totals.setdefault(key, []).append(value)
                 if cfg.grad_clip:
                     self.clip_gradients(policy_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
                     self.clip_gradients(value_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
                 policy_opt.step()
                 value_opt.step()
-                entropy = masked_mean(entropy_from_logits(logits[:, :-1].detach()), mask)
-                for key, value in {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
-                                   "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg":
-                                   pg_stats["clipfrac"], "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"],
-                                   "val/clipfrac_avg": vf_clipfrac}.items():  # fmt: skip
-                    totals.setdefault(key, []).append(value)
         for scheduler in self.lr_schedulers():
             scheduler.step()
         stacked = {key: torch.stack(values) for key, values in totals.items()}  # one host sync below, per rollout
         self._check_update(stacked, step)
         return {key: float(values.mean()) for key, values in stacked.items()}
+
+    def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Policy and value losses of the rows `index`, backpropagated times `weight`; their detached stats."""
+        cfg = self.cfg
+        ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
+        logps, logits = self._logps(self.policy, ids, am)
+        pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
+                                                cliprange=cfg.cliprange)  # fmt: skip
+        values = token_values(self.value_model, ids, am)[:, :-1]
+        vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
+                                                  cliprange=cfg.cliprange_value)  # fmt: skip
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        self.manual_backward(loss if self.accumulate == 1 else loss * weight)
+        entropy = masked_mean(entropy_from_logits(logits[:, :-1].detach()), mask)
+        return {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
+                "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
+                "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"],
+                "val/clipfrac_avg": vf_clipfrac}  # fmt: skip
 
     def _check_update(self, stacked: dict[str, torch.Tensor], step: int) -> None:
         for key in ("loss/policy_avg", "loss/value_avg"):

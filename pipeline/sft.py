@@ -1,8 +1,9 @@
 """Supervised fine-tuning: a LightningModule with completion-only loss.
 
 The loss is the mean negative log-likelihood of the completion tokens and the one EOS that ends them; prompt
-and pad tokens are masked out (the collator builds `loss_mask`). The network is injected, so the same module
-trains a scratch GPT-2 or any hub causal LM.
+and pad tokens are masked out (the collator builds `loss_mask`). Under gradient accumulation the mean runs over
+the whole effective batch's tokens, not per micro-batch. The network is injected, so the same module trains a
+scratch GPT-2 or any hub causal LM.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ class SFTModule(pl.LightningModule):
         return completion_nll(logits, batch["input_ids"], batch["loss_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._shared_step(batch)
+        loss, n_tokens = self._shared_step(batch)
         self.log("train/loss", loss, prog_bar=True)
+        if "group_weight" in batch:
+            # Gradient accumulation: weight by this micro-batch's share of the effective batch's target tokens, so
+            # k accumulated micro-batches give the gradient of one token-mean over all of them (Lightning divides
+            # the returned loss by k).
+            return loss * n_tokens / batch["group_weight"] * self.trainer.accumulate_grad_batches
         return loss
 
     def on_validation_epoch_start(self) -> None:

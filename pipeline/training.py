@@ -30,8 +30,13 @@ def build_trainer(
     logger: Any,
     callbacks: Sequence[pl.Callback] = (),
     max_epochs: int = -1,
+    accumulate_grad_batches: int = 1,
 ) -> pl.Trainer:
-    """A Trainer configured from the `trainer` params block; no checkpoints (the stage saves the model)."""
+    """A Trainer configured from the `trainer` params block; no checkpoints (the stage saves the model).
+
+    `max_steps` and `val_every_n_steps` count optimizer steps; with `accumulate_grad_batches` k, validation runs
+    every k * val_every_n_steps micro-batches. (PPO optimises manually and accumulates itself: it passes 1.)
+    """
     return pl.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
@@ -40,7 +45,8 @@ def build_trainer(
         num_nodes=cfg.num_nodes,
         max_steps=max_steps,
         max_epochs=max_epochs,
-        val_check_interval=val_every_n_steps,
+        val_check_interval=val_every_n_steps * accumulate_grad_batches if val_every_n_steps else None,
+        accumulate_grad_batches=accumulate_grad_batches,
         check_val_every_n_epoch=None if val_every_n_steps else 1,
         num_sanity_val_steps=0,
         gradient_clip_val=grad_clip or None,
@@ -148,7 +154,8 @@ def fit_and_validate(
     """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics."""
     throughput, history = Throughput(), History()
     trainer = build_trainer(trainer_cfg, max_steps=cfg.max_steps, val_every_n_steps=cfg.val_every_n_steps,
-                            grad_clip=cfg.grad_clip, logger=logger, callbacks=[throughput, history])  # fmt: skip
+                            grad_clip=cfg.grad_clip, logger=logger, callbacks=[throughput, history],
+                            accumulate_grad_batches=trainer_cfg.accumulate_grad_batches)  # fmt: skip
     trainer.fit(module, datamodule=data)
     trainer.validate(module, datamodule=data, verbose=False)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}

@@ -6,7 +6,8 @@ from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
 from pipeline.dpo import DPOModule, attach_reference
 from pipeline.evaluation import sampled_objective
 from pipeline.judges import build_judge
-from pipeline.models import build_causal_lm, save_model
+from pipeline.lora import parameter_counts
+from pipeline.models import build_causal_lm, prepare_for_training, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
 from pipeline.tokenization import load_tokenizer
@@ -34,26 +35,32 @@ def main() -> None:
             pairs = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), dpo.max_length, source)
             cached = read_table(f"{args.reference_dir}/{split}.parquet", REFERENCE_LOGPS)
             rows[split] = attach_reference(pairs, cached, f"{args.reference_dir}/{split}.parquet")
-        policy = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir)
+        policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
+                                      disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+        counts = parameter_counts(policy)
         module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
                            **optim_args(dpo))  # fmt: skip
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-        data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed)
+        data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed,
+                              accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
         result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger())
         if not result.is_global_zero:
             return
-        metrics = result.metrics
-        save_model(module.policy, tokenizer, args.model_dir)
+        metrics = {**result.metrics, **counts}
 
-        # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts.
+        # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under
+        # LoRA the reference is the policy with its adapters off (no second copy), so this runs before the merge.
         prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
         device = inference_device()
-        reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(device)
+        reference = None
+        if not cfg.model.lora_r:
+            reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(device)
         objective, samples = sampled_objective(
             module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
             max_new_tokens=dpo.max_new_tokens, seed=cfg.seed,
         )  # fmt: skip
         metrics.update(objective)
+        save_model(module.policy, tokenizer, args.model_dir)
         ctx.run.log_text("\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, samples.texts, strict=True)),
                          "samples/dpo_val_samples.txt")  # fmt: skip
         write_curve(result.history, args.curve)

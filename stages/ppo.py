@@ -9,7 +9,8 @@ import pandas as pd
 from torch.utils.data import DataLoader
 
 from pipeline.judges import build_judge
-from pipeline.models import build_causal_lm, build_reward_model, save_model
+from pipeline.lora import parameter_counts
+from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.ppo import PPOModule, PromptBatches
 from pipeline.reports import write_curve
 from pipeline.schemas import PROMPT_COMPLETION, read_table
@@ -34,13 +35,20 @@ def main() -> None:
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
         prompt_ids = encode(tokenizer, prompts)
         stats = json.loads(Path(args.reward_dir, "reward_stats.json").read_text())
+        train = {"disable_dropout": ppo.disable_dropout}
+        policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
+                                      task="CAUSAL_LM", **train)  # fmt: skip
         module = PPOModule(
-            policy=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
-            value_model=build_reward_model(cfg.model, tokenizer, args.reward_dir),
-            reference=build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
+            policy=policy,
+            value_model=prepare_for_training(build_reward_model(cfg.model, tokenizer, args.reward_dir), cfg.model,
+                                             cfg.trainer, task="SEQ_CLS", **train),
+            # Under LoRA the reference is the policy with its adapters disabled: no second copy.
+            reference=None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),
             tokenizer=tokenizer, cfg=ppo, reward_mean=stats["mean"], reward_std=stats["std"], seed=cfg.seed,
+            accumulate=cfg.trainer.accumulate_grad_batches,
         )  # fmt: skip
+        counts = parameter_counts(policy)
         batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)
         loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
         trainer = build_trainer(cfg.trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
@@ -48,7 +56,7 @@ def main() -> None:
         trainer.fit(module, train_dataloaders=loader)
         if not trainer.is_global_zero:
             return
-        save_model(module.policy, tokenizer, args.model_dir)
+        save_model(module.policy, tokenizer, args.model_dir)  # LoRA adapters merged
         history = pd.DataFrame(module.history)
         write_curve(module.history, args.curve)
         ctx.run.log_text(pd.DataFrame(module.last_samples[: ppo.n_logged_samples]).to_string(),
@@ -58,6 +66,7 @@ def main() -> None:
         metrics.update({f"start/{k}": float(history[k].head(window).mean()) for k in
                         ("objective/gold_scores", "objective/scores", "objective/kl")})  # fmt: skip
         metrics["perf/tokens_per_s"] = float(history["perf/tokens_per_s"].median())
+        metrics.update(counts)
         finish(ctx, metrics, args.report, [args.model_dir], step=len(history))
         print(f"ppo: {json.dumps(metrics, indent=1)}")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
 from pipeline.io import write_json
-from pipeline.models import build_reward_model, count_parameters, save_model
+from pipeline.lora import parameter_counts
+from pipeline.models import build_reward_model, prepare_for_training, save_model
 from pipeline.reports import write_curve
 from pipeline.reward import RewardModule
 from pipeline.schemas import PREFERENCE_PAIRS, read_table
@@ -29,10 +30,13 @@ def main() -> None:
         for split in ("train", "val"):
             source = f"{args.pairs_dir}/{split}.parquet"
             rows[split] = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), rm.max_length, source)
-        model = build_reward_model(cfg.model, tokenizer, args.sft_dir)
+        model = prepare_for_training(build_reward_model(cfg.model, tokenizer, args.sft_dir), cfg.model, cfg.trainer,
+                                     disable_dropout=rm.disable_dropout, task="SEQ_CLS")  # fmt: skip
+        counts = parameter_counts(model)
         module = RewardModule(model, margin=rm.margin, center_coef=rm.center_coef, **optim_args(rm))
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-        data = RowsDataModule(rows["train"], rows["val"], collate, rm.batch_size, cfg.seed)
+        data = RowsDataModule(rows["train"], rows["val"], collate, rm.batch_size, cfg.seed,
+                              accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
         result = fit_and_validate(module, data, cfg.trainer, rm, ctx.run.lightning_logger())
         if not result.is_global_zero:
             return
@@ -42,7 +46,7 @@ def main() -> None:
         stats = {"mean": metrics["val/reward_mean"], "std": metrics["val/reward_std"]}
         write_json(stats, f"{args.model_dir}/reward_stats.json")
         write_curve(result.history, args.curve)
-        metrics["model/parameters"] = count_parameters(module.model)
+        metrics.update(counts)
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(f"reward: {metrics}")
 

@@ -6,7 +6,8 @@ import pandas as pd
 
 from pipeline.batches import RowsDataModule, SFTCollator, tokenize_rows
 from pipeline.generation import SamplingParams, sample
-from pipeline.models import build_causal_lm, count_parameters, save_model
+from pipeline.lora import parameter_counts
+from pipeline.models import build_causal_lm, prepare_for_training, save_model
 from pipeline.reports import write_curve
 from pipeline.schemas import PROMPT_COMPLETION, read_table
 from pipeline.sft import SFTModule
@@ -32,16 +33,21 @@ def main() -> None:
             s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length, f"{s} split")
             for s, f in frames.items()
         }
-        module = SFTModule(build_causal_lm(cfg.model, tokenizer), **optim_args(sft))
+        model = prepare_for_training(build_causal_lm(cfg.model, tokenizer), cfg.model, cfg.trainer,
+                                     disable_dropout=sft.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+        counts = parameter_counts(model)
+        module = SFTModule(model, **optim_args(sft))
         collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-        data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed)
+        data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed,
+                              accumulate=cfg.trainer.accumulate_grad_batches,
+                              weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
         result = fit_and_validate(module, data, cfg.trainer, sft, ctx.run.lightning_logger())
         if not result.is_global_zero:
             return
-        save_model(module.model, tokenizer, args.model_dir)
+        model = save_model(module.model, tokenizer, args.model_dir)
         prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
         samples = sample(
-            module.model,
+            model,
             tokenizer,
             prompts,
             SamplingParams(sft.max_length, 1.0, 0, 1.0),
@@ -52,7 +58,7 @@ def main() -> None:
         ctx.run.log_text(table.to_string(), "samples/sft_val_samples.txt")
         write_curve(result.history, args.curve)
         metrics = result.metrics
-        metrics["model/parameters"] = count_parameters(module.model)
+        metrics.update(counts)
         metrics["samples/eos_rate"] = sum(samples.ended) / max(len(samples.ended), 1)
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(table.head(5).to_string())

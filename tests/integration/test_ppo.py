@@ -2,12 +2,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
 from pipeline.config import load_config, read_params
 from pipeline.judges import VaderJudge
-from pipeline.models import build_causal_lm, build_reward_model, save_model
+from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.ppo import PPOHealthError, PPOModule, PromptBatches
 from pipeline.tokenization import encode
 from pipeline.tracking import StageRun
@@ -80,3 +81,36 @@ def test_health_gate_on_importance_ratio(model_cfg, cpu_trainer_cfg, tokenizer, 
     module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(max_ratio=1.0, lr=0.05, ppo_epochs=4))
     with pytest.raises(PPOHealthError, match=r"mean importance ratio .* exceeds ppo\.max_ratio = 1\.0 at rollout 0"):
         _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+
+
+def test_accumulated_micro_batches_give_the_minibatch_update(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    modules = []
+    for accumulate in (1, 2):
+        module = _module(model_cfg, tokenizer, tmp_path / f"acc{accumulate}", _ppo_cfg(rollouts=2, kl_control="fixed"))
+        module.accumulate = accumulate
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+        modules.append(module)
+    for model in ("policy", "value_model"):
+        for (name, a), b in zip(getattr(modules[0], model).named_parameters(),
+                                getattr(modules[1], model).parameters(), strict=True):  # fmt: skip
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{model}.{name}")
+
+
+def test_lora_ppo_holds_one_policy_copy(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    lora_cfg = dataclasses.replace(model_cfg, lora_r=4)
+    sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    save_model(build_reward_model(model_cfg, tokenizer, sft), tokenizer, tmp_path / "reward")
+    policy = prepare_for_training(build_causal_lm(lora_cfg, tokenizer, path=sft), lora_cfg, cpu_trainer_cfg,
+                                  disable_dropout=True, task="CAUSAL_LM")  # fmt: skip
+    value = prepare_for_training(build_reward_model(lora_cfg, tokenizer, str(tmp_path / "reward")), lora_cfg,
+                                 cpu_trainer_cfg, disable_dropout=True, task="SEQ_CLS")  # fmt: skip
+    reward = build_reward_model(lora_cfg, tokenizer, str(tmp_path / "reward"))
+    module = PPOModule(policy=policy, value_model=value, reference=None, reward_model=reward, judge=VaderJudge(),
+                       tokenizer=tokenizer, cfg=_ppo_cfg(rollouts=1), reward_mean=0.0, reward_std=1.0,
+                       seed=0)  # fmt: skip
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(module) == count(policy) + count(value) + count(reward)  # no reference copy anywhere
+    frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}
+    _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+    assert all(torch.equal(dict(policy.named_parameters())[n], p) for n, p in frozen.items())
+    assert module.history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
