@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 from pipeline.batches import PairCollator, RowsDataModule, SFTCollator, tokenize_pairs, tokenize_rows
 from pipeline.config import PPOConfig, TrainerConfig
 from pipeline.dpo import DPOModule, attach_reference, reference_logps
+from pipeline.judges import VaderJudge
 from pipeline.models import count_parameters
 from pipeline.ppo import PPOModule, PromptBatches
 from pipeline.reward import RewardModule
@@ -29,7 +30,7 @@ from pipeline.training import Throughput, build_trainer, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
-                        log_every_n_steps=50)  # fmt: skip
+                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False)  # fmt: skip
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -133,10 +134,11 @@ def _run_ppo(config: GPT2Config, tokenizer, rows, seed: int) -> dict[str, float]
         gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.05, kl_estimator="k1",
         kl_control="fixed", kl_target=6.0, kl_horizon=10000, whiten_rewards=False, reward_clip=10.0,
         missing_eos_penalty=1.0, grad_clip=1.0, max_ratio=1e9, min_eos_rate=0.0, n_logged_samples=1,
+        disable_dropout=True,
     )  # fmt: skip
     policy, value = GPT2LMHeadModel(config), GPT2ForSequenceClassification(config)
-    module = PPOModule(policy, value, GPT2LMHeadModel(config), GPT2ForSequenceClassification(config), tokenizer, cfg,
-                       reward_mean=0.0, reward_std=1.0, seed=seed)  # fmt: skip
+    module = PPOModule(policy, value, GPT2LMHeadModel(config), GPT2ForSequenceClassification(config), VaderJudge(),
+                       tokenizer, cfg, reward_mean=0.0, reward_std=1.0, seed=seed)  # fmt: skip
     prompts = [r.prompt_ids for r in rows]
     loader = DataLoader(prompts, batch_sampler=PromptBatches(len(prompts), PPO_PROMPTS, PPO_ROLLOUTS, seed),
                         collate_fn=list)  # fmt: skip

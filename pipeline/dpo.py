@@ -117,5 +117,5 @@ class DPOModule(pl.LightningModule):
         self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, batch_size=size, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.policy, **self.optim_args)
+        return build_optimizer(self.policy, precision=str(self.trainer.precision), **self.optim_args)
 

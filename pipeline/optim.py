@@ -8,9 +8,18 @@ import torch
 
 
 def build_optimizer(
-    module: torch.nn.Module, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int
+    module: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float,
+    warmup_steps: int,
+    max_steps: int,
+    precision: str = "32-true",
 ) -> dict:
     """AdamW (no decay on biases and norm weights) and a per-step warm-up + cosine schedule to 10 % of `lr`.
+
+    `precision` is the Trainer's: under `*-mixed`, Lightning's AMP plugin refuses to clip the gradients of an
+    optimizer that unscales internally (fused AdamW), so the fused kernel is used at full or true-half precision only.
 
     Returns:
         The dict Lightning's `configure_optimizers` expects.
@@ -21,7 +30,7 @@ def build_optimizer(
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused kernel is 3x faster than the default on CPU here (1.7 vs 5.6 ms a step at 4 M parameters).
-    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) and not precision.endswith("-mixed")
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
 
     def factor(step: int) -> float:

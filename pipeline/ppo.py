@@ -274,7 +274,8 @@ class PPOModule(pl.LightningModule):
             self.logger.log_metrics(stats, step=batch_idx)
 
     def configure_optimizers(self):
-        args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts}
+        args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts,
+                "precision": str(self.trainer.precision)}
         return [
             build_optimizer(self.policy, lr=self.cfg.lr, **args),
             build_optimizer(self.value_model, lr=self.cfg.value_lr, **args),

@@ -104,4 +104,4 @@ class RewardModule(pl.LightningModule):
         self.log_dict(metrics)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, **self.optim_args)
+        return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)

@@ -75,4 +75,4 @@ class SFTModule(pl.LightningModule):
         self.log("val/perplexity", torch.exp(loss.clamp(max=50.0)))
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, **self.optim_args)
+        return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)

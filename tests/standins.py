@@ -76,7 +76,7 @@ def chat_llama(path: Path, seed: int = 0) -> str:
     """A tiny Llama-architecture chat model with a ChatML template; no pad token, EOS != end-of-turn."""
     tokenizer = chat_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)  # fmt: skip

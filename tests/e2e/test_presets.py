@@ -8,6 +8,7 @@ import json
 
 import pandas as pd
 import pytest
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config, read_params
@@ -47,13 +48,14 @@ def _ran_everything(project: Project) -> dict:
     return metrics
 
 
-def test_chat_preset_llama_chat_model_conversational_data_classifier_judge(tmp_path):
+def test_chat_preset_llama_chat_model_conversational_data_classifier_judge_lora(tmp_path):
+    """Also the memory path: LoRA rank 8 and two accumulated micro-batches per step in every trained stage."""
     hub = tmp_path / "hub"
     hub.mkdir()
     data = write_jsonl(hub / "ultrafeedback.jsonl", ultrafeedback_rows(160))
     project = Project(tmp_path / "repo", preset="chat", overrides={
-        "model": {"base": chat_llama(hub / "chat-llama")},
-        "trainer": CPU,
+        "model": {"base": chat_llama(hub / "chat-llama"), "lora_r": 8},
+        "trainer": {**CPU, "accumulate_grad_batches": 2},
         "prepare": {"dataset_path": "json", "data_files": data},
         "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
         "judge": {"kind": "classifier", "path": sentiment_classifier(hub / "distilbert-imdb"), "label": "POSITIVE"},
@@ -68,6 +70,12 @@ def test_chat_preset_llama_chat_model_conversational_data_classifier_judge(tmp_p
     assert tokenizer.eos_token == "<|im_end|>"  # every later stage appends and stops at the end-of-turn
     generation = json.loads((project.path / "models/sft/generation_config.json").read_text())
     assert generation["eos_token_id"] == tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    for stage in ("sft", "reward", "dpo", "ppo"):
+        report = project.report(stage)
+        assert 0 < report["model/trainable_parameters"] < 0.2 * report["model/parameters"], stage
+    for model in ("sft", "reward", "dpo", "ppo"):  # merged, self-contained checkpoints: no adapter tensors
+        with safe_open(project.path / f"models/{model}/model.safetensors", "pt") as weights:
+            assert not any("lora" in key for key in weights.keys()), model  # noqa: SIM118
 
 
 def test_imdb_preset_gpt2_review_prefixes_classifier_judge(tmp_path):
