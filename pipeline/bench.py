@@ -1,4 +1,5 @@
-"""Throughput benchmark: each training stage's real code path on a fixed workload, against the machine's peak.
+"""Throughput and memory benchmarks: each training stage's real code path on a fixed workload, against the
+machine's peak, and the peak memory of one DPO step at a real vocabulary (`dpo_memory_step`).
 
 The workload is fixed so numbers compare across commits and machines: a scratch GPT-2 (4 layers, 4 heads,
 256 dims, 128 positions, vocabulary 2,000), 2,048 rows of the embedded task, batch 16, fp32; PPO runs
@@ -159,3 +160,47 @@ def summarize(runs: list[dict[str, float]], peak_gflops: float) -> dict[str, flo
     median = {key: float(torch.tensor([r[key] for r in runs]).median()) for key in runs[0]}
     median["mfu"] = median["flops"] / median["wall_s"] / (peak_gflops * 1e9)
     return median
+
+
+MEMORY_VOCAB, MEMORY_TOKENS, MEMORY_PAIRS = 151_936, 512, 4
+
+
+def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
+    """Peak memory of one DPO training step (forward, loss, backward) at Qwen2.5's vocabulary: 4 pairs x 512
+    tokens on a 2-layer, 128-wide Llama (39 M parameters, nearly all in the embeddings and head).
+
+    `lean` False is the path before the memory work (full logits, a float32 log-softmax of them); True is
+    `pipeline.dpo.pair_logps` (chunked selective log-softmax under checkpointing). Run each in its own process:
+    the figure is the peak RSS above the process's size just before the step (on CUDA, peak allocated memory).
+    """
+    import psutil
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.dpo import pair_logps
+    from pipeline.dpo_losses import dpo_loss
+    from pipeline.logprobs import sequence_logps
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = LlamaConfig(vocab_size=MEMORY_VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForCausalLM(config).to(device)
+    ids = torch.randint(0, MEMORY_VOCAB, (2 * MEMORY_PAIRS, MEMORY_TOKENS), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    batch["loss_mask"][:, : MEMORY_TOKENS // 4] = 0  # a prompt quarter, as in a pair batch
+    before = psutil.Process().memory_info().rss
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    if lean:
+        chosen, rejected = pair_logps(model, batch)
+    else:
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
+        chosen, rejected = sequence_logps(logits, ids, batch["loss_mask"]).chunk(2)
+    reference = torch.zeros_like(chosen)
+    losses, _, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
+    losses.mean().backward()
+    wall = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_mb() * 2**20
+    return {"peak_mb": (peak - before) / 2**20, "wall_s": wall, "parameters": float(count_parameters(model))}

@@ -18,14 +18,14 @@ from torch.utils.data import DataLoader
 
 from pipeline.batches import PairCollator, PreferencePair
 from pipeline.dpo_losses import dpo_loss
-from pipeline.logprobs import sequence_logps
+from pipeline.logprobs import masked_logps, model_token_logps
 from pipeline.optim import build_optimizer
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over (2B, T)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"]).chunk(2)
+    logps, _ = model_token_logps(model, batch["input_ids"], batch["attention_mask"])
+    return masked_logps(logps, batch["loss_mask"]).chunk(2)
 
 
 @torch.no_grad()

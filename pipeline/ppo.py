@@ -23,7 +23,7 @@ from pipeline.batches import response_batch
 from pipeline.config import PPOConfig
 from pipeline.generation import Samples, SamplingParams, sample_ids
 from pipeline.judges import Judge
-from pipeline.logprobs import token_logps
+from pipeline.logprobs import model_token_logps
 from pipeline.lora import as_reference, unwrapped
 from pipeline.optim import build_optimizer
 from pipeline.rl import (
@@ -67,12 +67,6 @@ def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attentio
     backbone = getattr(model, model.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return model.score(hidden)[..., 0].float()
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each next-token distribution. Shape: (B, T, V) -> (B, T)."""
-    logits = logits.float()
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
 @dataclass
@@ -132,9 +126,10 @@ class PPOModule(pl.LightningModule):
         batch = {key: value.to(self.device) for key, value in batch.items()}
         return batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:].float()
 
-    def _logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits / self.cfg.temperature
-        return token_logps(logits, input_ids), logits
+    def _logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        return model_token_logps(model, input_ids, attention_mask, temperature=self.cfg.temperature,
+                                 with_entropy=with_entropy)  # fmt: skip
 
     @torch.no_grad()
     def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
@@ -221,7 +216,7 @@ class PPOModule(pl.LightningModule):
         """Policy and value losses of the rows `index`, backpropagated times `weight`; their detached stats."""
         cfg = self.cfg
         ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
-        logps, logits = self._logps(self.policy, ids, am)
+        logps, entropy = self._logps(self.policy, ids, am, with_entropy=True)
         pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
                                                 cliprange=cfg.cliprange)  # fmt: skip
         values = token_values(self.value_model, ids, am)[:, :-1]
@@ -229,10 +224,9 @@ class PPOModule(pl.LightningModule):
                                                   cliprange=cfg.cliprange_value)  # fmt: skip
         loss = pg_loss + cfg.vf_coef * vf_loss
         self.manual_backward(loss if self.accumulate == 1 else loss * weight)
-        entropy = masked_mean(entropy_from_logits(logits[:, :-1].detach()), mask)
         return {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
                 "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                "policy/entropy_avg": entropy, "val/ratio": pg_stats["ratio"],
+                "policy/entropy_avg": masked_mean(entropy, mask), "val/ratio": pg_stats["ratio"],
                 "val/clipfrac_avg": vf_clipfrac}  # fmt: skip
 
     def _check_update(self, stacked: dict[str, torch.Tensor], step: int) -> None:

@@ -11,18 +11,15 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from pipeline.logprobs import token_logps
+from pipeline.logprobs import model_token_logps
 from pipeline.optim import build_optimizer
 
 
-def completion_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean NLL over the masked (completion + EOS) tokens of the batch.
 
     Args:
-        logits: Shape: (B, T, V).
-        input_ids: Shape: (B, T).
+        token_logps: next-token log-probs. Shape: (B, T - 1).
         loss_mask: Shape: (B, T); 1 on tokens that are targets.
 
     Returns:
@@ -30,7 +27,7 @@ def completion_nll(
     """
     mask = loss_mask[:, 1:].float()  # (B, T-1): token t+1 is predicted at t
     n_tokens = mask.sum()
-    return -(token_logps(logits, input_ids) * mask).sum() / n_tokens.clamp(min=1), n_tokens
+    return -(token_logps * mask).sum() / n_tokens.clamp(min=1), n_tokens
 
 
 class SFTModule(pl.LightningModule):
@@ -47,8 +44,8 @@ class SFTModule(pl.LightningModule):
         }
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return completion_nll(logits, batch["input_ids"], batch["loss_mask"])
+        logps, _ = model_token_logps(self.model, batch["input_ids"], batch["attention_mask"])
+        return completion_nll(logps, batch["loss_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, n_tokens = self._shared_step(batch)

@@ -28,7 +28,7 @@ def test_token_logps_match_a_naive_loop():
 def test_completion_nll_is_mean_over_target_tokens_only():
     torch.manual_seed(1)
     logits, ids = torch.randn(1, 4, 7), torch.tensor([[1, 2, 3, 4]])
-    loss, n = completion_nll(logits, ids, torch.tensor([[0, 0, 1, 1]]))
+    loss, n = completion_nll(token_logps(logits, ids), torch.tensor([[0, 0, 1, 1]]))
     steps = torch.log_softmax(logits[0], -1)
     torch.testing.assert_close(loss, -(steps[1, 3] + steps[2, 4]) / 2)
     assert n == 2
@@ -42,3 +42,13 @@ def test_length_grouped_batches_cover_every_row_once_and_group_lengths():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     assert spread < 4  # a random batch spans ~14 lengths
     assert list(sampler) != batches  # a new order each epoch
+
+
+def test_accumulation_groups_split_one_large_batch_and_carry_its_weight():
+    lengths = [i % 13 + 1 for i in range(96)]
+    large = list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, window=4))
+    micro = list(LengthGroupedBatchSampler(lengths, batch_size=4, seed=3, window=4, accumulate=2, weights=lengths))
+    # the micro-batches, paired in order, are exactly the large batches; each carries its pair's total weight
+    assert [[i for i, _ in a] + [i for i, _ in b] for a, b in zip(micro[::2], micro[1::2], strict=True)] == large
+    totals = {i: total for batch in micro for i, total in batch}
+    assert all(totals[i] == sum(lengths[j] for j in batch) for batch in large for i in batch)
