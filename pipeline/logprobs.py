@@ -69,7 +69,7 @@ def model_token_logps(
         (logps, entropy or None), each of shape (B, T - 1).
     """
     base = unwrapped(model)
-    head = base.get_output_embeddings()
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is None or head.weight.shape[0] < LEAN_MIN_VOCAB or _rescales_logits(base.config):
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         if temperature != 1.0:
