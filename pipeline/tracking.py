@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "alignment"
+HEALTH_TIMEOUT_S = 5.0
 ROLE_TAG, GROUP_TAG, STAGE_TAG = "align.role", "align.run_group", "align.stage"
 
 
@@ -69,6 +72,38 @@ def _git_head(root: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "nogit"
     return out.stdout.strip()
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; raised before a stage does any work."""
+
+
+def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
+    """An http(s) tracking store must answer (any HTTP status counts) within `timeout` seconds, so a stage fails
+    at once, naming the URI, instead of after minutes of client retries."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answered (behind auth, or a proxy without /health): reachable
+    except (OSError, urllib.error.URLError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingUnavailable(
+            f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({reason}). Start it (`make ui` serves "
+            "http://127.0.0.1:5000), fix the URI, or unset MLFLOW_TRACKING_URI to log to the project's "
+            "sqlite:///<repo>/mlflow.db"
+        ) from None
+
+
+def mark_killed(client: MlflowClient, experiment_id: str, group: str, stage: str) -> list[str]:
+    """Runs of this stage and pipeline run still `RUNNING` belong to a killed process: mark them KILLED."""
+    query = (f"tags.`{GROUP_TAG}` = '{group}' and tags.`{STAGE_TAG}` = '{stage}' and "
+             "attributes.status = 'RUNNING'")  # fmt: skip
+    stale = [run.info.run_id for run in client.search_runs([experiment_id], filter_string=query)]
+    for run_id in stale:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+    return stale
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
@@ -133,12 +168,15 @@ class StageRun:
         self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
         self.run_id = run_id or ""
         self._owner = run_id is None
+        self.killed: list[str] = []
 
     def __enter__(self) -> StageRun:
         if not self._owner:
             return self
+        check_reachable(self.ctx.tracking_uri)
         experiment_id = ensure_experiment(self.client, self.ctx.experiment_name, self.ctx.artifact_root)
         parent_id = ensure_parent_run(self.client, experiment_id, self.ctx, self._all_params)
+        self.killed = mark_killed(self.client, experiment_id, self.ctx.run_group, self.stage)
         tags = {
             "mlflow.parentRunId": parent_id,
             ROLE_TAG: "stage",

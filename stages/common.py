@@ -21,6 +21,9 @@ from pipeline.io import dvc_md5, write_json
 from pipeline.tracking import StageRun, resolve_context
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
+# A tracking server that dies mid-stage: MLflow's client retries 7 times with backoff (minutes) by default.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 @dataclass
@@ -65,6 +68,8 @@ def stage(name: str, sections: list[str], paths: dict[str, str]) -> Iterator[Sta
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
     run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
     with StageRun(ctx, name, stage_params, all_params, run_id=run_id) as run:
+        if run.killed:
+            print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
         # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
         os.environ[RUN_ID_ENV] = run.run_id
         yield StageContext(name, args, config, run)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,13 @@ from tests.standins import chat_llama, sentiment_classifier, ultrafeedback_rows,
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _prepare(workdir: Path, **sections) -> subprocess.CompletedProcess:
+def _prepare(workdir: Path, uri: str | None = None, **sections) -> subprocess.CompletedProcess:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section, values in sections.items():
         params[section].update(values)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}  # fmt: skip
+           "MLFLOW_TRACKING_URI": uri or f"sqlite:///{workdir / 'mlflow.db'}"}  # fmt: skip
     env.pop("DVC_ROOT", None)
     return subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=workdir, env=env, capture_output=True,
                           text=True)  # fmt: skip
@@ -64,3 +65,13 @@ def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_
     assert "judge.label: 'HAPPY' is not a label of classifier" in done.stderr
     assert "its labels are NEGATIVE, POSITIVE" in done.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+
+
+def test_tracking_server_down_fails_before_any_work_naming_the_variable(tmp_path):
+    start = time.perf_counter()
+    done = _prepare(tmp_path, uri="http://127.0.0.1:9")
+    wall = time.perf_counter() - start
+    assert done.returncode != 0
+    assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in done.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
+    assert wall < 30, wall  # process start-up included; the MLflow client's own retries took 256 s

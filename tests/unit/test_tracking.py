@@ -27,3 +27,37 @@ def test_env_overrides_store_experiment_and_group(tmp_path):
     }
     ctx = resolve_context(env, tmp_path, "")
     assert (ctx.tracking_uri, ctx.experiment_name, ctx.run_group) == ("http://127.0.0.1:5055", "x", "g")
+
+
+def test_unreachable_tracking_server_fails_fast_naming_the_variable(tracking):
+    import dataclasses
+    import time
+
+    import pytest
+
+    from pipeline.tracking import StageRun, TrackingUnavailable
+
+    down = dataclasses.replace(tracking, tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
+    start = time.perf_counter()
+    with pytest.raises(TrackingUnavailable, match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:9: the tracking server "
+                                                  r"does not answer .*unset MLFLOW_TRACKING_URI"):  # fmt: skip
+        StageRun(down, "prepare", {}, {}).__enter__()
+    assert time.perf_counter() - start < 10
+
+
+def test_runs_left_running_by_a_killed_stage_are_marked_killed(tracking):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import GROUP_TAG, STAGE_TAG, StageRun
+
+    with StageRun(tracking, "sft", {}, {}) as first:
+        pass
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(tracking.experiment_name).experiment_id
+    zombie = client.create_run(experiment, tags={GROUP_TAG: tracking.run_group, STAGE_TAG: "sft"}).info.run_id
+    other = client.create_run(experiment, tags={GROUP_TAG: tracking.run_group, STAGE_TAG: "dpo"}).info.run_id
+    with StageRun(tracking, "sft", {}, {}) as second:
+        assert second.killed == [zombie]
+    assert client.get_run(zombie).info.status == "KILLED"
+    assert client.get_run(other).info.status == "RUNNING"  # another stage's run is not this stage's business
+    assert client.get_run(first.run_id).info.status == client.get_run(second.run_id).info.status == "FINISHED"
