@@ -31,20 +31,29 @@ class PromptCompletion:
 
 
 def tokenize_rows(
-    tokenizer, prompts: Sequence[str], completions: Sequence[str], max_length: int, source: str
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    max_length: int,
+    source: str,
+    on_invalid: str = "fail",
 ) -> list[PromptCompletion]:
-    """Encode prompt/completion pairs; rows longer than `max_length` (with EOS) are an error naming them."""
+    """Encode prompt/completion pairs. Rows longer than `max_length` (with EOS) or with an empty completion are an
+    error naming them, or, with `on_invalid="drop"`, left out (the caller counts them)."""
     rows = [
         PromptCompletion(p, c) for p, c in zip(encode(tokenizer, prompts), encode(tokenizer, completions), strict=True)
     ]
     too_long = [i for i, row in enumerate(rows) if len(row) > max_length]
+    empty = [i for i, row in enumerate(rows) if not row.completion_ids]
+    if on_invalid == "drop":
+        bad = set(too_long) | set(empty)
+        return [row for i, row in enumerate(rows) if i not in bad]
     if too_long:
         shown = ", ".join(map(str, too_long[:10]))
         raise ValueError(
             f"{source}: {len(too_long)} row(s) exceed max_length={max_length} tokens (rows {shown}); "
-            "raise the stage's max_length (and model.n_positions) or shorten the data"
+            "raise the stage's max_length (and model.n_positions), shorten the data, or set sft.on_invalid: drop"
         )
-    empty = [i for i, row in enumerate(rows) if not row.completion_ids]
     if empty:
         raise ValueError(f"{source}: rows {empty[:10]} have an empty completion after tokenisation")
     return rows
@@ -123,11 +132,12 @@ class LengthGroupedBatchSampler(Sampler[list]):
     ) -> None:
         self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
         self.accumulate, self.weights = accumulate, weights
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
     def __iter__(self) -> Iterator[list]:
         rng = random.Random(self.seed + self.epoch)
         self.epoch += 1
+        skip, self.skip = self.skip, 0  # a resumed epoch leaves out the micro-batches it already trained on
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         group = self.batch_size * self.accumulate
@@ -136,11 +146,15 @@ class LengthGroupedBatchSampler(Sampler[list]):
             chunk = sorted(order[start : start + group * self.window], key=self.lengths.__getitem__)
             groups += [chunk[i : i + group] for i in range(0, len(chunk), group)]
         rng.shuffle(groups)
+        micro = 0
         for rows in groups:
             if self.weights is not None:
                 total = sum(self.weights[i] for i in rows)
                 rows = [(i, total) for i in rows]
-            yield from (rows[i : i + self.batch_size] for i in range(0, len(rows), self.batch_size))
+            for start in range(0, len(rows), self.batch_size):
+                micro += 1
+                if micro > skip:
+                    yield rows[start : start + self.batch_size]
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
@@ -191,6 +205,11 @@ class RowsDataModule(pl.LightningDataModule):
         self.train_rows, self.val_rows, self.collate = list(train_rows), list(val_rows), collate
         self.batch_size, self.seed, self.length = batch_size, seed, length
         self.accumulate, self.weight = accumulate, weight
+        self._resume: tuple[int, int] | None = None
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        """Restart the training order at `epoch`, after its first `consumed` micro-batches (a resumed stage)."""
+        self._resume = (epoch, consumed)
 
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -205,13 +224,21 @@ class RowsDataModule(pl.LightningDataModule):
         weights = [self.weight(r) for r in self.train_rows] if self.weight and self.accumulate > 1 else None
         sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed,
                                             accumulate=self.accumulate, weights=weights)  # fmt: skip
+        if self._resume is not None:
+            sampler.epoch, sampler.skip = self._resume
+            self._resume = None
+        # An own generator: creating an iterator then never draws from the global RNG (dropout's), so a resumed
+        # run's random stream matches an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
         if weights is None:
-            return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate)
-        return DataLoader(_Tagged(self.train_rows), batch_sampler=sampler, collate_fn=_TaggedCollate(self.collate))
+            return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate, generator=generator)
+        return DataLoader(_Tagged(self.train_rows), batch_sampler=sampler, collate_fn=_TaggedCollate(self.collate),
+                          generator=generator)  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))
-        return DataLoader([self.val_rows[i] for i in order], batch_size=self.batch_size, collate_fn=self.collate)
+        return DataLoader([self.val_rows[i] for i in order], batch_size=self.batch_size, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
 
 
 @dataclass(frozen=True)

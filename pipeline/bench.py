@@ -31,7 +31,8 @@ from pipeline.training import Throughput, build_trainer, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
-                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False)  # fmt: skip
+                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False,
+                        checkpoint_every_n_steps=0, keep_checkpoints=False)  # fmt: skip
 
 
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:

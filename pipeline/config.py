@@ -75,6 +75,11 @@ class TrainerConfig:
     is split into this many micro-batches)."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass instead of storing them (less memory, ~30 % more compute)."""
+    checkpoint_every_n_steps: int
+    """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from
+    (0: none). They live in `.checkpoints/<stage>/<key>/`, outside the DVC outputs."""
+    keep_checkpoints: bool
+    """Keep a stage's checkpoints after its outputs are written (default: remove them)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,9 @@ class TrainingConfig:
 class SFTConfig(TrainingConfig):
     n_samples: int
     """Completions sampled on validation prompts at the end, logged as an artifact."""
+    on_invalid: Literal["drop", "fail"]
+    """Rows longer than `max_length` or with an empty completion: stop with an error naming them, or drop them
+    (counted in reports/sft.json as data/dropped_rows)."""
 
 
 @dataclass(frozen=True)
@@ -383,17 +391,9 @@ def _semantic_errors(config: Config) -> list[str]:
         )
     if model.base == "scratch" and model.n_embd % model.n_head:
         errors.append(f"model.n_embd: {model.n_embd} is not divisible by model.n_head = {model.n_head}")
-    for section in dataclasses.fields(config):
-        value = getattr(config, section.name)
-        if not dataclasses.is_dataclass(value):
-            continue
-        for key, number in flatten(value, f"{section.name}.").items():
-            name = key.rsplit(".", 1)[1]
-            positive = name.startswith(("n_", "batch_size", "max_", "vocab")) or name.endswith("_every_n_steps")
-            if positive and isinstance(number, int) and number <= 0:
-                errors.append(f"{key}: {number} must be positive")
-            if name in ("lr",) and number <= 0:
-                errors.append(f"{key}: {number} must be positive")
+    for key, number in flatten(config).items():
+        if isinstance(number, int | float) and not isinstance(number, bool) and not _within(number, bound(key)):
+            errors.append(f"{key}: {number} is out of range; it must be {bound(key)}")
     if model.base == "scratch":
         for section in ("sft", "preferences", "reward", "reference", "dpo"):
             max_length = getattr(config, section).max_length
@@ -416,11 +416,13 @@ def _semantic_errors(config: Config) -> list[str]:
             f"{config.trainer.accumulate_grad_batches} (PPO splits each minibatch into that many micro-batches)"
         )
     dpo = config.dpo
-    if dpo.beta <= 0:
-        errors.append(f"dpo.beta: {dpo.beta} must be positive")
-    limit = 0.5 if dpo.loss == "robust" else 1.0
-    if not 0 <= dpo.label_smoothing < limit:
-        errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, {limit}) for loss {dpo.loss!r}")
+    if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, 0.5) for loss 'robust'")
+    if config.ppo.minibatch_size > config.ppo.prompts_per_rollout:
+        errors.append(
+            f"ppo.minibatch_size: {config.ppo.minibatch_size} exceeds ppo.prompts_per_rollout = "
+            f"{config.ppo.prompts_per_rollout}; a minibatch is a slice of one rollout batch"
+        )
     if config.reference.max_length != dpo.max_length:
         errors.append(
             f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
@@ -436,6 +438,44 @@ def _judge_errors(judge: JudgeConfig) -> list[str]:
     if judge.kind == "classifier" and not judge.label:
         errors.append("judge.label: required for judge.kind 'classifier' (the label to score, e.g. POSITIVE)")
     return errors
+
+
+# The range of every numeric params key: by full key, else by its name in any section. A unit test keeps every
+# numeric field of `Config` in this table, so a new key cannot arrive without its bound.
+BOUNDS = {
+    "seed": ">= 0", "n_layer": ">= 1", "n_head": ">= 1", "n_embd": ">= 1", "n_positions": ">= 1",
+    "dropout": "in [0, 1)", "lora_r": ">= 0", "lora_alpha": ">= 1", "lora_dropout": "in [0, 1)",
+    "devices": ">= 1", "num_nodes": ">= 1", "log_every_n_steps": ">= 1", "accumulate_grad_batches": ">= 1",
+    "checkpoint_every_n_steps": ">= 0",
+    "n_train": ">= 1", "n_val": ">= 1", "n_test": ">= 1", "frac_positive": "in [0, 1]", "frac_negative": "in [0, 1]",
+    "tokenizer_vocab_size": ">= 260", "prompt_words": ">= 1", "completion_words": ">= 1",
+    "lr": "> 0", "value_lr": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0", "batch_size": ">= 1",
+    "max_steps": ">= 1", "val_every_n_steps": ">= 1", "max_length": ">= 2", "grad_clip": ">= 0",
+    "n_samples": ">= 0", "k": ">= 2", "train_prompts": ">= 1", "val_prompts": ">= 1", "max_new_tokens": ">= 1",
+    "temperature": ">= 0", "ppo.temperature": "> 0", "top_k": ">= 0", "top_p": "in (0, 1]", "tau": ">= 0",
+    "min_gold_gap": ">= 0", "val_fraction": "in [0, 1)", "margin": ">= 0", "center_coef": ">= 0",
+    "beta": "> 0", "label_smoothing": "in [0, 1)", "kl_prompts": ">= 1", "warmup_rollouts": ">= 0",
+    "rollouts": ">= 1", "prompts_per_rollout": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
+    "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0",
+    "kl_coef": ">= 0", "kl_target": "> 0", "kl_horizon": ">= 1", "reward_clip": ">= 0",
+    "missing_eos_penalty": ">= 0", "max_ratio": "> 1", "min_eos_rate": "in [0, 1]", "n_logged_samples": ">= 0",
+    "best_of_n": ">= 2", "n_shown_samples": ">= 0", "judge.max_length": ">= 8",
+}  # fmt: skip
+
+
+def bound(key: str) -> str:
+    """The range `key` (`sft.lr`) must lie in, as written in `BOUNDS`."""
+    return BOUNDS.get(key) or BOUNDS[key.rsplit(".", 1)[-1]]
+
+
+def _within(number: float, rule: str) -> bool:
+    if rule.startswith((">", "<")):
+        op, limit = rule.split()
+        return {">": number > float(limit), ">=": number >= float(limit)}[op]
+    low, high = (float(x) for x in rule[4:-1].split(","))
+    above = number >= low if rule[3] == "[" else number > low
+    below = number <= high if rule[-1] == "]" else number < high
+    return above and below
 
 
 def flatten(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from pipeline.chat import conversation_prompts, render_prompt
 from pipeline.config import PrepareConfig
-from pipeline.hub import load_table, require_columns
+from pipeline.hub import load_table, require_columns, require_text
 from pipeline.judges import Judge
 from pipeline.schemas import PROMPT_COMPLETION, validate_frame
 from pipeline.synthetic import class_fractions, generate_reviews
@@ -83,6 +83,8 @@ def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     if cfg.completion_column is not None:
         wanted["prepare.completion_column"] = cfg.completion_column
     require_columns(table, wanted, str(cfg.dataset_path))
+    for key, column in wanted.items():
+        require_text(table, column, key, str(cfg.data_files or cfg.dataset_path))
     if cfg.completion_column is not None:
         return pd.DataFrame({"prompt": table[cfg.prompt_column], "completion": table[cfg.completion_column]})
     words = table[cfg.prompt_column].astype(str).str.split()

@@ -47,14 +47,21 @@ class PromptBatches(Sampler[list[int]]):
 
     def __init__(self, n_prompts: int, batch_size: int, n_batches: int, seed: int) -> None:
         self.n_prompts, self.batch_size, self.n_batches, self.seed = n_prompts, batch_size, n_batches, seed
+        self.skip = 0
+
+    def resume_from(self, epoch: int, consumed: int) -> None:
+        """Leave out the first `consumed` rollout batches (a resumed stage); the order itself is unchanged."""
+        self.skip = consumed
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed)
         pool: list[int] = []
-        for _ in range(self.n_batches):
+        skip, self.skip = self.skip, 0
+        for index in range(self.n_batches):
             while len(pool) < self.batch_size:
                 pool += torch.randperm(self.n_prompts, generator=generator).tolist()
-            yield pool[: self.batch_size]
+            if index >= skip:
+                yield pool[: self.batch_size]
             pool = pool[self.batch_size :]
 
     def __len__(self) -> int:
@@ -266,6 +273,13 @@ class PPOModule(pl.LightningModule):
         self.history.append({"step": float(batch_idx), **stats})
         if self.logger is not None:
             self.logger.log_metrics(stats, step=batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ppo"] = {"kl_coef": float(self.kl_ctl.value), "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.kl_ctl.value = checkpoint["ppo"]["kl_coef"]
+        self.history = checkpoint["ppo"]["history"]
 
     def configure_optimizers(self):
         args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts,

@@ -133,7 +133,9 @@ def split_dialogues(chosen: Sequence[str], rejected: Sequence[str], source: str)
     return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
 
 
-def _pair_checks(tokenizer, max_length: int) -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
+def _pair_checks(
+    tokenizer, max_length: int, held_out: frozenset[str], dedupe: bool
+) -> dict[str, Callable[[pd.DataFrame], pd.Series]]:
     eos = tokenizer.eos_token
 
     def too_long(frame: pd.DataFrame) -> pd.Series:
@@ -162,17 +164,33 @@ def _pair_checks(tokenizer, max_length: int) -> dict[str, Callable[[pd.DataFrame
             f["chosen"].str.contains(eos, regex=False) | f["rejected"].str.contains(eos, regex=False)
         ),
         "too_long": too_long,
+        # A pair whose prompt is a held-out evaluation prompt would leak the test set into training.
+        "held_out_prompt": lambda f: f["prompt"].isin(held_out),
+        **({"duplicate": lambda f: f.duplicated(["prompt", "chosen", "rejected"])} if dedupe else {}),
     }
 
 
 def screen_pairs(
-    frame: pd.DataFrame, tokenizer, *, max_length: int, on_invalid: str, source: str
+    frame: pd.DataFrame,
+    tokenizer,
+    *,
+    max_length: int,
+    on_invalid: str,
+    source: str,
+    held_out: frozenset[str] = frozenset(),
+    dedupe: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Apply every pair check; drop the failing rows or raise naming them, and count each check's failures."""
+    """Apply every pair check; drop the failing rows or raise naming them, and count each check's failures.
+
+    Args:
+        held_out: prompts reserved for evaluation (the prepared test split): a pair with one is invalid.
+        dedupe: also flag repeats of an earlier (prompt, chosen, rejected) row (human datasets; sampled pairs may
+            legitimately repeat, each a separate annotator draw).
+    """
     counts: dict[str, float] = {}
     bad = pd.Series(False, index=frame.index)
     messages = []
-    for name, check in _pair_checks(tokenizer, max_length).items():
+    for name, check in _pair_checks(tokenizer, max_length, held_out, dedupe).items():
         failing = check(frame).astype(bool) & ~bad if len(frame) else bad
         counts[f"invalid/{name}"] = float(failing.sum())
         if failing.any():

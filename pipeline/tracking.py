@@ -153,6 +153,8 @@ class StageRun:
         stage_params: the params the stage reads, flattened (`sft.lr`, `model.base`, ...).
         all_params: every params key, flattened, for the parent run.
         run_id: attach to an existing run instead of creating one (DDP ranks > 0 get rank 0's id).
+        resume_run_id: continue this run (a stage resuming from a checkpoint): it is set RUNNING again and its
+            metric steps go on, instead of a new run being created.
     """
 
     def __init__(
@@ -162,12 +164,14 @@ class StageRun:
         stage_params: Mapping[str, Any],
         all_params: Mapping[str, Any],
         run_id: str | None = None,
+        resume_run_id: str | None = None,
     ) -> None:
         self.ctx, self.stage = ctx, stage
         self._stage_params, self._all_params = stage_params, all_params
         self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
         self.run_id = run_id or ""
         self._owner = run_id is None
+        self._resume_run_id = resume_run_id
         self.killed: list[str] = []
 
     def __enter__(self) -> StageRun:
@@ -176,6 +180,11 @@ class StageRun:
         check_reachable(self.ctx.tracking_uri)
         experiment_id = ensure_experiment(self.client, self.ctx.experiment_name, self.ctx.artifact_root)
         parent_id = ensure_parent_run(self.client, experiment_id, self.ctx, self._all_params)
+        if self._resume_run_id and self._resumable(self._resume_run_id):
+            self.run_id, self.parent_run_id = self._resume_run_id, parent_id
+            self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self.client.set_tag(self.run_id, "align.resumed", "true")
+            return self
         self.killed = mark_killed(self.client, experiment_id, self.ctx.run_group, self.stage)
         tags = {
             "mlflow.parentRunId": parent_id,
@@ -189,6 +198,13 @@ class StageRun:
         self.parent_run_id = parent_id
         _log_params(self.client, self.run_id, self._stage_params)
         return self
+
+    def _resumable(self, run_id: str) -> bool:
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False  # another store, or the run was deleted: start a new one
+        return run.data.tags.get(STAGE_TAG) == self.stage and run.data.tags.get(GROUP_TAG) == self.ctx.run_group
 
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from pipeline.config import TrainerConfig, TrainingConfig
 
@@ -108,6 +108,12 @@ class History(pl.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
+    def state_dict(self) -> dict[str, list[dict[str, float]]]:
+        return {"rows": self.rows}  # a resumed stage's curve keeps the rows logged before it stopped
+
+    def load_state_dict(self, state_dict: dict[str, list[dict[str, float]]]) -> None:
+        self.rows = list(state_dict["rows"])
+
     def _record(self, trainer: pl.Trainer, prefix: str) -> None:
         if not trainer.is_global_zero:
             return
@@ -149,14 +155,26 @@ class FitResult:
 
 
 def fit_and_validate(
-    module: pl.LightningModule, data: pl.LightningDataModule, trainer_cfg: TrainerConfig, cfg: TrainingConfig, logger
+    module: pl.LightningModule,
+    data: pl.LightningDataModule,
+    trainer_cfg: TrainerConfig,
+    cfg: TrainingConfig,
+    logger,
+    resume: Callback | None = None,
+    ckpt_path: str | None = None,
 ) -> FitResult:
-    """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics."""
+    """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics.
+
+    Args:
+        resume: the checkpointing callback (`pipeline.checkpoints.ResumeCallback`), if checkpoints are on.
+        ckpt_path: a checkpoint to resume from.
+    """
     throughput, history = Throughput(), History()
+    callbacks = [throughput, history, *([resume] if resume is not None else [])]
     trainer = build_trainer(trainer_cfg, max_steps=cfg.max_steps, val_every_n_steps=cfg.val_every_n_steps,
-                            grad_clip=cfg.grad_clip, logger=logger, callbacks=[throughput, history],
+                            grad_clip=cfg.grad_clip, logger=logger, callbacks=callbacks,
                             accumulate_grad_batches=trainer_cfg.accumulate_grad_batches)  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
     metrics.update(throughput.summary)

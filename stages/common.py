@@ -16,6 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
+from pipeline.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.io import dvc_md5, write_json
 from pipeline.tracking import StageRun, resolve_context
@@ -32,10 +33,20 @@ class StageContext:
     args: argparse.Namespace
     config: Config
     run: StageRun
+    checkpoints: Checkpoints
+    resume_from: str | None = None
+    """The checkpoint this run continues from, if any."""
 
     @property
     def rank(self) -> int:
         return _rank()
+
+    def resume_callback(self, data: Resumable, *, unit: str = "steps") -> ResumeCallback | None:
+        """The mid-stage checkpointing callback for this stage's Trainer (None when checkpoints are off)."""
+        if not self.checkpoints.every_n:
+            return None
+        accumulate = self.config.trainer.accumulate_grad_batches
+        return ResumeCallback(self.checkpoints, data, accumulate=accumulate, unit=unit, run_id=self.run.run_id)
 
 
 def _rank() -> int:
@@ -57,8 +68,15 @@ def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def stage(name: str, sections: list[str], paths: dict[str, str]) -> Iterator[StageContext]:
-    """Parse argv, load and validate params, seed, and open the stage's MLflow run (rank 0 creates it)."""
+def stage(
+    name: str, sections: list[str], paths: dict[str, str], inputs: tuple[str, ...] = ()
+) -> Iterator[StageContext]:
+    """Parse argv, load and validate params, seed, find a checkpoint to resume from, and open the stage's MLflow run
+    (rank 0 creates it, or continues the checkpoint's run).
+
+    Args:
+        inputs: the `paths` keys the stage reads (their DVC hashes key its checkpoints).
+    """
     args = parse_args(name, paths)
     params_text = Path(args.params).read_text() if Path(args.params).exists() else ""
     config = load_config(read_params(args.params))
@@ -66,13 +84,27 @@ def stage(name: str, sections: list[str], paths: dict[str, str]) -> Iterator[Sta
     all_params = flatten(config)
     stage_params = {k: v for k, v in all_params.items() if k.split(".")[0] in sections}
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
+    checkpoints = _checkpoints(name, config, stage_params, [getattr(args, key) for key in inputs])
+    resume_from = checkpoints.latest() if checkpoints.every_n else None
     run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
-    with StageRun(ctx, name, stage_params, all_params, run_id=run_id) as run:
+    resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
+    with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id) as run:
         if run.killed:
             print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
+        if resume_from is not None:
+            print(f"resuming {name} from step {int(resume_from.stem.split('-')[1])} ({resume_from}), MLflow run "
+                  f"{run.run_id}")  # fmt: skip
         # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
         os.environ[RUN_ID_ENV] = run.run_id
-        yield StageContext(name, args, config, run)
+        yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
+
+
+def _checkpoints(name: str, config: Config, stage_params: dict, inputs: list[str]) -> Checkpoints:
+    """The stage's checkpoint folder under the real repository root (DVC's temp dirs for queued runs vanish)."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
+    key = checkpoint_key(stage_params, {path: dvc_md5(path) for path in inputs if Path(path).exists()})
+    trainer = config.trainer
+    return Checkpoints(root / ".checkpoints" / name / key, trainer.checkpoint_every_n_steps, trainer.keep_checkpoints)
 
 
 def finish(ctx: StageContext, metrics: dict[str, float], report: str, outputs: list[str], step: int = 0) -> None:
@@ -81,3 +113,4 @@ def finish(ctx: StageContext, metrics: dict[str, float], report: str, outputs: l
     ctx.run.log_metrics(metrics, step=step)
     ctx.run.set_tags({f"dvc.out.{path}": dvc_md5(path) for path in outputs if Path(path).exists()})
     ctx.run.log_artifact(report)
+    ctx.checkpoints.clear()  # the outputs are written: nothing left to resume

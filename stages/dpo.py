@@ -26,7 +26,8 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("dpo", ["seed", "model", "trainer", "dpo", "judge"], PATHS) as ctx:
+    with stage("dpo", ["seed", "model", "trainer", "dpo", "judge"], PATHS,
+               inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         rows = {}
@@ -43,7 +44,8 @@ def main() -> None:
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
         data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger())
+        result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger(),
+                                  ctx.resume_callback(data), ctx.resume_from)
         if not result.is_global_zero:
             return
         metrics = {**result.metrics, **counts}

@@ -29,7 +29,8 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("ppo", ["seed", "model", "trainer", "ppo", "judge"], PATHS) as ctx:
+    with stage("ppo", ["seed", "model", "trainer", "ppo", "judge"], PATHS,
+               inputs=("data_dir", "sft_dir", "reward_dir")) as ctx:
         cfg, ppo, args = ctx.config, ctx.config.ppo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
@@ -51,9 +52,10 @@ def main() -> None:
         counts = parameter_counts(policy)
         batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)
         loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
+        resume = ctx.resume_callback(batches, unit="rollouts")
         trainer = build_trainer(cfg.trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
-                                logger=ctx.run.lightning_logger())  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader)
+                                logger=ctx.run.lightning_logger(), callbacks=[resume] if resume else [])  # fmt: skip
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.resume_from, weights_only=True)
         if not trainer.is_global_zero:
             return
         save_model(module.policy, tokenizer, args.model_dir)  # LoRA adapters merged

@@ -39,6 +39,7 @@ def main() -> None:
         else:
             splits = dataset_pairs(prefs, cfg.seed, tokenizer)
         metrics["perf/wall_s"] = time.perf_counter() - start
+        held_out = frozenset(read_table(f"{args.data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"])
         with atomic_path(args.out_dir) as tmp:
             tmp.mkdir()
             for name, frame in splits.items():
@@ -48,6 +49,8 @@ def main() -> None:
                     max_length=prefs.max_length,
                     on_invalid=prefs.on_invalid,
                     source=f"preferences {name} pairs",
+                    held_out=held_out,
+                    dedupe=prefs.mode == "dataset",
                 )
                 kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {name} pairs")
                 if kept.empty:

@@ -23,7 +23,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("reward", ["seed", "model", "trainer", "reward"], PATHS) as ctx:
+    with stage("reward", ["seed", "model", "trainer", "reward"], PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
         cfg, rm, args = ctx.config, ctx.config.reward, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         rows = {}
@@ -37,7 +37,8 @@ def main() -> None:
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
         data = RowsDataModule(rows["train"], rows["val"], collate, rm.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, rm, ctx.run.lightning_logger())
+        result = fit_and_validate(module, data, cfg.trainer, rm, ctx.run.lightning_logger(),
+                                  ctx.resume_callback(data), ctx.resume_from)
         if not result.is_global_zero:
             return
         metrics = result.metrics

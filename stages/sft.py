@@ -25,14 +25,16 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("sft", ["seed", "model", "trainer", "sft"], PATHS) as ctx:
+    with stage("sft", ["seed", "model", "trainer", "sft"], PATHS, inputs=("data_dir", "tokenizer_dir")) as ctx:
         cfg, sft, args = ctx.config, ctx.config.sft, ctx.args
         tokenizer = load_tokenizer(args.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
         frames = {s: read_table(f"{args.data_dir}/{s}.parquet", PROMPT_COMPLETION) for s in ("train", "val")}
         rows = {
-            s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length, f"{s} split")
+            s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length,
+                             f"{args.data_dir}/{s}.parquet", on_invalid=sft.on_invalid)
             for s, f in frames.items()
-        }
+        }  # fmt: skip
+        dropped = {f"data/dropped_rows_{s}": float(len(frames[s]) - len(rows[s])) for s in rows}
         model = prepare_for_training(build_causal_lm(cfg.model, tokenizer), cfg.model, cfg.trainer,
                                      disable_dropout=sft.disable_dropout, task="CAUSAL_LM")  # fmt: skip
         counts = parameter_counts(model)
@@ -41,7 +43,8 @@ def main() -> None:
         data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches,
                               weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, sft, ctx.run.lightning_logger())
+        result = fit_and_validate(module, data, cfg.trainer, sft, ctx.run.lightning_logger(),
+                                  ctx.resume_callback(data), ctx.resume_from)
         if not result.is_global_zero:
             return
         model = save_model(module.model, tokenizer, args.model_dir)
@@ -58,7 +61,7 @@ def main() -> None:
         ctx.run.log_text(table.to_string(), "samples/sft_val_samples.txt")
         write_curve(result.history, args.curve)
         metrics = result.metrics
-        metrics.update(counts)
+        metrics.update({**counts, **dropped})
         metrics["samples/eos_rate"] = sum(samples.ended) / max(len(samples.ended), 1)
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(table.head(5).to_string())

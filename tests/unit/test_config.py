@@ -90,5 +90,35 @@ def test_cross_key_rules(raw):
         load_config(raw)
     message = str(info.value)
     assert "prepare.frac_positive + prepare.frac_negative: 0.7 + 0.5 must lie in [0, 1]" in message
-    assert "sft.batch_size: 0 must be positive" in message
+    assert "sft.batch_size: 0 is out of range; it must be >= 1" in message
     assert "sft.max_length: 500 exceeds model.n_positions = 128" in message
+
+
+def test_every_numeric_key_has_a_bound_and_all_violations_are_named_at_once(raw):
+    from pipeline.config import bound
+
+    numeric = {k: v for k, v in flatten(load_config(raw)).items() if isinstance(v, int | float) and
+               not isinstance(v, bool)}  # fmt: skip
+    assert all(bound(key) for key in numeric)  # a KeyError names a numeric key without a bound
+    raw["ppo"].update(minibatch_size=0, top_p=1.5, gamma=-0.1, temperature=0.0)
+    raw["preferences"].update(k=1, tau=-1.0)
+    raw["evaluate"]["best_of_n"] = 1
+    raw["model"]["dropout"] = 1.0
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    message = str(info.value)
+    for line in ("ppo.minibatch_size: 0 is out of range; it must be >= 1",
+                 "ppo.top_p: 1.5 is out of range; it must be in (0, 1]",
+                 "ppo.gamma: -0.1 is out of range; it must be in [0, 1]",
+                 "ppo.temperature: 0.0 is out of range; it must be > 0",
+                 "preferences.k: 1 is out of range; it must be >= 2",
+                 "preferences.tau: -1.0 is out of range; it must be >= 0",
+                 "evaluate.best_of_n: 1 is out of range; it must be >= 2",
+                 "model.dropout: 1.0 is out of range; it must be in [0, 1)"):  # fmt: skip
+        assert line in message
+
+
+def test_minibatch_cannot_exceed_the_rollout_batch(raw):
+    raw["ppo"].update(minibatch_size=128, prompts_per_rollout=64)
+    with pytest.raises(ConfigError, match=r"ppo\.minibatch_size: 128 exceeds ppo\.prompts_per_rollout = 64"):
+        load_config(raw)

@@ -80,20 +80,25 @@ def test_hh_dialogues_split_at_last_assistant_turn():
         split_dialogues(["\n\nHuman: a\n\nAssistant: b"], ["\n\nHuman: x\n\nAssistant: y"], "hh")
 
 
+HELD_OUT = frozenset({"Held out:"})
+
+
 def _bad_pairs(tokenizer):
     return pd.DataFrame(
         {
-            "prompt": ["Review:", "Review:", "Review:", "Review:", "Review:", "Review:"],
-            "chosen": [" good.", " same", " ", "Review: again", f" one{tokenizer.eos_token}", " word" * 80],
-            "rejected": [" bad.", " same", " x", " fine", " two", " short"],
-            "chosen_gold": [0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
-            "rejected_gold": [-0.4, 0.0, 0.0, 0.0, 0.0, 0.0],
+            "prompt": ["Review:", "Review:", "Review:", "Review:", "Review:", "Review:", "Review:", "Held out:"],
+            "chosen": [" good.", " same", " ", "Review: again", f" one{tokenizer.eos_token}", " word" * 80, " good.",
+                       " fine."],
+            "rejected": [" bad.", " same", " x", " fine", " two", " short", " bad.", " dull."],
+            "chosen_gold": [0.4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0],
+            "rejected_gold": [-0.4, 0.0, 0.0, 0.0, 0.0, 0.0, -0.4, 0.0],
         }
     )
 
 
 def test_screen_counts_and_drops_each_bad_row_type(tokenizer):
-    kept, counts = screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="drop", source="s")
+    kept, counts = screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="drop", source="s",
+                                held_out=HELD_OUT, dedupe=True)  # fmt: skip
     assert kept["chosen"].tolist() == [" good."]
     assert counts == {
         "invalid/identical": 1.0,
@@ -101,12 +106,15 @@ def test_screen_counts_and_drops_each_bad_row_type(tokenizer):
         "invalid/repeats_prompt": 1.0,
         "invalid/extra_eos": 1.0,
         "invalid/too_long": 1.0,
+        "invalid/held_out_prompt": 1.0,
+        "invalid/duplicate": 1.0,
     }
 
 
 def test_screen_fail_names_each_check_and_row(tokenizer):
     with pytest.raises(ValueError) as info:
-        screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="fail", source="prefs train")
+        screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="fail", source="prefs train",
+                     held_out=HELD_OUT, dedupe=True)  # fmt: skip
     message = str(info.value)
     assert message.startswith("prefs train: invalid preference pairs (max_length=64):")
     for line in (
@@ -115,6 +123,8 @@ def test_screen_fail_names_each_check_and_row(tokenizer):
         "repeats_prompt: 1 row(s) (rows 3)",
         "extra_eos: 1 row(s) (rows 4)",
         "too_long: 1 row(s) (rows 5)",
+        "held_out_prompt: 1 row(s) (rows 7)",
+        "duplicate: 1 row(s) (rows 6)",
     ):
         assert line in message
     assert "preferences.on_invalid: drop" in message

@@ -1,0 +1,165 @@
+"""Mid-stage checkpoints, so a killed or preempted training stage resumes where it stopped.
+
+Every `trainer.checkpoint_every_n_steps` optimizer steps (PPO: rollouts) `ResumeCallback` writes a full Lightning
+checkpoint (weights, optimizers, schedulers, loop progress, callback and module state) plus the RNG states and the
+position in the data order, to a temporary name that is then renamed, so a crash never leaves a half-written file
+under a checkpoint's name. The folder is outside the DVC outputs and keyed by the stage's params and the DVC hashes of
+its inputs (`checkpoint_key`), so a changed param or input never resumes from a stale checkpoint. On start a stage
+resumes from the newest checkpoint that loads (`Checkpoints.latest`; an unreadable one is skipped with a warning and
+removed), continues its MLflow run (the run id is kept beside the checkpoint), and skips the rows it already trained
+on; once its outputs are written the folder is removed unless `trainer.keep_checkpoints` is set. A resumed stage ends
+with the same weights and metrics as an uninterrupted one on the same machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+PATTERN = "step-*.ckpt"
+
+
+class Resumable(Protocol):
+    """Whatever hands out training batches: told, before iterating, where in the data order to restart."""
+
+    def resume_from(self, epoch: int, consumed: int) -> None: ...
+
+
+def checkpoint_key(stage_params: Mapping[str, Any], input_hashes: Mapping[str, str]) -> str:
+    """A short hash of what decides a stage's result: its params and the DVC hashes of its inputs."""
+    payload = json.dumps({"params": stage_params, "inputs": input_hashes}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """One stage's checkpoint folder (`<root>/.checkpoints/<stage>/<key>`) and its policy."""
+
+    directory: Path
+    every_n: int
+    keep: bool
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that loads; unreadable ones are skipped with a warning and removed."""
+        for path in sorted(self.directory.glob(PATTERN), reverse=True):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+                return path
+            except Exception as error:  # noqa: BLE001 - any unreadable file is skipped, never loaded
+                warnings.warn(f"skipping unreadable checkpoint {path} ({type(error).__name__}: {error})", stacklevel=2)
+                path.unlink(missing_ok=True)
+        return None
+
+    def run_id(self, checkpoint: Path) -> str | None:
+        """The MLflow run the checkpointed stage was logging to."""
+        sidecar = checkpoint.with_suffix(".json")
+        return json.loads(sidecar.read_text()).get("run_id") if sidecar.exists() else None
+
+    def save(self, trainer: pl.Trainer, done: int, run_id: str) -> Path:
+        """Write `step-<done>.ckpt` atomically (and its run id), then drop the older ones."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step-{done:09d}.ckpt"
+        tmp = self.directory / f".tmp-{path.name}"
+        trainer.save_checkpoint(tmp)
+        path.with_suffix(".json").write_text(json.dumps({"run_id": run_id, "done": done}))
+        tmp.replace(path)  # the checkpoint appears under its name only once it is whole
+        for older in self.directory.glob(PATTERN):
+            if older != path:
+                older.unlink(missing_ok=True)
+                older.with_suffix(".json").unlink(missing_ok=True)
+        return path
+
+    def clear(self) -> None:
+        """Remove the folder once the stage's outputs are written (unless asked to keep it)."""
+        if not self.keep:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, samplers), in a `weights_only`-loadable form."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ResumeCallback(pl.Callback):
+    """Checkpoints every `checkpoints.every_n` steps (or rollouts) and restores RNG states and the data position.
+
+    Args:
+        data: the datamodule or sampler to tell where to restart.
+        accumulate: micro-batches per optimizer step (steps count optimizer steps).
+        unit: `steps` (optimizer steps, automatic optimisation) or `rollouts` (one training batch each: PPO).
+        run_id: the MLflow run the checkpoint belongs to.
+    """
+
+    def __init__(
+        self, checkpoints: Checkpoints, data: Resumable, *, accumulate: int = 1, unit: str = "steps", run_id: str = ""
+    ) -> None:
+        self.checkpoints, self.data, self.accumulate = checkpoints, data, accumulate
+        self.unit, self.run_id = unit, run_id
+        self._saved = 0
+        self._pending_rng: dict[str, Any] | None = None
+        self._trainer: pl.Trainer | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ResumeCallback"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def _done(self, trainer: pl.Trainer, batch_idx: int) -> int:
+        return batch_idx + 1 if self.unit == "rollouts" else trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
+        done = self._done(trainer, idx)
+        if not self.checkpoints.every_n or not done or done % self.checkpoints.every_n or done == self._saved:
+            return
+        self._saved = done
+        self._position = (trainer.current_epoch, self._consumed(trainer, done))
+        if trainer.is_global_zero:
+            self.checkpoints.save(trainer, done, self.run_id)
+        trainer.strategy.barrier()
+
+    def _consumed(self, trainer: pl.Trainer, done: int) -> int:
+        """Training batches of the current epoch already used."""
+        if self.unit == "rollouts":
+            return done
+        return done * self.accumulate - trainer.current_epoch * int(trainer.num_training_batches)
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, consumed = getattr(self, "_position", (0, 0))
+        return {"rng": rng_states(), "epoch": epoch, "consumed": consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_rng = state_dict["rng"]
+        self.data.resume_from(state_dict["epoch"], state_dict["consumed"])
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        # Restored here, not at load: creating the data iterator draws from the torch RNG in between.
+        if self._pending_rng is not None:
+            set_rng_states(self._pending_rng)
+            self._pending_rng = None
