@@ -1,5 +1,6 @@
 """Bad conversational input and a bad judge stop the `prepare` stage with a named error, and nothing is written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -75,3 +76,29 @@ def test_tracking_server_down_fails_before_any_work_naming_the_variable(tmp_path
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in done.stderr
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
     assert wall < 30, wall  # process start-up included; the MLflow client's own retries took 256 s
+
+
+ROWS = [{"prompt": f"Q{i} is", "completion": f" answer {i}."} for i in range(30)]
+GOOD_LINES = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (GOOD_LINES + b'{"prompt": "cut\n', "rows.jsonl line 31: not valid JSON"),
+        (b"", "rows.jsonl: the file is empty"),
+        (GOOD_LINES + '{"prompt": "caf\u00e9", "completion": " x"}\n'.encode("latin-1"),
+         "rows.jsonl line 31: bytes b'\\xe9'"),
+        (GOOD_LINES.replace(b'" answer 4."', b"null"), "column 'completion' (prepare.completion_column): 1 cell(s)"),
+    ],
+    ids=["malformed-json", "empty", "non-utf8", "null-text"],
+)  # fmt: skip
+def test_bad_data_file_names_the_file_and_line_and_writes_nothing(tmp_path, content, message):
+    (tmp_path / "rows.jsonl").write_bytes(content)
+    data = {"source": "dataset", "dataset_path": "json", "data_files": str(tmp_path / "rows.jsonl"), "n_val": 2,
+            "n_test": 2}  # fmt: skip
+    done = _prepare(tmp_path, prepare=data)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+    assert not (tmp_path / "reports").exists()
