@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from pipeline.schemas import PREFERENCE_PAIRS, read_table
 from pipeline.tokenization import encode
 
 
@@ -277,6 +278,12 @@ def tokenize_pairs(tokenizer, frame, max_length: int, source: str) -> list[Prefe
             f"(rows {', '.join(map(str, too_long[:10]))}); raise the stage's max_length"
         )
     return rows
+
+
+def read_pairs(pairs_dir: str, split: str, tokenizer, max_length: int) -> list[PreferencePair]:
+    """The `preferences` stage's table of one split, validated and tokenised (reward, reference and dpo read it)."""
+    source = f"{pairs_dir}/{split}.parquet"
+    return tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), max_length, source)
 
 
 @dataclass(frozen=True)

@@ -220,12 +220,18 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class DPOConfig(TrainingConfig):
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"]
-    """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.)."""
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+    """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.), or the
+    reference-free simpo (Meng et al. 2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no
+    cached reference log-probs."""
     beta: float
     """KL-constraint strength: higher keeps the policy closer to the reference."""
     label_smoothing: float
     """Assumed label-flip rate for sigmoid (cDPO) and robust; 0 is plain DPO."""
+    simpo_gamma: float
+    """SimPO's target reward margin gamma."""
+    orpo_lambda: float
+    """ORPO's weight of the odds-ratio term (beside the chosen response's NLL)."""
     kl_prompts: int
     """Validation prompts sampled at the end to measure objective/kl against the reference."""
     max_new_tokens: int
@@ -454,7 +460,8 @@ BOUNDS = {
     "n_samples": ">= 0", "k": ">= 2", "train_prompts": ">= 1", "val_prompts": ">= 1", "max_new_tokens": ">= 1",
     "temperature": ">= 0", "ppo.temperature": "> 0", "top_k": ">= 0", "top_p": "in (0, 1]", "tau": ">= 0",
     "min_gold_gap": ">= 0", "val_fraction": "in [0, 1)", "margin": ">= 0", "center_coef": ">= 0",
-    "beta": "> 0", "label_smoothing": "in [0, 1)", "kl_prompts": ">= 1", "warmup_rollouts": ">= 0",
+    "beta": "> 0", "label_smoothing": "in [0, 1)", "simpo_gamma": ">= 0", "orpo_lambda": "> 0",
+    "kl_prompts": ">= 1", "warmup_rollouts": ">= 0",
     "rollouts": ">= 1", "prompts_per_rollout": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
     "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0",
     "kl_coef": ">= 0", "kl_target": "> 0", "kl_horizon": ">= 1", "reward_clip": ">= 0",

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.batches import PairCollator, PreferencePair
-from pipeline.dpo_losses import dpo_loss
+from pipeline.dpo_losses import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
 from pipeline.logprobs import masked_logps, model_token_logps
 from pipeline.optim import build_optimizer
 
@@ -68,7 +68,8 @@ def attach_reference(rows: Sequence[PreferencePair], cached: pd.DataFrame, sourc
 
 
 class DPOModule(pl.LightningModule):
-    """DPO-family preference optimisation of an injected policy against cached reference log-probs."""
+    """DPO-family preference optimisation of an injected policy against cached reference log-probs, or with a
+    reference-free loss (SimPO, ORPO) that reads none."""
 
     def __init__(
         self,
@@ -81,19 +82,32 @@ class DPOModule(pl.LightningModule):
         weight_decay: float,
         warmup_steps: int,
         max_steps: int,
+        simpo_gamma: float = 0.5,
+        orpo_lambda: float = 0.1,
     ) -> None:
         super().__init__()
         self.policy = policy
-        self.loss_args = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
+        self.reference_free = loss_type in REFERENCE_FREE_LOSSES
+        if self.reference_free:
+            self.loss_args = {"beta": beta, "loss_type": loss_type, "simpo_gamma": simpo_gamma,
+                              "orpo_lambda": orpo_lambda}  # fmt: skip
+        else:
+            self.loss_args = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
         self.optim_args = {"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps}
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_chosen_logps, policy_rejected_logps = pair_logps(self.policy, batch)
-        reference_chosen_logps, reference_rejected_logps = batch["reference_logps"].to(policy_chosen_logps).chunk(2)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            **self.loss_args,
-        )  # fmt: skip
+        if self.reference_free:
+            chosen_lengths, rejected_lengths = batch["loss_mask"][:, 1:].sum(-1).to(policy_chosen_logps).chunk(2)
+            losses, chosen_rewards, rejected_rewards = reference_free_loss(
+                policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, **self.loss_args
+            )
+        else:
+            reference_chosen_logps, reference_rejected_logps = batch["reference_logps"].to(policy_chosen_logps).chunk(2)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                **self.loss_args,
+            )  # fmt: skip
         return {
             "loss": losses.mean(),
             "rewards/chosen": chosen_rewards.mean(),

@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pipeline.batches import length_sorted_batches, response_batch
@@ -36,6 +37,37 @@ def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     """Share of prompts where `scores` beats `baseline` (paired by position); ties count half."""
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))
     return wins / len(scores)
+
+
+def length_controlled_win_rate(
+    scores: Sequence[float],
+    baseline: Sequence[float],
+    lengths: Sequence[int],
+    baseline_lengths: Sequence[int],
+    *,
+    ridge: float = 1e-3,
+) -> float:
+    """The win-rate at equal length, as AlpacaEval-LC reads it (Dubois et al. 2024).
+
+    A logistic regression of the (soft: ties 0.5) win on the standardised length difference,
+    P(win) = sigmoid(a + b * z), fitted by Newton's method with a small ridge so a perfectly separable set stays
+    finite; the answer is sigmoid(a), the win probability when both responses have the same length. A policy that
+    wins by being longer scores closer to 0.5 here than in the raw win-rate.
+    """
+    wins = np.array([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True)])
+    gap = np.asarray(lengths, dtype=float) - np.asarray(baseline_lengths, dtype=float)
+    z = gap / gap.std() if gap.std() > 0 else np.zeros_like(gap)
+    features = np.stack([np.ones_like(z), z], axis=1)  # (N, 2)
+    coef = np.zeros(2)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-features @ coef))
+        gradient = features.T @ (p - wins) + ridge * coef
+        hessian = features.T @ (features * (p * (1 - p))[:, None]) + ridge * np.eye(2)
+        step = np.linalg.solve(hessian, gradient)
+        coef -= step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(1 / (1 + np.exp(-coef[0])))
 
 
 def best_of_n_kl(n: int) -> float:
@@ -83,6 +115,7 @@ def summarize(result: PolicyResult, baseline: PolicyResult) -> dict[str, float]:
         "reward": statistics.fmean(result.rewards),
         "kl": result.kl,
         "win_rate": win_rate(result.gold, baseline.gold),
+        "lc_win_rate": length_controlled_win_rate(result.gold, baseline.gold, result.lengths, baseline.lengths),
         "rm_win_rate": win_rate(result.rewards, baseline.rewards),
         "length": statistics.fmean(result.lengths),
         "eos_rate": sum(result.ended) / len(result.ended),

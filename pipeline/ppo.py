@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
@@ -87,6 +88,18 @@ class Rollout:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+
+
+def summarize_history(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The stage's report from the per-rollout metrics: `final/*` over the last tenth of training, `start/*` of
+    the headline objectives over the first tenth, and the median throughput."""
+    frame = pd.DataFrame(list(history))
+    window = max(1, len(frame) // 10)
+    metrics = {f"final/{k}": float(frame[k].tail(window).mean()) for k in frame.columns if k != "step"}
+    metrics.update({f"start/{k}": float(frame[k].head(window).mean())
+                    for k in ("objective/gold_scores", "objective/scores", "objective/kl")})  # fmt: skip
+    metrics["perf/tokens_per_s"] = float(frame["perf/tokens_per_s"].median())
+    return metrics
 
 
 class PPOModule(pl.LightningModule):

@@ -21,7 +21,7 @@ def write_curve(rows: Sequence[dict[str, float]], path: str | Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-HEADLINE = ("gold_score", "kl", "win_rate")
+HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate")
 
 
 def eval_markdown(results: dict, metrics: dict[str, float], prompts: list[str], n_shown: int) -> str:
@@ -30,18 +30,20 @@ def eval_markdown(results: dict, metrics: dict[str, float], prompts: list[str], 
         "# Evaluation on held-out test prompts",
         "",
         f"{len(prompts)} prompts, one sample per policy and prompt (same seed and sampling). Win-rates are against "
-        "SFT on the same prompt, ties count half. KL is the sampled sequence KL to SFT in nats (Best-of-N: "
-        "analytic).",
+        "SFT on the same prompt, ties count half; the length-controlled win-rate (LC) is the gold win-rate at equal "
+        "length (a logistic regression on the length difference, as AlpacaEval-LC). KL is the sampled sequence KL "
+        "to SFT in nats (Best-of-N: analytic).",
         "",
-        "| policy | gold score (95 % CI) | RM score | KL | win-rate (gold) | win-rate (RM) | length | EOS rate "
-        "| distinct-1 | distinct-2 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | gold score (95 % CI) | RM score | KL | win-rate (gold) | LC win-rate (gold) | win-rate (RM) "
+        "| length | EOS rate | distinct-1 | distinct-2 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in results:
         m = {key.split("/", 1)[1]: value for key, value in metrics.items() if key.split("/", 1)[0] == name}
         lines.append(
             f"| {name} | {m['gold_score']:.3f} ± {m['gold_score_ci95']:.3f} | {m['reward']:.2f} | {m['kl']:.2f} "
-            f"| {m['win_rate']:.3f} | {m['rm_win_rate']:.3f} | {m['length']:.1f} | {m['eos_rate']:.2f} "
+            f"| {m['win_rate']:.3f} | {m['lc_win_rate']:.3f} | {m['rm_win_rate']:.3f} | {m['length']:.1f} "
+            f"| {m['eos_rate']:.2f} "
             f"| {m['distinct_1']:.3f} | {m['distinct_2']:.3f} |"
         )
     lines += ["", "## Samples", ""]
@@ -64,8 +66,35 @@ def plot_gold_vs_kl(points: dict[str, tuple[float, float]], path: str | Path, ti
         ax.scatter([kl], [gold], s=40)
         ax.annotate(name, (kl, gold), textcoords="offset points", xytext=(4, 4))
     ax.set_xlabel("KL to SFT (nats per sequence)")
-    ax.set_ylabel("mean gold score (VADER)")
+    ax.set_ylabel("mean gold score (the judge's)")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_overoptimization(history: Sequence[dict[str, float]], path: str | Path) -> None:
+    """Gold score and reward-model score against KL along RL training (Gao et al. 2022), saved as PNG atomically.
+
+    Where the reward model's score keeps rising while the gold score stalls or falls, the policy is exploiting the
+    reward model. Both scores are standardised over the run so they share one axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(list(history))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in (("objective/scores", "reward model (normalised)"), ("objective/gold_scores", "gold judge")):
+        values = frame[column]
+        ax.plot(frame["objective/kl"], (values - values.mean()) / (values.std() or 1.0), marker=".", label=label)
+    ax.set_xlabel("KL to the reference (nats per sequence)")
+    ax.set_ylabel("score, standardised over training")
+    ax.set_title("Over-optimisation: proxy vs gold reward along training")
+    ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

@@ -9,12 +9,38 @@ gold order and the Spearman rank correlation between reward and gold judge.
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from pipeline.io import write_json
 from pipeline.optim import build_optimizer
+
+
+@dataclass(frozen=True)
+class RewardStats:
+    """The reward model's score distribution on held-out responses, saved beside its weights: PPO normalises the
+    scores with it."""
+
+    mean: float
+    std: float
+
+    FILE = "reward_stats.json"
+
+    def write(self, model_dir: str | Path) -> None:
+        write_json(asdict(self), Path(model_dir) / self.FILE)
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> RewardStats:
+        path = Path(model_dir) / cls.FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the reward model's score statistics are missing; rerun dvc repro reward")
+        return cls(**json.loads(path.read_text()))
 
 
 def bradley_terry_loss(

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
+from pipeline.batches import PairCollator, RowsDataModule, read_pairs
 from pipeline.dpo import DPOModule, attach_reference
+from pipeline.dpo_losses import REFERENCE_FREE_LOSSES
 from pipeline.evaluation import sampled_objective
 from pipeline.judges import build_judge
 from pipeline.lora import parameter_counts
 from pipeline.models import build_causal_lm, prepare_for_training, save_model
 from pipeline.reports import write_curve
-from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
+from pipeline.schemas import PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
 from pipeline.tokenization import load_tokenizer
 from pipeline.training import fit_and_validate, optim_args
 from stages.common import finish, inference_device, stage
@@ -30,17 +31,18 @@ def main() -> None:
                inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+        reference_free = dpo.loss in REFERENCE_FREE_LOSSES  # SimPO / ORPO: the cached log-probs are not read
         rows = {}
         for split in ("train", "val"):
-            source = f"{args.pairs_dir}/{split}.parquet"
-            pairs = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), dpo.max_length, source)
-            cached = read_table(f"{args.reference_dir}/{split}.parquet", REFERENCE_LOGPS)
-            rows[split] = attach_reference(pairs, cached, f"{args.reference_dir}/{split}.parquet")
+            rows[split] = read_pairs(args.pairs_dir, split, tokenizer, dpo.max_length)
+            if not reference_free:
+                cached = read_table(f"{args.reference_dir}/{split}.parquet", REFERENCE_LOGPS)
+                rows[split] = attach_reference(rows[split], cached, f"{args.reference_dir}/{split}.parquet")
         policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
                                       disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
         counts = parameter_counts(policy)
         module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
-                           **optim_args(dpo))  # fmt: skip
+                           simpo_gamma=dpo.simpo_gamma, orpo_lambda=dpo.orpo_lambda, **optim_args(dpo))  # fmt: skip
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
         data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
@@ -48,7 +50,7 @@ def main() -> None:
                                   ctx.resume_callback(data), ctx.resume_from)
         if not result.is_global_zero:
             return
-        metrics = {**result.metrics, **counts}
+        metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(not reference_free)}
 
         # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under
         # LoRA the reference is the policy with its adapters off (no second copy), so this runs before the merge.

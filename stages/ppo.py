@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 from torch.utils.data import DataLoader
@@ -11,8 +10,9 @@ from torch.utils.data import DataLoader
 from pipeline.judges import build_judge
 from pipeline.lora import parameter_counts
 from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model
-from pipeline.ppo import PPOModule, PromptBatches
-from pipeline.reports import write_curve
+from pipeline.ppo import PPOModule, PromptBatches, summarize_history
+from pipeline.reports import plot_overoptimization, write_curve
+from pipeline.reward import RewardStats
 from pipeline.schemas import PROMPT_COMPLETION, read_table
 from pipeline.tokenization import encode, load_tokenizer
 from pipeline.training import build_trainer
@@ -25,6 +25,7 @@ PATHS = {
     "model_dir": "models/ppo",
     "report": "reports/ppo.json",
     "curve": "reports/plots/ppo.csv",
+    "overoptimization": "reports/ppo_overoptimization.png",
 }
 
 
@@ -35,7 +36,7 @@ def main() -> None:
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
         prompt_ids = encode(tokenizer, prompts)
-        stats = json.loads(Path(args.reward_dir, "reward_stats.json").read_text())
+        stats = RewardStats.read(args.reward_dir)
         train = {"disable_dropout": ppo.disable_dropout}
         policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
                                       task="CAUSAL_LM", **train)  # fmt: skip
@@ -46,7 +47,7 @@ def main() -> None:
             # Under LoRA the reference is the policy with its adapters disabled: no second copy.
             reference=None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),
-            tokenizer=tokenizer, cfg=ppo, reward_mean=stats["mean"], reward_std=stats["std"], seed=cfg.seed,
+            tokenizer=tokenizer, cfg=ppo, reward_mean=stats.mean, reward_std=stats.std, seed=cfg.seed,
             accumulate=cfg.trainer.accumulate_grad_batches,
         )  # fmt: skip
         counts = parameter_counts(policy)
@@ -59,17 +60,13 @@ def main() -> None:
         if not trainer.is_global_zero:
             return
         save_model(module.policy, tokenizer, args.model_dir)  # LoRA adapters merged
-        history = pd.DataFrame(module.history)
         write_curve(module.history, args.curve)
+        plot_overoptimization(module.history, args.overoptimization)
+        ctx.run.log_artifact(args.overoptimization)
         ctx.run.log_text(pd.DataFrame(module.last_samples[: ppo.n_logged_samples]).to_string(),
                          "samples/ppo_rollouts.txt")  # fmt: skip
-        window = max(1, len(history) // 10)  # first and last tenth of training
-        metrics = {f"final/{k}": float(history[k].tail(window).mean()) for k in history.columns if k != "step"}
-        metrics.update({f"start/{k}": float(history[k].head(window).mean()) for k in
-                        ("objective/gold_scores", "objective/scores", "objective/kl")})  # fmt: skip
-        metrics["perf/tokens_per_s"] = float(history["perf/tokens_per_s"].median())
-        metrics.update(counts)
-        finish(ctx, metrics, args.report, [args.model_dir], step=len(history))
+        metrics = {**summarize_history(module.history), **counts}
+        finish(ctx, metrics, args.report, [args.model_dir], step=len(module.history))
         print(f"ppo: {json.dumps(metrics, indent=1)}")
 
 

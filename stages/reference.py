@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-from pipeline.batches import PairCollator, tokenize_pairs
+from pipeline.batches import PairCollator, read_pairs
 from pipeline.dpo import reference_logps
 from pipeline.io import atomic_path, write_parquet
 from pipeline.models import build_causal_lm
-from pipeline.schemas import PREFERENCE_PAIRS, REFERENCE_LOGPS, read_table, validate_frame
+from pipeline.schemas import REFERENCE_LOGPS, validate_frame
 from pipeline.tokenization import load_tokenizer
 from stages.common import finish, inference_device, stage
 
@@ -31,7 +31,7 @@ def main() -> None:
             tmp.mkdir()
             for split in ("train", "val"):
                 source = f"{args.pairs_dir}/{split}.parquet"
-                rows = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), ref.max_length, source)
+                rows = read_pairs(args.pairs_dir, split, tokenizer, ref.max_length)
                 start = time.perf_counter()
                 frame = validate_frame(reference_logps(model, rows, collate, ref.batch_size), REFERENCE_LOGPS, source)
                 metrics[f"{split}/wall_s"] = time.perf_counter() - start

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pipeline.batches import PairCollator, RowsDataModule, tokenize_pairs
-from pipeline.io import write_json
+from pipeline.batches import PairCollator, RowsDataModule, read_pairs
 from pipeline.lora import parameter_counts
 from pipeline.models import build_reward_model, prepare_for_training, save_model
 from pipeline.reports import write_curve
-from pipeline.reward import RewardModule
-from pipeline.schemas import PREFERENCE_PAIRS, read_table
+from pipeline.reward import RewardModule, RewardStats
 from pipeline.tokenization import load_tokenizer
 from pipeline.training import fit_and_validate, optim_args
 from stages.common import finish, stage
@@ -26,10 +24,7 @@ def main() -> None:
     with stage("reward", ["seed", "model", "trainer", "reward"], PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
         cfg, rm, args = ctx.config, ctx.config.reward, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        rows = {}
-        for split in ("train", "val"):
-            source = f"{args.pairs_dir}/{split}.parquet"
-            rows[split] = tokenize_pairs(tokenizer, read_table(source, PREFERENCE_PAIRS), rm.max_length, source)
+        rows = {split: read_pairs(args.pairs_dir, split, tokenizer, rm.max_length) for split in ("train", "val")}
         model = prepare_for_training(build_reward_model(cfg.model, tokenizer, args.sft_dir), cfg.model, cfg.trainer,
                                      disable_dropout=rm.disable_dropout, task="SEQ_CLS")  # fmt: skip
         counts = parameter_counts(model)
@@ -44,8 +39,7 @@ def main() -> None:
         metrics = result.metrics
         save_model(module.model, tokenizer, args.model_dir)
         # PPO normalises rewards with these (the distribution on held-out responses).
-        stats = {"mean": metrics["val/reward_mean"], "std": metrics["val/reward_std"]}
-        write_json(stats, f"{args.model_dir}/reward_stats.json")
+        RewardStats(mean=metrics["val/reward_mean"], std=metrics["val/reward_std"]).write(args.model_dir)
         write_curve(result.history, args.curve)
         metrics.update(counts)
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)

@@ -32,6 +32,7 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
                 "gold_score_ci95",
                 "kl",
                 "win_rate",
+                "lc_win_rate",
                 "rm_win_rate",
                 "reward",
                 "length",
@@ -43,6 +44,8 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert metrics["sft/win_rate"] == 0.5 and metrics["sft/kl"] == 0.0
     assert "| dpo |" in (project.path / "reports/eval.md").read_text()
     assert (project.path / "reports/eval_gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project.path / "reports/ppo_overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| LC win-rate (gold) |" in (project.path / "reports/eval.md").read_text()
 
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])

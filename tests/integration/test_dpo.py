@@ -57,3 +57,21 @@ def test_cache_for_other_rows_is_refused(model_cfg, tokenizer, reviews, tmp_path
     with pytest.raises(ValueError, match=r"data/reference/train\.parquet: cached reference log-probs cover 1 rows "
                                          r"but the pairs table has 4; rerun the reference stage"):  # fmt: skip
         attach_reference(tiny_pairs(tokenizer, reviews, 4), cached, "data/reference/train.parquet")
+
+
+def test_reference_free_losses_train_without_any_reference_log_probs(model_cfg, cpu_trainer_cfg, tokenizer, reviews,
+                                                                     tmp_path):  # fmt: skip
+    import math
+
+    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    rows = tiny_pairs(tokenizer, reviews, 32)  # no reference attached: the cached log-probs are NaN
+    assert all(math.isnan(r.reference_chosen_logps) for r in rows)
+    for loss, extra in (("simpo", {"beta": 2.0, "simpo_gamma": 0.5}), ("orpo", {"beta": 0.1, "orpo_lambda": 0.1})):
+        module = DPOModule(build_causal_lm(model_cfg, tokenizer, path=path), loss_type=loss, label_smoothing=0.0,
+                           lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=4, **extra)  # fmt: skip
+        before = params_snapshot(module)
+        trainer = build_trainer(cpu_trainer_cfg, max_steps=4, val_every_n_steps=None, grad_clip=1.0, logger=False)
+        trainer.fit(module, datamodule=RowsDataModule(rows, rows[:8], collate, batch_size=8, seed=0))
+        assert changed(before, module) == set(before), loss
+        assert math.isfinite(float(trainer.callback_metrics["train/loss"])), loss

@@ -89,3 +89,19 @@ def test_pareto_mask_hand_set():
     gold = [0.5, 0.7, 0.6, 0.7, 0.1]
     # (2, 0.6) is dominated by (2, 0.7); (3, 0.7) by (2, 0.7)
     assert pareto_mask(kl, gold) == [True, True, False, False, True]
+
+
+def test_length_controlled_win_rate_removes_wins_explained_by_length():
+    from pipeline.evaluation import length_controlled_win_rate
+
+    # Equal lengths: nothing to control for, the LC win-rate is the raw one.
+    scores, baseline = [1.0, 1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0, 0.5]
+    assert length_controlled_win_rate(scores, baseline, [5] * 5, [5] * 5) == pytest.approx(0.7, abs=1e-3)
+    # 2 tokens longer the policy wins 9 times in 10, 2 tokens shorter once in 10, and it is longer twice as often:
+    # raw win-rate 19 / 30, but P(win) = sigmoid(1.0986 * gap) puts equal length at a coin flip.
+    gaps = [2] * 20 + [-2] * 10
+    wins = [1.0] * 18 + [0.0] * 2 + [1.0] + [0.0] * 9
+    lc = length_controlled_win_rate(wins, [0.5] * 30, [10 + g for g in gaps], [10] * 30)
+    assert win_rate(wins, [0.5] * 30) == pytest.approx(19 / 30) and lc == pytest.approx(0.5, abs=1e-3)
+    # Ties everywhere (SFT against itself): 0.5.
+    assert length_controlled_win_rate([0.2] * 4, [0.2] * 4, [3, 4, 5, 6], [3, 4, 5, 6]) == pytest.approx(0.5)
