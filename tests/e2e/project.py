@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -84,6 +85,17 @@ class Project:
 
     def dvc(self, *args: str) -> str:
         return self.run(sys.executable, "-m", "dvc", *args)
+
+    def run_queue(self, jobs: int, polls: int = 300) -> str:
+        """`dvc queue start -j jobs`, wait until nothing is queued or running, stop the workers; the final status."""
+        self.dvc("queue", "start", "-j", str(jobs))
+        for _ in range(polls):
+            status = self.dvc("queue", "status")
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+        self.dvc("queue", "stop")
+        return status
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")

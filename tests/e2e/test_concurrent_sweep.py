@@ -1,7 +1,6 @@
 """Two queued sweep points run at once (`dvc queue start -j 2`) on the default SQLite store: both land in MLflow."""
 
 import json
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,13 +16,7 @@ def test_two_queue_workers_both_land_every_stage_run(tmp_path):
     project.commit("baseline")
     for beta in ("0.2", "0.4"):
         project.dvc("exp", "run", "--queue", "-S", f"dpo.beta={beta}", "-n", f"beta{beta}")
-    project.dvc("queue", "start", "-j", "2")
-    for _ in range(300):
-        status = project.dvc("queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
-    project.dvc("queue", "stop")
+    status = project.run_queue(jobs=2)
     assert status.count("Success") == 2, status
     shown = json.loads(project.dvc("exp", "show", "--json"))
     names = {rev["name"] for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]}

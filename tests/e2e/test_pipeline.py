@@ -2,7 +2,6 @@
 
 import json
 import sys
-import time
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -75,14 +74,8 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
 
     # A queued sweep point runs in DVC's temp dir and still logs to this repo's MLflow store.
     project.dvc("exp", "run", "--queue", "-S", "dpo.beta=1.0", "-n", "beta1")
-    project.dvc("queue", "start", "-j", "1")
-    for _ in range(150):
-        status = project.dvc("queue", "status")
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(2)
+    status = project.run_queue(jobs=1)
     assert "Success" in status, status
-    project.dvc("queue", "stop")
     shown = json.loads(project.dvc("exp", "show", "--json"))
     queued = next(rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]
                   if rev["name"] == "beta1")  # fmt: skip
