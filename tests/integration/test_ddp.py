@@ -1,22 +1,16 @@
+import dataclasses
+
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import TrainerConfig
 from tests.integration.test_sft import _fit
 
 
 @pytest.mark.slow
-def test_sft_under_ddp_spawn_on_two_cpu_processes(model_cfg, tokenizer, reviews, tracking):
+def test_sft_under_ddp_spawn_on_two_cpu_processes(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tracking):
     from pipeline.tracking import StageRun
 
-    ddp = TrainerConfig(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        precision="32-true",
-        num_nodes=1,
-        log_every_n_steps=1,
-    )
+    ddp = dataclasses.replace(cpu_trainer_cfg, devices=2, strategy="ddp_spawn")
     with StageRun(tracking, "sft", {}, {}) as run:
         module, before, _, _ = _fit(model_cfg, ddp, tokenizer, reviews, run.lightning_logger(), steps=4)
     assert any(not p.equal(before[n]) for n, p in module.named_parameters())  # rank 0's weights came back
