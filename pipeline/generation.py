@@ -38,10 +38,17 @@ class Samples:
 
 
 def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS first, then the model's other declared stop tokens."""
-    declared = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    declared = declared if isinstance(declared, list) else [declared]
-    return list(dict.fromkeys([tokenizer.eos_token_id, *(t for t in declared if t is not None)]))
+    """Tokens that end a response: the tokenizer's EOS (a chat template's end-of-turn) first, then any other end
+    token the model declares (Llama 3 Instruct lists `<|eot_id|>` and `<|end_of_text|>`); never the pad.
+
+    `models.build_causal_lm` stores this list as the model's `generation_config.eos_token_id`, so a saved model
+    carries it to every later stage."""
+    declared = []
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        value = getattr(source, "eos_token_id", None)
+        declared += value if isinstance(value, list) else [value]
+    stops = [tokenizer.eos_token_id] + [t for t in declared if t is not None and t < len(tokenizer)]
+    return [t for t in dict.fromkeys(stops) if t != tokenizer.pad_token_id]
 
 
 @torch.no_grad()

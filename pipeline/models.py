@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from pipeline.config import ModelConfig, TrainerConfig
+from pipeline.generation import stop_ids
 from pipeline.io import atomic_path
 from pipeline.lora import merged, with_lora
 
@@ -65,24 +66,13 @@ def _fit_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.train()  # from_pretrained returns eval mode; training stages need dropout on (generation sets eval)
-    stops = stop_token_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)  # read before config.eos_token_id is overwritten below
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     return model
-
-
-def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens that end a response: the tokenizer's EOS (a chat template's end-of-turn) first, then any other end
-    token the checkpoint declares (Llama 3 Instruct lists `<|eot_id|>` and `<|end_of_text|>`); never the pad."""
-    declared = []
-    for source in (getattr(model, "generation_config", None), model.config):
-        value = getattr(source, "eos_token_id", None) if source is not None else None
-        declared += value if isinstance(value, list) else [value]
-    stops = [tokenizer.eos_token_id] + [t for t in declared if t is not None and t < len(tokenizer)]
-    return [t for t in dict.fromkeys(stops) if t != tokenizer.pad_token_id]
 
 
 def prepare_for_training(
