@@ -249,7 +249,12 @@ class PPOConfig:
     rollouts: int
     """Rollout batches (each: sample, score, then `ppo_epochs` passes of minibatch updates)."""
     prompts_per_rollout: int
-    """Prompts sampled per rollout batch (one response each)."""
+    """Prompts sampled per rollout batch (`num_generations` responses each)."""
+    num_generations: int
+    """Responses sampled per prompt; the group estimators (grpo, dr_grpo, rloo) need >= 2."""
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+    """gae: PPO with a value model; grpo / dr_grpo / rloo: group baselines, no value model; reinforce_pp: REINFORCE++
+    (batch-whitened returns), no value model."""
     minibatch_size: int
     """Sequences per PPO update."""
     ppo_epochs: int
@@ -275,7 +280,12 @@ class PPOConfig:
     kl_coef: float
     """Per-token KL penalty (the initial value when `kl_control` is adaptive)."""
     kl_estimator: Literal["k1", "k2", "k3"]
-    """Per-token KL estimator in the penalty."""
+    """Per-token KL estimator in the reward penalty."""
+    kl_in: Literal["reward", "loss"]
+    """Where the KL to the reference goes: a per-token penalty in the reward (`kl_coef`), or a k3 term in the loss
+    (`kl_loss_coef`, as GRPO does)."""
+    kl_loss_coef: float
+    """Weight of the k3 KL loss term when `kl_in` is loss."""
     kl_control: Literal["fixed", "adaptive"]
     """Keep `kl_coef` fixed, or adapt it towards `kl_target` (Ziegler et al. 2019)."""
     kl_target: float
@@ -416,24 +426,43 @@ def _semantic_errors(config: Config) -> list[str]:
                       "(0 turns LoRA off) and alpha positive")  # fmt: skip
     if not 0 <= model.lora_dropout < 1:
         errors.append(f"model.lora_dropout: {model.lora_dropout} must lie in [0, 1)")
-    if config.ppo.minibatch_size % config.trainer.accumulate_grad_batches:
-        errors.append(
-            f"ppo.minibatch_size: {config.ppo.minibatch_size} is not divisible by trainer.accumulate_grad_batches = "
-            f"{config.trainer.accumulate_grad_batches} (PPO splits each minibatch into that many micro-batches)"
-        )
+    errors += _ppo_errors(config.ppo, config.trainer.accumulate_grad_batches)
     dpo = config.dpo
     if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
         errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, 0.5) for loss 'robust'")
-    if config.ppo.minibatch_size > config.ppo.prompts_per_rollout:
-        errors.append(
-            f"ppo.minibatch_size: {config.ppo.minibatch_size} exceeds ppo.prompts_per_rollout = "
-            f"{config.ppo.prompts_per_rollout}; a minibatch is a slice of one rollout batch"
-        )
     if config.reference.max_length != dpo.max_length:
         errors.append(
             f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
             "the cached log-probs must cover exactly the pairs DPO trains on"
         )
+    return errors
+
+
+def _ppo_errors(ppo: PPOConfig, accumulate: int) -> list[str]:
+    errors = []
+    if ppo.minibatch_size % accumulate:
+        errors.append(
+            f"ppo.minibatch_size: {ppo.minibatch_size} is not divisible by trainer.accumulate_grad_batches = "
+            f"{accumulate} (PPO splits each minibatch into that many micro-batches)"
+        )
+    rollout = ppo.prompts_per_rollout * ppo.num_generations
+    if ppo.minibatch_size > rollout:
+        errors.append(
+            f"ppo.minibatch_size: {ppo.minibatch_size} exceeds the rollout batch, ppo.prompts_per_rollout x "
+            f"ppo.num_generations = {rollout}; a minibatch is a slice of one rollout batch"
+        )
+    group = ppo.advantage_estimator in ("grpo", "dr_grpo", "rloo")
+    if group and ppo.num_generations < 2:
+        errors.append(
+            f"ppo.num_generations: {ppo.num_generations} is too few for ppo.advantage_estimator "
+            f"{ppo.advantage_estimator!r}, whose baseline is the other samples of the same prompt; set it to >= 2"
+        )
+    if group and ppo.whiten_rewards:
+        errors.append(f"ppo.whiten_rewards: true does not apply to ppo.advantage_estimator "
+                      f"{ppo.advantage_estimator!r} (it scores whole sequences); set it to false")  # fmt: skip
+    if ppo.kl_in == "loss" and ppo.kl_control == "adaptive":
+        errors.append("ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'; use fixed "
+                      "(the loss term's weight is ppo.kl_loss_coef)")  # fmt: skip
     return errors
 
 
@@ -463,6 +492,7 @@ BOUNDS = {
     "beta": "> 0", "label_smoothing": "in [0, 1)", "simpo_gamma": ">= 0", "orpo_lambda": "> 0",
     "kl_prompts": ">= 1", "warmup_rollouts": ">= 0",
     "rollouts": ">= 1", "prompts_per_rollout": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
+    "num_generations": ">= 1", "kl_loss_coef": ">= 0",
     "gamma": "in [0, 1]", "lam": "in [0, 1]", "cliprange": "> 0", "cliprange_value": "> 0", "vf_coef": ">= 0",
     "kl_coef": ">= 0", "kl_target": "> 0", "kl_horizon": ">= 1", "reward_clip": ">= 0",
     "missing_eos_penalty": ">= 0", "max_ratio": "> 1", "min_eos_rate": "in [0, 1]", "n_logged_samples": ">= 0",

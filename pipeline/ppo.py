@@ -1,12 +1,15 @@
-"""RLHF with PPO: rollouts, rewards with a per-token KL penalty, and clipped updates of policy and value models.
+"""Online RL from the reward model: rollouts, rewards with a KL penalty, and clipped policy updates (PPO and the
+critic-free estimators GRPO, Dr. GRPO, RLOO and REINFORCE++).
 
-Each training step is one rollout batch. The policy samples one response per prompt (KV cache, stopping at EOS);
-one no-grad forward pass of each model then gives the old log-probs (policy), reference log-probs (SFT model),
-values (value model, initialised from the reward model) and scores (reward model, read at the response's last
-token, normalised with the reward model's saved mean and std). Rewards are the score at the last response token
-minus `kl_coef` times the per-token KL estimate; GAE turns them into advantages, which are whitened. Then
-`ppo_epochs` passes of shuffled minibatches update both models with manual optimisation. The math lives in
-`pipeline.rl`; this module wires it and refuses to continue when training turns unhealthy (`PPOHealthError`).
+Each training step is one rollout batch. The policy samples `num_generations` responses per prompt (KV cache,
+stopping at EOS); one no-grad forward pass of each model then gives the old log-probs (policy), reference log-probs
+(SFT model), values (the value model, initialised from the reward model; GAE only) and scores (reward model, read at
+the response's last token, normalised with the reward model's saved mean and std). Per-token rewards are the score at
+the last response token minus `kl_coef` times the per-token KL estimate (`kl_in: reward`), or the score alone with a
+k3 KL term of weight `kl_loss_coef` in the loss (`kl_in: loss`, as GRPO does); `pipeline.rl.estimate_advantages`
+turns them into advantages. Then `ppo_epochs` passes of shuffled minibatches update the policy (and the value model)
+with manual optimisation. The math lives in `pipeline.rl`; this module wires it and refuses to continue when
+training turns unhealthy (`PPOHealthError`).
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from pipeline.logprobs import model_token_logps
 from pipeline.lora import as_reference, unwrapped
 from pipeline.optim import build_optimizer
 from pipeline.rl import (
+    GROUP_ESTIMATORS,
+    LOSS_AGGREGATION,
     AdaptiveKLController,
     FixedKLController,
+    aggregate_loss,
     clipped_policy_loss,
     clipped_value_loss,
-    gae_advantages,
+    estimate_advantages,
     kl_estimate,
     masked_mean,
     masked_whiten,
@@ -79,15 +85,17 @@ def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attentio
 
 @dataclass
 class Rollout:
-    """One rollout batch, token-aligned: (B, T - 1) tensors score the token after each position."""
+    """One rollout batch, token-aligned: (B, T - 1) tensors score the token after each position. `values` and
+    `returns` exist only with a value model (GAE)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mask: torch.Tensor
     logps: torch.Tensor
-    values: torch.Tensor
+    ref_logps: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
 
 def summarize_history(history: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -103,15 +111,16 @@ def summarize_history(history: Sequence[dict[str, float]]) -> dict[str, float]:
 
 
 class PPOModule(pl.LightningModule):
-    """PPO with separate policy and value models, a frozen reference and a frozen reward model.
+    """Clipped policy-gradient RL with a frozen reference and a frozen reward model; a separate value model for GAE.
 
     `reference` None: the policy is a LoRA model and its adapter-disabled self is the reference (one weight copy).
+    `value_model` None: a critic-free estimator (`cfg.advantage_estimator` other than gae); no value model exists.
     """
 
     def __init__(
         self,
         policy: torch.nn.Module,
-        value_model: torch.nn.Module,
+        value_model: torch.nn.Module | None,
         reference: torch.nn.Module | None,
         reward_model: torch.nn.Module,
         judge: Judge,
@@ -131,6 +140,10 @@ class PPOModule(pl.LightningModule):
         self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
         self.reward_mean, self.reward_std = reward_mean, reward_std
         self.accumulate = accumulate
+        if (value_model is None) != (cfg.advantage_estimator != "gae"):
+            raise ValueError(f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae "
+                             "and only by gae")  # fmt: skip
+        self.aggregation = LOSS_AGGREGATION[cfg.advantage_estimator]
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
             if cfg.kl_control == "adaptive"
@@ -156,12 +169,16 @@ class PPOModule(pl.LightningModule):
         cfg = self.cfg
         params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         seed = self.seed + 7919 * step + self.global_rank
+        group = cfg.num_generations
+        prompt_ids = [ids for ids in prompt_ids for _ in range(group)]  # each prompt's samples are consecutive rows
         samples = sample_ids(self.policy, self.tokenizer, prompt_ids, params, batch_size=len(prompt_ids), seed=seed)
         input_ids, attention_mask, mask = self._sequences(samples)
         logps, _ = self._logps(self.policy, input_ids, attention_mask)
         with as_reference(self.policy, self.reference) as reference:
             ref_logps, _ = self._logps(reference, input_ids, attention_mask)
-        values = token_values(self.value_model, input_ids, attention_mask)[:, :-1]
+        values = None
+        if self.value_model is not None:
+            values = token_values(self.value_model, input_ids, attention_mask)[:, :-1]
         raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
         ended = torch.tensor(samples.ended, device=self.device)
@@ -170,15 +187,15 @@ class PPOModule(pl.LightningModule):
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
         kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
-        non_score = -self.kl_ctl.value * kl
+        non_score = -self.kl_ctl.value * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)
         last = (attention_mask.sum(1) - 2).clamp(min=0)  # token-aligned index of the last response token
         rewards = non_score.clone()
         rewards[torch.arange(len(last), device=self.device), last] += scores
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = gae_advantages(rewards, values, mask, gamma=cfg.gamma, lam=cfg.lam)
-        advantages = masked_whiten(advantages, mask)
-        if not (torch.isfinite(advantages).all() and torch.isfinite(returns).all()):
+        advantages, returns = estimate_advantages(cfg.advantage_estimator, rewards, mask, values=values,
+                                                  group_size=group, gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
+        if not (torch.isfinite(advantages).all() and (returns is None or torch.isfinite(returns).all())):
             raise PPOHealthError(
                 f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
                 "reward model's saved mean/std (models/reward/reward_stats.json), ppo.reward_clip and ppo.lr"
@@ -191,67 +208,90 @@ class PPOModule(pl.LightningModule):
             "objective/scores": float(scores.mean()),
             "objective/non_score_reward": float(non_score.sum(1).mean()),
             "objective/rlhf_reward": float((scores + non_score.sum(1)).mean()),
-            "objective/kl_coef": float(self.kl_ctl.value),
+            "objective/kl_coef": float(self.kl_ctl.value if cfg.kl_in == "reward" else cfg.kl_loss_coef),
             "objective/gold_scores": sum(golds) / len(golds),
             "val/num_eos_tokens": float(ended.sum()),
             "val/eos_rate": float(ended.float().mean()),
             "val/response_length": float(mask.sum(1).mean()),
         }
+        if cfg.advantage_estimator in GROUP_ESTIMATORS:  # the spread the group baseline works with, as TRL logs it
+            spread = (scores + non_score.sum(1)).view(-1, group).std(1)
+            stats["objective/reward_std"] = float(spread.mean())
+            stats["objective/frac_reward_zero_std"] = float((spread < 1e-6).float().mean())
         self.last_samples = [
             {"prompt": p, "response": t, "score": float(s), "gold": g, "ended": e}
             for p, t, s, g, e in zip(prompts, samples.texts, scores, golds, samples.ended, strict=True)
         ]
-        rollout = Rollout(input_ids, attention_mask, mask, logps, values, advantages, returns)
+        rollout = Rollout(input_ids, attention_mask, mask, logps, ref_logps, advantages, values, returns)
         return rollout, stats, samples
 
     def _update(self, rollout: Rollout, step: int) -> dict[str, float]:
         cfg = self.cfg
-        policy_opt, value_opt = self.optimizers()
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]  # policy, then the value model's
         generator = torch.Generator().manual_seed(self.seed + step)
         totals: dict[str, list[torch.Tensor]] = {}
         for _ in range(cfg.ppo_epochs):
             for index in torch.randperm(len(rollout.input_ids), generator=generator).split(cfg.minibatch_size):
                 index = index.to(self.device)
-                policy_opt.zero_grad()
-                value_opt.zero_grad()
-                tokens = rollout.mask[index].sum()
-                # Gradient accumulation: micro-batches weighted by their share of the minibatch's response tokens,
-                # so k of them give the gradient of the minibatch's token means.
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                # Gradient accumulation: micro-batches weighted by their share of what the loss averages over (the
+                # minibatch's response tokens, or its rows), so k of them give the gradient of the whole minibatch.
                 for micro in index.chunk(self.accumulate):
-                    stats = self._backward(rollout, micro, weight=rollout.mask[micro].sum() / tokens)
+                    stats = self._backward(rollout, micro, weight=self._share(rollout.mask, micro, index))
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
-                if cfg.grad_clip:
-                    self.clip_gradients(policy_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
-                    self.clip_gradients(value_opt, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
-                policy_opt.step()
-                value_opt.step()
-        for scheduler in self.lr_schedulers():
+                for optimizer in optimizers:
+                    if cfg.grad_clip:
+                        self.clip_gradients(optimizer, gradient_clip_val=cfg.grad_clip, gradient_clip_algorithm="norm")
+                    optimizer.step()
+        for scheduler in self._schedulers():
             scheduler.step()
         stacked = {key: torch.stack(values) for key, values in totals.items()}  # one host sync below, per rollout
         self._check_update(stacked, step)
         return {key: float(values.mean()) for key, values in stacked.items()}
 
-    def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Policy and value losses of the rows `index`, backpropagated times `weight`; their detached stats."""
+    def _schedulers(self) -> list:
+        """Lightning hands back a lone scheduler bare (critic-free: the policy's only)."""
+        schedulers = self.lr_schedulers()
+        return schedulers if isinstance(schedulers, list) else [schedulers]
+
+    def _share(self, mask: torch.Tensor, micro: torch.Tensor, index: torch.Tensor) -> torch.Tensor | float:
+        if self.aggregation == "token_mean":
+            return mask[micro].sum() / mask[index].sum()
+        return len(micro) / len(index)
+
+    def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor | float
+                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """Policy (+ KL, + value) losses of the rows `index`, backpropagated times `weight`; their detached stats."""
         cfg = self.cfg
         ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
         logps, entropy = self._logps(self.policy, ids, am, with_entropy=True)
+        aggregation = {"aggregation": self.aggregation, "max_tokens": cfg.max_new_tokens}
         pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
-                                                cliprange=cfg.cliprange)  # fmt: skip
-        values = token_values(self.value_model, ids, am)[:, :-1]
-        vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
-                                                  cliprange=cfg.cliprange_value)  # fmt: skip
-        loss = pg_loss + cfg.vf_coef * vf_loss
+                                                cliprange=cfg.cliprange, **aggregation)  # fmt: skip
+        loss = pg_loss
+        stats = {"loss/policy_avg": pg_loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
+                 "policy/clipfrac_avg": pg_stats["clipfrac"], "policy/entropy_avg": masked_mean(entropy, mask),
+                 "val/ratio": pg_stats["ratio"]}  # fmt: skip
+        if cfg.kl_in == "loss":  # k3 of the current policy against the reference, per token (GRPO)
+            kl_loss = aggregate_loss(kl_estimate(logps, rollout.ref_logps[index], "k3"), mask, self.aggregation,
+                                     max_tokens=cfg.max_new_tokens)  # fmt: skip
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            stats["loss/kl_avg"] = kl_loss.detach()
+        if self.value_model is not None:
+            values = token_values(self.value_model, ids, am)[:, :-1]
+            vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
+                                                      cliprange=cfg.cliprange_value)  # fmt: skip
+            loss = loss + cfg.vf_coef * vf_loss
+            stats.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac})
         self.manual_backward(loss if self.accumulate == 1 else loss * weight)
-        return {"loss/policy_avg": pg_loss.detach(), "loss/value_avg": vf_loss.detach(),
-                "policy/approxkl_avg": pg_stats["approxkl"], "policy/clipfrac_avg": pg_stats["clipfrac"],
-                "policy/entropy_avg": masked_mean(entropy, mask), "val/ratio": pg_stats["ratio"],
-                "val/clipfrac_avg": vf_clipfrac}  # fmt: skip
+        return stats
 
     def _check_update(self, stacked: dict[str, torch.Tensor], step: int) -> None:
-        for key in ("loss/policy_avg", "loss/value_avg"):
-            if not torch.isfinite(stacked[key]).all():
+        for key in ("loss/policy_avg", "loss/value_avg", "loss/kl_avg"):
+            if key in stacked and not torch.isfinite(stacked[key]).all():
                 raise PPOHealthError(
                     f"ppo: non-finite {key} at rollout {step}; lower ppo.lr / ppo.value_lr or set ppo.grad_clip"
                 )
@@ -277,12 +317,12 @@ class PPOModule(pl.LightningModule):
         stats["time/rollout_s"] = time.perf_counter() - start
         stats.update(self._update(rollout, batch_idx))
         stats["time/update_s"] = time.perf_counter() - start - stats["time/rollout_s"]
-        self.kl_ctl.update(stats["objective/kl"], n_steps=len(prompt_ids))
+        self.kl_ctl.update(stats["objective/kl"], n_steps=len(samples.texts))
         generated = sum(len(c) for c in samples.completion_ids)
         trained = int(rollout.attention_mask.sum()) * self.cfg.ppo_epochs
         stats["perf/generated_tokens"], stats["perf/trained_tokens"] = float(generated), float(trained)
         stats["perf/tokens_per_s"] = (generated + trained) / (time.perf_counter() - start)
-        stats["lr"] = self.lr_schedulers()[0].get_last_lr()[0]
+        stats["lr"] = self._schedulers()[0].get_last_lr()[0]
         self.history.append({"step": float(batch_idx), **stats})
         if self.logger is not None:
             self.logger.log_metrics(stats, step=batch_idx)
@@ -297,7 +337,7 @@ class PPOModule(pl.LightningModule):
     def configure_optimizers(self):
         args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts,
                 "precision": str(self.trainer.precision)}
-        return [
-            build_optimizer(self.policy, lr=self.cfg.lr, **args),
-            build_optimizer(self.value_model, lr=self.cfg.value_lr, **args),
-        ]
+        optimizers = [build_optimizer(self.policy, lr=self.cfg.lr, **args)]
+        if self.value_model is not None:
+            optimizers.append(build_optimizer(self.value_model, lr=self.cfg.value_lr, **args))
+        return optimizers

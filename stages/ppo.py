@@ -1,4 +1,5 @@
-"""DVC stage `ppo`: RLHF of the SFT policy against the reward model with a KL penalty to the SFT reference."""
+"""DVC stage `ppo`: RLHF of the SFT policy against the reward model with a KL penalty to the SFT reference, by PPO
+(GAE with a value model) or a critic-free estimator (`ppo.advantage_estimator`)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,13 @@ def main() -> None:
         train = {"disable_dropout": ppo.disable_dropout}
         policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
                                       task="CAUSAL_LM", **train)  # fmt: skip
+        value_model = None  # critic-free estimators never load one
+        if ppo.advantage_estimator == "gae":
+            value_model = prepare_for_training(build_reward_model(cfg.model, tokenizer, args.reward_dir), cfg.model,
+                                               cfg.trainer, task="SEQ_CLS", **train)  # fmt: skip
         module = PPOModule(
             policy=policy,
-            value_model=prepare_for_training(build_reward_model(cfg.model, tokenizer, args.reward_dir), cfg.model,
-                                             cfg.trainer, task="SEQ_CLS", **train),
+            value_model=value_model,
             # Under LoRA the reference is the policy with its adapters disabled: no second copy.
             reference=None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),

@@ -75,8 +75,13 @@ class Project:
         self.run("dvc", "config", "core.analytics", "false")
         self.commit("project")
 
-    def run(self, *args: str) -> str:
-        done = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True)
+    def run(self, *args: str, timeout: float = 900) -> str:
+        try:
+            done = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout,
+                                  stdin=subprocess.DEVNULL)  # fmt: skip
+        except subprocess.TimeoutExpired as error:
+            raise AssertionError(f"{' '.join(args)} still running after {timeout:.0f} s:\n{error.stdout}\n"
+                                 f"{error.stderr}") from None  # fmt: skip
         if done.returncode:
             raise AssertionError(
                 f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -86,14 +91,28 @@ class Project:
     def dvc(self, *args: str) -> str:
         return self.run(sys.executable, "-m", "dvc", *args)
 
-    def run_queue(self, jobs: int, polls: int = 300) -> str:
-        """`dvc queue start -j jobs`, wait until nothing is queued or running, stop the workers; the final status."""
-        self.dvc("queue", "start", "-j", str(jobs))
-        for _ in range(polls):
+    def run_queue(self, jobs: int, timeout: float = 900) -> str:
+        """`dvc queue start -j jobs`, wait until nothing is queued or running, stop the workers; the final status.
+
+        The workers are daemons that inherit `dvc queue start`'s output, so it goes to a file: a pipe would stay open
+        (and this call blocked) for as long as they live. A queue still busy after `timeout` seconds fails the test
+        with the status and the workers' logs, and its workers are killed."""
+        log = self.path.parent / f"{self.path.name}-queue-start.log"
+        with log.open("w") as out:
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=self.path,
+                           env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=120,
+                           check=True)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        status = self.dvc("queue", "status")
+        while ("Queued" in status or "Running" in status) and time.monotonic() < deadline:
+            time.sleep(3)
             status = self.dvc("queue", "status")
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(2)
+        if "Queued" in status or "Running" in status:
+            workers = sorted((self.path / ".dvc/tmp/exps/celery").glob("*.out"))
+            logs = "\n".join(f"== {path.name}\n{path.read_text()[-3000:]}" for path in workers)
+            subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=self.path, env=self.env,
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=120)  # fmt: skip
+            raise AssertionError(f"dvc queue still busy after {timeout:.0f} s:\n{status}\n{log.read_text()}\n{logs}")
         self.dvc("queue", "stop")
         return status
 

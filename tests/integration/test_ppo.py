@@ -35,9 +35,10 @@ def _module(model_cfg, tokenizer, tmp_path, cfg):
     sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
     reward = build_reward_model(model_cfg, tokenizer, sft)
     save_model(reward, tokenizer, tmp_path / "reward")
+    critic = cfg.advantage_estimator == "gae"
     return PPOModule(
         policy=build_causal_lm(model_cfg, tokenizer, path=sft),
-        value_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
+        value_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")) if critic else None,
         reference=build_causal_lm(model_cfg, tokenizer, path=sft),
         reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")), judge=VaderJudge(),
         tokenizer=tokenizer, cfg=cfg, reward_mean=0.0, reward_std=1.0, seed=0,
@@ -68,6 +69,31 @@ def test_ppo_updates_policy_and_value_only_and_logs_every_metric(model_cfg, cpu_
     assert set(METRICS) <= set(client.get_run(run.run_id).data.metrics)
     assert [m.step for m in client.get_metric_history(run.run_id, "objective/kl")] == [0, 1, 2]
     assert len(module.history) == 3 and len(module.last_samples) == 8
+
+
+@pytest.mark.parametrize(("estimator", "kl_in"), [("grpo", "loss"), ("dr_grpo", "loss"), ("rloo", "reward"),
+                                                   ("reinforce_pp", "reward")])  # fmt: skip
+def test_critic_free_estimators_train_the_policy_alone(estimator, kl_in, model_cfg, cpu_trainer_cfg, tokenizer,
+                                                       reviews, tmp_path, tracking):  # fmt: skip
+    cfg = _ppo_cfg(advantage_estimator=estimator, num_generations=3, prompts_per_rollout=4, minibatch_size=6,
+                   kl_in=kl_in, kl_control="fixed")  # fmt: skip
+    module = _module(model_cfg, tokenizer, tmp_path, cfg)
+    policy, reference = params_snapshot(module.policy), params_snapshot(module.reference)
+    with StageRun(tracking, "ppo", {}, {}) as run:
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews, run.lightning_logger())
+    assert module.value_model is None and len(module.trainer.optimizers) == 1  # no critic, no critic optimizer
+    assert len(changed(policy, module.policy)) > len(policy) // 2
+    assert changed(reference, module.reference) == set()
+    # 4 prompts x 3 samples, each prompt's samples consecutive
+    prompts = [sample["prompt"] for sample in module.last_samples]
+    assert len(prompts) == 12 and all(len(set(prompts[i : i + 3])) == 1 for i in range(0, 12, 3))
+    logged = set(MlflowClient(tracking.tracking_uri).get_run(run.run_id).data.metrics)
+    assert "loss/value_avg" not in logged and {"loss/policy_avg", "objective/kl", "objective/gold_scores"} <= logged
+    assert ("loss/kl_avg" in logged) == (kl_in == "loss")
+    if estimator != "reinforce_pp":
+        assert {"objective/reward_std", "objective/frac_reward_zero_std"} <= logged
+    if kl_in == "loss":  # the reward carries no KL penalty then
+        assert all(row["objective/non_score_reward"] == 0 for row in module.history)
 
 
 def test_health_gate_on_eos_rate_names_the_params(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
