@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.batches import length_sorted_batches, response_batch
@@ -104,6 +105,19 @@ class PolicyResult:
     kl: float
     lengths: list[int]
     ended: list[bool]
+
+
+def samples_table(results: Mapping[str, PolicyResult], prompts: Sequence[str]) -> pd.DataFrame:
+    """Every policy's completion of every prompt, long format (policy, prompt, completion, gold, reward, length,
+    ended): the table MLflow shows and compares across runs."""
+    rows = [
+        {"policy": name, "prompt": prompt, "completion": text, "gold": gold, "reward": reward, "length": length,
+         "ended": ended}
+        for name, result in results.items()
+        for prompt, text, gold, reward, length, ended in zip(prompts, result.texts, result.gold, result.rewards,
+                                                             result.lengths, result.ended, strict=True)
+    ]  # fmt: skip
+    return pd.DataFrame(rows)
 
 
 def summarize(result: PolicyResult, baseline: PolicyResult) -> dict[str, float]:

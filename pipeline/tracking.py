@@ -2,7 +2,9 @@
 
 One pipeline run (a `dvc repro`, or one `dvc exp run` experiment) is one *parent* run; every stage that executes
 opens a *child* run under it carrying the stage's params, per-step metrics, small artifacts and tags (stage, git
-sha, DVC hashes of what it read and wrote). Model weights stay in DVC.
+sha, DVC hashes of what it read and wrote, MLflow's standard source tags, the facts that decide reproducibility),
+its input tables as MLflow datasets (digest = the DVC md5), sample completions as MLflow tables, and system metrics
+(CPU / GPU utilisation and memory). Model weights stay in DVC.
 
 The store defaults to `sqlite:///<repo root>/mlflow.db` with the root taken from `$DVC_ROOT` (DVC sets it to the
 real repository also in `dvc exp run --temp/--queue` runs, whose working directory is deleted afterwards), and
@@ -17,7 +19,7 @@ import hashlib
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "alignment"
 HEALTH_TIMEOUT_S = 5.0
+TRUNCATED = "...[truncated]"
 ROLE_TAG, GROUP_TAG, STAGE_TAG = "align.role", "align.run_group", "align.stage"
 
 
@@ -129,17 +132,46 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, ctx: TrackingCon
     run = client.create_run(
         experiment_id,
         run_name=ctx.run_group,
-        tags={ROLE_TAG: "group", GROUP_TAG: ctx.run_group, "git.sha": ctx.git_sha},
+        tags={ROLE_TAG: "group", GROUP_TAG: ctx.run_group, "git.sha": ctx.git_sha, **source_tags(ctx, "dvc.yaml")},
     )
     _log_params(client, run.info.run_id, params)
     client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run.info.run_id
 
 
+def source_tags(ctx: TrackingContext, source: str) -> dict[str, str]:
+    """MLflow's standard source tags, so the UI shows where a run came from."""
+    return {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": ctx.git_sha}
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow stores it: text, cut to MLflow's length limit with a visible marker (a long chat template,
+    say), never rejected."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    text = str(value)
+    if len(text) <= MAX_PARAM_VAL_LENGTH:
+        return text
+    return text[: MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
+
+
+@dataclass(frozen=True)
+class TableInput:
+    """An input table of a stage as an MLflow dataset: its name, the DVC md5 as the digest, where it lives, its
+    columns (name -> type) and its row count."""
+
+    name: str
+    digest: str
+    source: str
+    columns: Mapping[str, str]
+    num_rows: int
+    context: str
+
+
 def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(key, str(value)) for key, value in params.items()]
+    items = [Param(key, param_value(value)) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
 
@@ -155,6 +187,9 @@ class StageRun:
         run_id: attach to an existing run instead of creating one (DDP ranks > 0 get rank 0's id).
         resume_run_id: continue this run (a stage resuming from a checkpoint): it is set RUNNING again and its
             metric steps go on, instead of a new run being created.
+        tags: more tags for the run (the machine facts, say).
+        system_metrics: sample CPU / GPU utilisation and memory into `system/*` metrics while the run is open
+            (MLflow's monitor; interval `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`, 10 s by default).
     """
 
     def __init__(
@@ -165,8 +200,13 @@ class StageRun:
         all_params: Mapping[str, Any],
         run_id: str | None = None,
         resume_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        system_metrics: bool = False,
     ) -> None:
         self.ctx, self.stage = ctx, stage
+        self._tags = dict(tags or {})
+        self._system_metrics = system_metrics
+        self._monitor: Any = None
         self._stage_params, self._all_params = stage_params, all_params
         self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
         self.run_id = run_id or ""
@@ -184,6 +224,7 @@ class StageRun:
             self.run_id, self.parent_run_id = self._resume_run_id, parent_id
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             self.client.set_tag(self.run_id, "align.resumed", "true")
+            self._start_monitor(resume=True)
             return self
         self.killed = mark_killed(self.client, experiment_id, self.ctx.run_group, self.stage)
         tags = {
@@ -192,12 +233,23 @@ class StageRun:
             GROUP_TAG: self.ctx.run_group,
             STAGE_TAG: self.stage,
             "git.sha": self.ctx.git_sha,
+            **source_tags(self.ctx, f"stages/{self.stage}.py"),
+            **self._tags,
         }
         run = self.client.create_run(experiment_id, run_name=self.stage, tags=tags)
         self.run_id = run.info.run_id
         self.parent_run_id = parent_id
         _log_params(self.client, self.run_id, self._stage_params)
+        self._start_monitor(resume=False)
         return self
+
+    def _start_monitor(self, resume: bool) -> None:
+        if not self._system_metrics:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.ctx.tracking_uri)
+        self._monitor.start()
 
     def _resumable(self, run_id: str) -> bool:
         try:
@@ -209,6 +261,8 @@ class StageRun:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
         if self._owner:
             status = RunStatus.FINISHED if kind is None else RunStatus.FAILED
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
@@ -240,6 +294,28 @@ class StageRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, table: Any, artifact_file: str) -> None:
+        """A DataFrame (sample completions, say) as an MLflow table: the UI compares tables across runs."""
+        self.client.log_table(self.run_id, table, artifact_file)
+
+    def log_tables(self, tables: Sequence[TableInput]) -> None:
+        """The stage's input tables as MLflow datasets (the run's "Datasets used"), DVC md5 as the digest."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [
+            DatasetInput(
+                Dataset(name=t.name, digest=t.digest[:36], source_type="local", source=json.dumps({"uri": t.source}),
+                        schema=json.dumps({"mlflow_colspec": [{"name": c, "type": k} for c, k in t.columns.items()]}),
+                        profile=json.dumps({"num_rows": t.num_rows})),
+                tags=[InputTag("mlflow.data.context", t.context)],
+            )
+            for t in tables
+        ]  # fmt: skip
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
     def lightning_logger(self) -> Any:
         """A Lightning `MLFlowLogger` bound to this run (URI passed explicitly; it only logs from rank 0)."""

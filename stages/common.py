@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from pipeline.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.io import dvc_md5, write_json
-from pipeline.tracking import StageRun, resolve_context
+from pipeline.tracking import StageRun, TableInput, resolve_context
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
 # A tracking server that dies mid-stage: MLflow's client retries 7 times with backoff (minutes) by default.
@@ -58,6 +59,47 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def machine_tags() -> dict[str, str]:
+    """What decides whether two runs can agree bit for bit: software versions, the processor, threads, and the
+    determinism switches. Same values (and params and inputs): identical outputs; see the README."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "sys.torch": torch.__version__, "sys.python": platform.python_version(), "sys.platform": platform.platform(),
+        "sys.cpu": cpu, "sys.cpu_count": str(os.cpu_count()), "sys.threads": str(torch.get_num_threads()),
+        "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "sys.cuda": str(torch.version.cuda),
+        "sys.deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
+        "sys.cudnn_deterministic": str(torch.backends.cudnn.deterministic),
+    }  # fmt: skip
+
+
+_ARROW_TYPES = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer", "double": "double",
+                "float": "float", "bool": "boolean"}  # fmt: skip
+_CONTEXTS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
+
+
+def input_tables(paths: list[str]) -> list[TableInput]:
+    """The parquet tables among a stage's inputs (files, or the tables in input folders), with their DVC md5s."""
+    import pyarrow.parquet as pq
+
+    files = []
+    for path in map(Path, paths):
+        files += sorted(path.glob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
+    tables = []
+    for file in files:
+        meta = pq.ParquetFile(file)
+        columns = {f.name: _ARROW_TYPES.get(str(f.type), "string") for f in meta.schema_arrow}
+        tables.append(TableInput(name=f"{file.parent.name}/{file.stem}", digest=dvc_md5(file), source=str(file),
+                                 columns=columns, num_rows=meta.metadata.num_rows,
+                                 context=_CONTEXTS.get(file.stem, file.stem)))  # fmt: skip
+    return tables
+
+
 def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
     """`--params` plus one `--<name>` option per input/output path (defaults as in dvc.yaml)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"The {stage} stage.")
@@ -75,7 +117,8 @@ def stage(
     (rank 0 creates it, or continues the checkpoint's run).
 
     Args:
-        inputs: the `paths` keys the stage reads (their DVC hashes key its checkpoints).
+        inputs: the `paths` keys the stage reads: their DVC hashes key its checkpoints and go to MLflow (`dvc.dep.*`
+            tags; the parquet tables among them as datasets).
     """
     args = parse_args(name, paths)
     params_text = Path(args.params).read_text() if Path(args.params).exists() else ""
@@ -84,11 +127,18 @@ def stage(
     all_params = flatten(config)
     stage_params = {k: v for k, v in all_params.items() if k.split(".")[0] in sections}
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
-    checkpoints = _checkpoints(name, config, stage_params, [getattr(args, key) for key in inputs])
+    input_paths = [getattr(args, key) for key in inputs]
+    hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}
+    checkpoints = _checkpoints(name, config, stage_params, hashes)
     resume_from = checkpoints.latest() if checkpoints.every_n else None
     run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
     resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
-    with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id) as run:
+    system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
+    with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id,
+                  tags=machine_tags(), system_metrics=system_metrics and _rank() == 0) as run:  # fmt: skip
+        if _rank() == 0:
+            run.log_tables(input_tables(input_paths))
+            run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
         if run.killed:
             print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
         if resume_from is not None:
@@ -99,10 +149,10 @@ def stage(
         yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
 
 
-def _checkpoints(name: str, config: Config, stage_params: dict, inputs: list[str]) -> Checkpoints:
+def _checkpoints(name: str, config: Config, stage_params: dict, hashes: dict[str, str]) -> Checkpoints:
     """The stage's checkpoint folder under the real repository root (DVC's temp dirs for queued runs vanish)."""
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    key = checkpoint_key(stage_params, {path: dvc_md5(path) for path in inputs if Path(path).exists()})
+    key = checkpoint_key(stage_params, hashes)
     trainer = config.trainer
     return Checkpoints(root / ".checkpoints" / name / key, trainer.checkpoint_every_n_steps, trainer.keep_checkpoints)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from pipeline.batches import PairCollator, RowsDataModule, read_pairs
 from pipeline.dpo import DPOModule, attach_reference
 from pipeline.dpo_losses import REFERENCE_FREE_LOSSES
@@ -65,8 +67,8 @@ def main() -> None:
         )  # fmt: skip
         metrics.update(objective)
         save_model(module.policy, tokenizer, args.model_dir)
-        ctx.run.log_text("\n".join(f"{p!r} -> {t!r}" for p, t in zip(prompts, samples.texts, strict=True)),
-                         "samples/dpo_val_samples.txt")  # fmt: skip
+        ctx.run.log_table(pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended}),
+                          "samples/dpo_val_samples.json")  # fmt: skip
         write_curve(result.history, args.curve)
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(f"dpo: {metrics}")

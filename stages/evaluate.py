@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.evaluation import evaluate_policies
+from pipeline.evaluation import evaluate_policies, samples_table
 from pipeline.io import write_text
 from pipeline.judges import build_judge
 from pipeline.models import build_causal_lm, build_reward_model
@@ -29,7 +29,8 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("evaluate", ["seed", "model", "evaluate", "judge"], PATHS) as ctx:
+    with stage("evaluate", ["seed", "model", "evaluate", "judge"], PATHS,
+               inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
         cfg, args, device = ctx.config, ctx.args, inference_device()
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False).to(device)  # noqa: E731
@@ -46,6 +47,7 @@ def main() -> None:
         write_text(eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples), args.markdown)
         for path in (args.markdown, args.plot, args.points):
             ctx.run.log_artifact(path)
+        ctx.run.log_table(samples_table(results, prompts), "samples/evaluate.json")
         # The pipeline's parent run carries the headline numbers, so the MLflow UI compares experiments row by row.
         headline = {k: v for k, v in metrics.items() if k.split("/")[1] in HEADLINE}
         ctx.run.log_metrics(headline, run_id=ctx.run.parent_run_id)

@@ -67,8 +67,7 @@ def main() -> None:
         write_curve(module.history, args.curve)
         plot_overoptimization(module.history, args.overoptimization)
         ctx.run.log_artifact(args.overoptimization)
-        ctx.run.log_text(pd.DataFrame(module.last_samples[: ppo.n_logged_samples]).to_string(),
-                         "samples/ppo_rollouts.txt")  # fmt: skip
+        ctx.run.log_table(pd.DataFrame(module.last_samples[: ppo.n_logged_samples]), "samples/ppo_rollouts.json")
         metrics = {**summarize_history(module.history), **counts}
         finish(ctx, metrics, args.report, [args.model_dir], step=len(module.history))
         print(f"ppo: {json.dumps(metrics, indent=1)}")

@@ -21,7 +21,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("preferences", ["seed", "model", "preferences", "judge"], PATHS) as ctx:
+    with stage("preferences", ["seed", "model", "preferences", "judge"], PATHS, inputs=("data_dir", "sft_dir")) as ctx:
         cfg, prefs, args = ctx.config, ctx.config.preferences, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         metrics: dict[str, float] = {}
@@ -58,7 +58,7 @@ def main() -> None:
                 write_parquet(kept, tmp / f"{name}.parquet")
                 metrics.update({f"{name}/{key}": value for key, value in counts.items()})
                 metrics[f"{name}/pairs_written"] = float(len(kept))
-                ctx.run.log_text(kept.head(30).to_string(), f"samples/{name}_pairs.txt")
+                ctx.run.log_table(kept.head(30), f"samples/{name}_pairs.json")
         finish(ctx, metrics, args.report, [args.out_dir])
         print(f"preferences: {metrics}")
 

@@ -39,7 +39,7 @@ def main() -> None:
         metrics["train/completion_tokens_mean"] = statistics.fmean(
             map(len, encode(tokenizer, train["completion"].tolist()))
         )
-        ctx.run.log_text(splits["train"].head(20).to_string(), "samples/train_head.txt")
+        ctx.run.log_table(splits["train"].head(20), "samples/train_head.json")
         finish(ctx, metrics, args.report, [args.data_dir, args.tokenizer_dir])
         print(f"prepare: {metrics}")
 

@@ -58,7 +58,7 @@ def main() -> None:
             seed=cfg.seed,
         )
         table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
-        ctx.run.log_text(table.to_string(), "samples/sft_val_samples.txt")
+        ctx.run.log_table(table, "samples/sft_val_samples.json")
         write_curve(result.history, args.curve)
         metrics = result.metrics
         metrics.update({**counts, **dropped})

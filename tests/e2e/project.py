@@ -55,6 +55,7 @@ class Project:
             **os.environ,
             "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "HF_HUB_OFFLINE": "1",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # tiny stages last seconds
             "GIT_AUTHOR_NAME": "t",
             "GIT_AUTHOR_EMAIL": "t@t",
             "GIT_COMMITTER_NAME": "t",

@@ -2,10 +2,12 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipeline.io import dvc_md5
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
@@ -53,6 +55,7 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert parent.data.metrics["dpo/gold_score"] == pytest.approx(metrics["dpo/gold_score"])
     assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"
+    _check_mlflow_conventions(project, client, runs)
 
     ppo = project.report("ppo")
     assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
@@ -91,3 +94,37 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
     assert "| dpo | dpo.beta | 1 |" in table
     assert (project.path / "reports/frontier.png").exists()
+
+
+def _check_mlflow_conventions(project: Project, client: MlflowClient, runs: list) -> None:
+    """What MLflow users expect of each stage run: source tags, machine facts, input datasets with DVC digests,
+    sample tables, system metrics."""
+    sha = project.run("git", "rev-parse", "HEAD").strip()
+    lock = project.lock()
+    stage_runs = {r.info.run_name: client.get_run(r.info.run_id) for r in runs if r.data.tags["align.role"] == "stage"}
+    for name, run in stage_runs.items():
+        tags = run.data.tags
+        assert tags["mlflow.source.name"] == f"stages/{name}.py" and tags["mlflow.runName"] == name
+        assert tags["mlflow.source.git.commit"] == sha
+        assert tags["sys.torch"].startswith("2.") and tags["sys.cpu"] and int(tags["sys.threads"]) >= 1
+        assert tags["sys.deterministic_algorithms"] in ("True", "False") and tags["sys.gpu"]
+        # a stage over a second long gets sampled (the test env samples every second)
+        assert "system/cpu_utilization_percentage" in run.data.metrics, name
+    # input tables: the prepared splits as datasets whose digest is the file's DVC md5; the folder's as a tag
+    sft = stage_runs["sft"]
+    datasets = {d.dataset.name: d for d in sft.inputs.dataset_inputs}
+    assert {"prepared/train", "prepared/val"} <= set(datasets)
+    train = datasets["prepared/train"]
+    assert train.dataset.digest == dvc_md5(project.path / "data/prepared/train.parquet")
+    assert json.loads(train.dataset.profile)["num_rows"] == 300
+    assert {tag.key: tag.value for tag in train.tags}["mlflow.data.context"] == "training"
+    locked = {dep["path"]: dep["md5"] for dep in lock["sft"]["deps"]}
+    assert sft.data.tags["dvc.dep.data/prepared"] == locked["data/prepared"]
+    assert "preferences/train" in {d.dataset.name for d in stage_runs["reward"].inputs.dataset_inputs}
+    # sample completions as MLflow tables
+    evaluate = stage_runs["evaluate"].info.run_id
+    table = json.loads(Path(client.download_artifacts(evaluate, "samples/evaluate.json")).read_text())
+    assert {"policy", "prompt", "completion", "gold", "length"} <= set(table["columns"])
+    assert {row[table["columns"].index("policy")] for row in table["data"]} >= {"sft", "ppo", "dpo"}
+    assert "samples/ppo_rollouts.json" in {a.path for a in client.list_artifacts(stage_runs["ppo"].info.run_id,
+                                                                                "samples")}  # fmt: skip

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.evaluation import best_of_n_index, best_of_n_kl, distinct_n, mean_ci95, select, win_rate
-from pipeline.frontier import aggregate, frontier_points, pareto_mask
+from pipeline.frontier import aggregate, frontier_points, pareto_mask, seed_summary, seeds_markdown
 from pipeline.generation import Samples
 from pipeline.logprobs import sequence_kl
 
@@ -105,3 +105,34 @@ def test_length_controlled_win_rate_removes_wins_explained_by_length():
     assert win_rate(wins, [0.5] * 30) == pytest.approx(19 / 30) and lc == pytest.approx(0.5, abs=1e-3)
     # Ties everywhere (SFT against itself): 0.5.
     assert length_controlled_win_rate([0.2] * 4, [0.2] * 4, [3, 4, 5, 6], [3, 4, 5, 6]) == pytest.approx(0.5)
+
+
+def _headline_run(group, seed, estimator, gold):
+    metrics = {}
+    for policy, value in (("sft", 0.0), ("ppo", gold), ("bon", 0.5), ("bon_2", 0.3)):
+        metrics.update({f"{policy}/gold_score": value, f"{policy}/kl": 2 * value, f"{policy}/win_rate": value,
+                        f"{policy}/lc_win_rate": value, f"{policy}/length": 10.0})  # fmt: skip
+    params = {"seed": seed, "ppo.kl_coef": 0.05, "ppo.advantage_estimator": estimator, "evaluate.best_of_n": 8}
+    return {"run_group": group, "params": params, "metrics": metrics}
+
+
+def test_seed_summary_names_policies_and_averages_each_over_its_seeds():
+    runs = [_headline_run("a", 1, "gae", 0.8), _headline_run("b", 2, "gae", 0.6), _headline_run("c", 3, "gae", 0.7),
+            _headline_run("d", 1, "grpo", 0.9)]  # fmt: skip
+    table = seed_summary(runs).set_index("policy")
+    assert list(table.index) == ["sft", "best-of-2", "best-of-8", "grpo kl_coef=0.05", "ppo kl_coef=0.05"]
+    assert table.loc["ppo kl_coef=0.05", "gold_score"] == pytest.approx(0.7)
+    assert table.loc["ppo kl_coef=0.05", "gold_score_ci95"] == pytest.approx(1.96 * 0.1 / math.sqrt(3))
+    assert table.loc["ppo kl_coef=0.05", "kl"] == pytest.approx(1.4) and table.loc["ppo kl_coef=0.05", "seeds"] == 3
+    # SFT and Best-of-N of seed 1 are shared by runs a and d: counted once per seed
+    assert table.loc["sft", "seeds"] == 3 and table.loc["grpo kl_coef=0.05", "seeds"] == 1
+    assert "| ppo kl_coef=0.05 | 3 | 0.700 ± 0.113 | 1.40 ± 0.23 |" in seeds_markdown(seed_summary(runs))
+
+
+def test_frontier_names_the_estimator_and_counts_a_shared_policy_once():
+    runs = [_headline_run("a", 1, "gae", 0.8), _headline_run("d", 1, "rloo", 0.9)]
+    for run in runs:
+        run["metrics"].update({"dpo/kl": 1.0, "dpo/gold_score": 0.7})
+        run["params"].update({"dpo.beta": 0.1, "dpo.loss": "simpo"})
+    points = frontier_points(runs)
+    assert sorted(points["method"]) == ["best-of-n", "best-of-n", "ppo", "rloo", "simpo"]

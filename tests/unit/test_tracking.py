@@ -61,3 +61,34 @@ def test_runs_left_running_by_a_killed_stage_are_marked_killed(tracking):
     assert client.get_run(zombie).info.status == "KILLED"
     assert client.get_run(other).info.status == "RUNNING"  # another stage's run is not this stage's business
     assert client.get_run(first.run_id).info.status == client.get_run(second.run_id).info.status == "FINISHED"
+
+
+def test_long_param_values_are_cut_with_a_marker_not_rejected(tracking):
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    from pipeline.tracking import TRUNCATED, StageRun
+
+    template = "{% for message in messages %}" * 400  # a chat template, ~12,000 characters
+    with StageRun(tracking, "sft", {"model.chat_template": template, "sft.lr": 0.001}, {}) as run:
+        pass
+    params = MlflowClient(tracking.tracking_uri).get_run(run.run_id).data.params
+    assert len(params["model.chat_template"]) == MAX_PARAM_VAL_LENGTH
+    assert params["model.chat_template"] == template[: MAX_PARAM_VAL_LENGTH - len(TRUNCATED)] + TRUNCATED
+    assert params["sft.lr"] == "0.001"
+
+
+def test_stage_run_carries_source_tags_extra_tags_and_input_tables(tracking):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import StageRun, TableInput
+
+    table = TableInput(name="prepared/train", digest="0123456789abcdef0123456789abcdef", source="data/t.parquet",
+                       columns={"prompt": "string"}, num_rows=3, context="training")  # fmt: skip
+    with StageRun(tracking, "sft", {}, {}, tags={"sys.threads": "2"}) as run:
+        run.log_tables([table])
+    logged = MlflowClient(tracking.tracking_uri).get_run(run.run_id)
+    assert logged.data.tags["mlflow.source.name"] == "stages/sft.py"
+    assert logged.data.tags["mlflow.source.git.commit"] == "0" * 40 and logged.data.tags["sys.threads"] == "2"
+    (dataset,) = logged.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("prepared/train", "0123456789abcdef0123456789abcdef")
