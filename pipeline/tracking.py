@@ -15,6 +15,7 @@ callers pass it in, which keeps this module testable and its inputs explicit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import urllib.error
@@ -251,6 +252,15 @@ class StageRun:
         self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=resume, tracking_uri=self.ctx.tracking_uri)
         self._monitor.start()
 
+    def _stop_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        monitor.finish()
+        if monitor._logging_step == 0:  # a stage shorter than one sampling interval: one sample at its end
+            with contextlib.suppress(Exception):  # system metrics never fail a stage
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+
     def _resumable(self, run_id: str) -> bool:
         try:
             run = self.client.get_run(run_id)
@@ -262,7 +272,7 @@ class StageRun:
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
         if self._monitor is not None:
-            self._monitor.finish()
+            self._stop_monitor()
         if self._owner:
             status = RunStatus.FINISHED if kind is None else RunStatus.FAILED
             self.client.set_terminated(self.run_id, RunStatus.to_string(status))
