@@ -44,3 +44,24 @@ def test_local_hub_checkpoint_gets_a_distinct_pad_and_trains(tmp_path, model_cfg
     save_model(model, loaded, tmp_path / "sft")
     reward = build_reward_model(hub_cfg, load_tokenizer(str(tmp_path / "sft")), str(tmp_path / "sft"))
     assert reward.config.num_labels == 1 and reward.config.pad_token_id == loaded.pad_token_id
+
+
+def test_gpt2_checkpoints_load_with_the_fused_gelu_of_the_same_function(tmp_path, model_cfg):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from tests.standins import gpt2_hub
+
+    path = gpt2_hub(tmp_path / "gpt2")
+    hub = dataclasses.replace(model_cfg, base=path)
+    tokenizer = load_tokenizer(path)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    fused = build_causal_lm(hub, tokenizer).eval()
+    assert isinstance(plain.transformer.h[0].mlp.act, NewGELUActivation)
+    assert isinstance(fused.transformer.h[0].mlp.act, GELUTanh)
+    assert fused.config.activation_function == "gelu_pytorch_tanh"
+    ids = torch.randint(0, plain.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    vocab = plain.config.vocab_size  # the loader added a pad token row
+    torch.testing.assert_close(fused(ids).logits[..., :vocab], plain(ids).logits, atol=1e-5, rtol=1e-5)
+    reward = build_reward_model(hub, tokenizer, path)
+    assert isinstance(reward.transformer.h[0].mlp.act, GELUTanh)
