@@ -55,6 +55,7 @@ def main() -> None:
             accumulate=cfg.trainer.accumulate_grad_batches,
         )  # fmt: skip
         counts = parameter_counts(policy)
+        counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0
         batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)
         loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
         resume = ctx.resume_callback(batches, unit="rollouts")

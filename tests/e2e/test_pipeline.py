@@ -69,6 +69,15 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     out = project.dvc("repro")
     assert project.ran(out) == {"ppo", "evaluate"}
 
+    # A critic-free estimator: GRPO over groups of 2 samples per prompt; the stage builds no value model.
+    for key, value in {"advantage_estimator": "grpo", "num_generations": 2, "prompts_per_rollout": 4}.items():
+        project.set_param("ppo", key, value)
+    out = project.dvc("repro")
+    assert project.ran(out) == {"ppo", "evaluate"}
+    grpo = project.report("ppo")
+    assert "final/objective/reward_std" in grpo and "final/loss/value_avg" not in grpo
+    assert grpo["model/value_parameters"] == 0 < ppo["model/value_parameters"]
+
     # A beta sweep point reruns DPO only: the cached reference log-probs are reused.
     project.commit("baseline")
     exp = project.dvc("exp", "run", "-S", "dpo.beta=0.3")
