@@ -107,10 +107,62 @@ class SFTCollator:
 
     pad_id: int
     eos_id: int
+    packing: bool = False
+    """Lay the batch out padding-free (`packed_batch`): fewer, fuller rows."""
 
     def __call__(self, rows: Sequence[PromptCompletion]) -> dict[str, torch.Tensor]:
         prompts, completions = [r.prompt_ids for r in rows], [r.completion_ids for r in rows]
-        return response_batch(prompts, completions, [True] * len(rows), eos_id=self.eos_id, pad_id=self.pad_id)
+        batch = response_batch(prompts, completions, [True] * len(rows), eos_id=self.eos_id, pad_id=self.pad_id)
+        return packed_batch(batch) if self.packing else batch
+
+
+def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices grouped into rows of at most `capacity` tokens, none split.
+
+    A sequence longer than `capacity` gets a row of its own.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if fit is None:
+            rows.append([index])
+            room.append(capacity - lengths[index])
+        else:
+            rows[fit].append(index)
+            room[fit] -= lengths[index]
+    return rows
+
+
+def packed_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) -> dict[str, torch.Tensor]:
+    """A right-padded batch re-laid padding-free: sequences concatenated into rows of at most `capacity` tokens
+    (default: the batch's longest), `position_ids` restarting at every sequence, and a block-diagonal causal
+    attention mask, (R, 1, L, L) boolean, so no token sees another sequence. Loss masks travel along: a sequence's
+    first token is a prompt token, never a target, so nothing is predicted across a boundary.
+
+    Returns `input_ids`, `attention_mask` (4D), `position_ids`, `loss_mask` and `token_mask` (1 on real tokens).
+    """
+    lengths = batch["attention_mask"].sum(1).tolist()
+    rows = pack_sequences(lengths, capacity or max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids = torch.zeros(shape, dtype=batch["input_ids"].dtype)  # padding: any id, it is masked out
+    positions, loss_mask = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=batch["loss_mask"].dtype)
+    segments = torch.zeros(shape, dtype=torch.long)  # 0: padding; k: the row's k-th sequence
+    for r, row in enumerate(rows):
+        start = 0
+        for k, i in enumerate(row, start=1):
+            n = lengths[i]
+            ids[r, start : start + n] = batch["input_ids"][i, :n]
+            loss_mask[r, start + 1 : start + n] = batch["loss_mask"][i, 1:n]  # a first token is never a target
+            positions[r, start : start + n] = torch.arange(n)
+            segments[r, start : start + n] = k
+            start += n
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] > 0) & causal
+    mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax row
+    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "loss_mask": loss_mask,
+            "token_mask": (segments > 0).long()}  # fmt: skip
 
 
 class LengthGroupedBatchSampler(Sampler[list]):

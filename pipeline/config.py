@@ -152,6 +152,9 @@ class SFTConfig(TrainingConfig):
     on_invalid: Literal["drop", "fail"]
     """Rows longer than `max_length` or with an empty completion: stop with an error naming them, or drop them
     (counted in reports/sft.json as data/dropped_rows)."""
+    packing: bool
+    """Padding-free batches: each batch's sequences concatenated into as few rows as fit its longest, positions
+    restarting per sequence, attention block-diagonal (same loss and gradients as padded)."""
 
 
 @dataclass(frozen=True)

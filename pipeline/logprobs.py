@@ -62,22 +62,28 @@ def model_token_logps(
     *,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token log-probs (and detached entropies) of a causal LM on a batch, at `temperature`.
+
+    `attention_mask` is (B, T), or a packed batch's (B, 1, T, T) block-diagonal mask with its `position_ids`.
 
     Returns:
         (logps, entropy or None), each of shape (B, T - 1).
     """
     base = unwrapped(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if position_ids is not None:
+        inputs["position_ids"] = position_ids
     if head is None or head.weight.shape[0] < LEAN_MIN_VOCAB or _rescales_logits(base.config):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(**inputs).logits
         if temperature != 1.0:
             logits = logits / temperature
         entropy = entropy_from_logits(logits[:, :-1].detach()) if with_entropy else None
         return token_logps(logits, input_ids), entropy
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # (B, T-1, H)
+    hidden = backbone(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
     return lean_token_logps(hidden, head, input_ids[:, 1:], temperature=temperature, with_entropy=with_entropy)
 
 

@@ -44,7 +44,8 @@ class SFTModule(pl.LightningModule):
         }
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, _ = model_token_logps(self.model, batch["input_ids"], batch["attention_mask"])
+        logps, _ = model_token_logps(self.model, batch["input_ids"], batch["attention_mask"],
+                                     position_ids=batch.get("position_ids"))  # set by a packed batch
         return completion_nll(logps, batch["loss_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

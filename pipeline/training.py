@@ -67,6 +67,8 @@ def peak_rss_mb() -> float:
 
 def count_tokens_default(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Non-pad tokens in a batch (pairs: chosen and rejected together); stays on device, so no sync."""
+    if "token_mask" in batch:  # a packed batch: its attention mask is the 4D block-diagonal one
+        return batch["token_mask"].sum()
     return batch["attention_mask"].sum()
 
 
@@ -76,6 +78,7 @@ class Throughput(pl.Callback):
     def __init__(self, count_tokens: Any = None) -> None:
         self.count_tokens = count_tokens or count_tokens_default
         self.tokens: torch.Tensor | None = None
+        self.slots = 0  # every position of every input tensor, real or pad: the denominator of padding efficiency
         self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -86,15 +89,19 @@ class Throughput(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
         self.tokens += self.count_tokens(batch)
+        self.slots += batch["input_ids"].numel()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         wall = time.perf_counter() - self._start
         tokens = float(trainer.strategy.reduce(self.tokens.float(), reduce_op="sum"))
+        slots = torch.tensor(float(self.slots), device=pl_module.device)
+        slots = float(trainer.strategy.reduce(slots, reduce_op="sum"))
         self.summary = {
             "perf/tokens_per_s": tokens / wall,
             "perf/tokens": tokens,
             "perf/wall_s": wall,
             "perf/peak_rss_mb": peak_rss_mb(),
+            "perf/padding_efficiency": tokens / max(slots, 1.0),
         }
         if torch.cuda.is_available():
             self.summary["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -39,7 +39,7 @@ def main() -> None:
                                      disable_dropout=sft.disable_dropout, task="CAUSAL_LM")  # fmt: skip
         counts = parameter_counts(model)
         module = SFTModule(model, **optim_args(sft))
-        collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=sft.packing)
         data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches,
                               weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip

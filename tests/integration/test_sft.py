@@ -78,3 +78,52 @@ def test_history_records_each_validation_with_its_own_value(model_cfg, cpu_train
     val = [(row["step"], row["val/loss"]) for row in history.rows if "val/loss" in row]
     assert [step for step, _ in val] == [3.0, 6.0, 9.0]
     assert len({loss for _, loss in val}) == 3
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    loss, n_tokens = SFTModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1)._shared_step(batch)
+    loss.backward()
+    return loss.detach(), n_tokens, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture, model_cfg, tokenizer, reviews,
+                                                                     tmp_path):  # fmt: skip
+    import dataclasses
+
+    import torch
+
+    from pipeline.models import build_causal_lm, zero_dropout
+    from pipeline.tokenization import load_tokenizer
+    from tests.standins import chat_llama
+
+    if architecture == "llama":  # rotary positions: position_ids must restart per sequence
+        path = chat_llama(tmp_path / "llama")
+        tokenizer = load_tokenizer(path)
+        model = build_causal_lm(dataclasses.replace(model_cfg, base=path), tokenizer)
+    else:
+        model = tiny_model(model_cfg, tokenizer)
+    zero_dropout(model)
+    # completions cut to 2, 5, 8 or full tokens: lengths vary, so short sequences share rows
+    rows = [dataclasses.replace(r, completion_ids=r.completion_ids[: (2, 5, 8, 99)[i % 4]])
+            for i, r in enumerate(tiny_rows(tokenizer, reviews, 12))]  # fmt: skip
+    padded = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)(rows)
+    packed = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=True)(rows)
+    assert len(packed["input_ids"]) < len(padded["input_ids"])  # sequences shared rows
+    assert packed["token_mask"].sum() == padded["attention_mask"].sum()
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()  # less padding
+    loss, n_tokens, grads = _loss_and_grads(model, padded)
+    packed_loss, packed_tokens, packed_grads = _loss_and_grads(model, packed)
+    assert packed_tokens == n_tokens
+    torch.testing.assert_close(packed_loss, loss, atol=1e-6, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_first_fit_decreasing_packs_without_splitting():
+    from pipeline.batches import pack_sequences
+
+    # capacity 10: 7 + 3, 6 + 4, 5; a 12 over capacity gets a row of its own
+    assert pack_sequences([5, 7, 3, 6, 4], 10) == [[1, 2], [3, 4], [0]]
+    assert pack_sequences([12, 3], 10) == [[0], [1]]
