@@ -21,7 +21,7 @@ def write_curve(rows: Sequence[dict[str, float]], path: str | Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate")
+HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate", "length")
 
 
 def eval_markdown(results: dict, metrics: dict[str, float], prompts: list[str], n_shown: int) -> str:

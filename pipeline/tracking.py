@@ -340,16 +340,22 @@ class StageRun:
 
 
 def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any]]:
-    """Every finished pipeline run (parent) that carries evaluation metrics: run_group, params, metrics."""
+    """Every finished pipeline run (parent) that carries evaluation metrics: run_group, params, metrics (its
+    evaluate stage's, which include every policy's length and EOS rate, under the parent's headline ones)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'group'",
                               max_results=5000)  # fmt: skip
+    # The evaluate stage's own run holds every evaluation metric; the parent only the headline ones.
+    query = f"tags.`{STAGE_TAG}` = 'evaluate' and attributes.status = 'FINISHED'"
+    evaluations = client.search_runs([experiment.experiment_id], filter_string=query, max_results=5000,
+                                     order_by=["attributes.end_time ASC"])  # fmt: skip
+    evaluated = {run.data.tags.get(GROUP_TAG): dict(run.data.metrics) for run in evaluations}  # the latest wins
     return [
         {"run_group": run.data.tags.get(GROUP_TAG, run.info.run_name), "params": dict(run.data.params),
-         "metrics": dict(run.data.metrics)}
+         "metrics": {**evaluated.get(run.data.tags.get(GROUP_TAG), {}), **run.data.metrics}}
         for run in runs
         if "sft/gold_score" in run.data.metrics
     ]  # fmt: skip
