@@ -45,10 +45,12 @@ def test_prepare_and_sft_under_dvc(tmp_path):
     second = project.dvc("repro", "sft")
     assert project.ran(second) == set() and project.skipped(second) == {"prepare", "sft"}
 
-    # Forcing sft again reproduces its metrics exactly (seeded, deterministic on CPU).
+    # Forcing sft again reproduces its metrics and its weights exactly (seeded, deterministic on CPU).
+    weights = {out["path"]: out["md5"] for out in project.lock()["sft"]["outs"]}
     project.dvc("repro", "-f", "-s", "sft")
     again = project.report("sft")
     assert {k: again[k] for k in DETERMINISTIC} == {k: sft[k] for k in DETERMINISTIC}
+    assert {out["path"]: out["md5"] for out in project.lock()["sft"]["outs"]}["models/sft"] == weights["models/sft"]
 
     # A changed sft param reruns sft only.
     project.set_param("sft", "lr", 0.002)
