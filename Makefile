@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench ui ui-stop frontier preset clean-stores
+.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,7 +58,25 @@ bench: install
 	python -m stages.bench
 
 frontier: install
-	python -m stages.frontier
+	python -m stages.frontier $(FRONTIER_ARGS)
+
+# The committed sweep behind reports/frontier.* and reports/seeds.md: 3 seeds x (PPO / DPO at three regularisation
+# strengths, GRPO + SimPO, RLOO), queued as DVC experiments named sweep-s<seed>-<point> and run one at a time;
+# then `make frontier FRONTIER_ARGS=--group-prefix=sweep-`. evaluate.n_shown_samples differs from params.yaml so
+# that every point runs its evaluate stage (and lands in MLflow) even when the run-cache restores all the others.
+SWEEP_SEEDS ?= 1234 1 2
+SWEEP_Q = dvc exp run --queue -S evaluate.n_shown_samples=8
+SWEEP_GROUP = -S ppo.num_generations=4 -S ppo.prompts_per_rollout=16
+sweep: install
+	for seed in $(SWEEP_SEEDS); do \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-mid; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-low -S dpo.beta=0.03 -S ppo.kl_coef=0.02; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-high -S dpo.beta=0.3 -S ppo.kl_coef=0.2; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-grpo -S ppo.advantage_estimator=grpo $(SWEEP_GROUP) \
+	    -S dpo.loss=simpo -S dpo.beta=2.0; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-rloo -S ppo.advantage_estimator=rloo $(SWEEP_GROUP); \
+	done
+	dvc queue start -j 1
 
 # A real-task preset into params.yaml (presets/<name>.yaml: imdb, hh, chat); then `make run` or `dvc repro`.
 preset: install
