@@ -238,8 +238,10 @@ class PPOModule(pl.LightningModule):
                     optimizer.zero_grad()
                 # Gradient accumulation: micro-batches weighted by their share of what the loss averages over (the
                 # minibatch's response tokens, or its rows), so k of them give the gradient of the whole minibatch.
+                total = rollout.mask[index].sum() if self.aggregation == "token_mean" else len(index)
                 for micro in index.chunk(self.accumulate):
-                    stats = self._backward(rollout, micro, weight=self._share(rollout.mask, micro, index))
+                    share = rollout.mask[micro].sum() if self.aggregation == "token_mean" else len(micro)
+                    stats = self._backward(rollout, micro, weight=share / total)
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 for optimizer in optimizers:
@@ -256,11 +258,6 @@ class PPOModule(pl.LightningModule):
         """Lightning hands back a lone scheduler bare (critic-free: the policy's only)."""
         schedulers = self.lr_schedulers()
         return schedulers if isinstance(schedulers, list) else [schedulers]
-
-    def _share(self, mask: torch.Tensor, micro: torch.Tensor, index: torch.Tensor) -> torch.Tensor | float:
-        if self.aggregation == "token_mean":
-            return mask[micro].sum() / mask[index].sum()
-        return len(micro) / len(index)
 
     def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor | float
                   ) -> dict[str, torch.Tensor]:  # fmt: skip
