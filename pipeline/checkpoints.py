@@ -9,16 +9,22 @@ resumes from the newest checkpoint that loads (`Checkpoints.latest`; an unreadab
 removed), continues its MLflow run (the run id is kept beside the checkpoint), and skips the rows it already trained
 on; once its outputs are written the folder is removed unless `trainer.keep_checkpoints` is set. A resumed stage ends
 with the same weights and metrics as an uninterrupted one on the same machine.
+
+A running stage holds its folder (`Checkpoints.hold`, an OS file lock the kernel drops if the process dies). Two
+processes running the very same stage at once (queued sweep points that share an upstream stage) would otherwise
+resume from, overwrite and delete each other's checkpoints: the second one runs without checkpoints instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import random
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from filelock import FileLock, Timeout
 
 PATTERN = "step-*.ckpt"
 
@@ -84,6 +91,26 @@ class Checkpoints:
         """Remove the folder once the stage's outputs are written (unless asked to keep it)."""
         if not self.keep:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[Checkpoints]:
+        """Hold the folder while the stage runs; yields these checkpoints, or, when another live process holds them,
+        inert ones (no resume, no saves, no clearing) so the two runs never touch each other's files."""
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{self.directory}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            yield self.inert()
+            return
+        try:
+            yield self
+        finally:
+            lock.release()
+
+    def inert(self) -> Checkpoints:
+        """The same folder with checkpointing off and nothing removed."""
+        return dataclasses.replace(self, every_n=0, keep=True)
 
 
 def rng_states() -> dict[str, Any]:

@@ -9,8 +9,10 @@ its input tables as MLflow datasets (digest = the DVC md5), sample completions a
 The store defaults to `sqlite:///<repo root>/mlflow.db` with the root taken from `$DVC_ROOT` (DVC sets it to the
 real repository also in `dvc exp run --temp/--queue` runs, whose working directory is deleted afterwards), and
 the experiment is created with an absolute `file://` artifact location for the same reason. `MLFLOW_TRACKING_URI`
-overrides the store (a `mlflow server` on 127.0.0.1, or a remote one). Nothing here reads the process environment:
-callers pass it in, which keeps this module testable and its inputs explicit.
+overrides the store (a `mlflow server` on 127.0.0.1, or a remote one). Stage processes may share a SQLite store
+(`dvc queue start -j N`): MLflow waits out a busy database, and a store is created (its schema migrations) by one
+process at a time under `<store>.lock`. Nothing here reads the process environment: callers pass it in, which keeps
+this module testable and its inputs explicit.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from filelock import FileLock
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "alignment"
 HEALTH_TIMEOUT_S = 5.0
+STORE_LOCK_TIMEOUT_S = 600.0
 TRUNCATED = "...[truncated]"
 ROLE_TAG, GROUP_TAG, STAGE_TAG = "align.role", "align.run_group", "align.stage"
 
@@ -98,6 +102,18 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             "http://127.0.0.1:5000), fix the URI, or unset MLFLOW_TRACKING_URI to log to the project's "
             "sqlite:///<repo>/mlflow.db"
         ) from None
+
+
+def open_store(uri: str) -> MlflowClient:
+    """A client of the store at `uri`. A SQLite store is opened (so created and its schema migrated, if it is new)
+    under a file lock beside it: processes that start together on a store nobody has created yet (queued sweep
+    points) otherwise race MLflow's migrations, and all but one fail."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        return MlflowClient(tracking_uri=uri)  # opens the store eagerly
 
 
 def mark_killed(client: MlflowClient, experiment_id: str, group: str, stage: str) -> list[str]:
@@ -209,7 +225,7 @@ class StageRun:
         self._system_metrics = system_metrics
         self._monitor: Any = None
         self._stage_params, self._all_params = stage_params, all_params
-        self.client = MlflowClient(tracking_uri=ctx.tracking_uri)
+        self.client = open_store(ctx.tracking_uri)
         self.run_id = run_id or ""
         self._owner = run_id is None
         self._resume_run_id = resume_run_id
@@ -342,7 +358,7 @@ class StageRun:
 def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any]]:
     """Every finished pipeline run (parent) that carries evaluation metrics: run_group, params, metrics (its
     evaluate stage's, which include every policy's length and EOS rate, under the parent's headline ones)."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = open_store(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []

@@ -23,6 +23,7 @@ from pipeline.io import dvc_md5, write_json
 from pipeline.tracking import StageRun, TableInput, resolve_context
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
+CHECKPOINTS_BUSY_ENV = "ALIGN_CHECKPOINTS_BUSY"  # rank 0 tells DDP ranks > 0 it runs without checkpoints
 # A tracking server that dies mid-stage: MLflow's client retries 7 times with backoff (minutes) by default.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -129,24 +130,39 @@ def stage(
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
     input_paths = [getattr(args, key) for key in inputs]
     hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}
-    checkpoints = _checkpoints(name, config, stage_params, hashes)
-    resume_from = checkpoints.latest() if checkpoints.every_n else None
-    run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
-    resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
-    system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
-    with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id,
-                  tags=machine_tags(), system_metrics=system_metrics and _rank() == 0) as run:  # fmt: skip
-        if _rank() == 0:
-            run.log_tables(input_tables(input_paths))
-            run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
-        if run.killed:
-            print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
-        if resume_from is not None:
-            print(f"resuming {name} from step {int(resume_from.stem.split('-')[1])} ({resume_from}), MLflow run "
-                  f"{run.run_id}")  # fmt: skip
-        # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
-        os.environ[RUN_ID_ENV] = run.run_id
-        yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
+    with _held(_checkpoints(name, config, stage_params, hashes)) as checkpoints:
+        resume_from = checkpoints.latest() if checkpoints.every_n else None
+        run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
+        resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
+        system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
+        with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id,
+                      tags=machine_tags(), system_metrics=system_metrics and _rank() == 0) as run:  # fmt: skip
+            if _rank() == 0:
+                run.log_tables(input_tables(input_paths))
+                run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
+            if run.killed:
+                print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
+            if resume_from is not None:
+                print(f"resuming {name} from step {int(resume_from.stem.split('-')[1])} ({resume_from}), MLflow run "
+                      f"{run.run_id}")  # fmt: skip
+            # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
+            os.environ[RUN_ID_ENV] = run.run_id
+            yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
+
+
+@contextlib.contextmanager
+def _held(checkpoints: Checkpoints) -> Iterator[Checkpoints]:
+    """Rank 0 holds the stage's checkpoint folder (`Checkpoints.hold`); DDP ranks > 0 follow its answer."""
+    if _rank() != 0:
+        yield checkpoints.inert() if os.environ.get(CHECKPOINTS_BUSY_ENV) == "1" else checkpoints
+        return
+    with checkpoints.hold() as held:
+        busy = held != checkpoints
+        if busy and checkpoints.every_n:
+            print(f"another process is running this same stage and holds {checkpoints.directory}: this one runs "
+                  "without mid-stage checkpoints")  # fmt: skip
+        os.environ[CHECKPOINTS_BUSY_ENV] = "1" if busy else "0"
+        yield held
 
 
 def _checkpoints(name: str, config: Config, stage_params: dict, hashes: dict[str, str]) -> Checkpoints:

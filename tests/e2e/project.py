@@ -109,13 +109,27 @@ class Project:
             time.sleep(3)
             status = self.dvc("queue", "status")
         if "Queued" in status or "Running" in status:
-            workers = sorted((self.path / ".dvc/tmp/exps/celery").glob("*.out"))
-            logs = "\n".join(f"== {path.name}\n{path.read_text()[-3000:]}" for path in workers)
+            logs = self.worker_logs()
             subprocess.run([sys.executable, "-m", "dvc", "queue", "stop", "--kill"], cwd=self.path, env=self.env,
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=120)  # fmt: skip
             raise AssertionError(f"dvc queue still busy after {timeout:.0f} s:\n{status}\n{log.read_text()}\n{logs}")
         self.dvc("queue", "stop")
         return status
+
+    def worker_logs(self) -> str:
+        """The tails of the DVC queue workers' own logs (where a task that failed in DVC's setup says why)."""
+        workers = sorted((self.path / ".dvc/tmp/exps/celery").glob("*.out"))
+        return "\n".join(f"== {path.name}\n{path.read_text()[-3000:]}" for path in workers)
+
+    def failed_task_logs(self, status: str) -> str:
+        """`dvc queue logs` of every task that `status` (a `dvc queue status` table) shows as failed."""
+        failed = [line.split()[0] for line in status.splitlines() if line.split()[-1:] == ["Failed"]]
+        return "\n".join(f"== {task}\n{self._queue_logs(task)[-8000:]}" for task in failed)
+
+    def _queue_logs(self, task: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "dvc", "queue", "logs", task], cwd=self.path, env=self.env,
+                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+        return done.stdout + done.stderr  # a task that failed in DVC's setup has no log: DVC says so, exit 255
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")

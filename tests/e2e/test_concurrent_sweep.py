@@ -1,4 +1,9 @@
-"""Two queued sweep points run at once (`dvc queue start -j 2`) on the default SQLite store: both land in MLflow."""
+"""Two queued sweep points run at once (`dvc queue start -j 2`) on the default SQLite store: both land in MLflow.
+
+DVC's queue has an open race of its own with more than one worker (treeverse/dvc#10673: a task can fail in DVC's
+setup or collection, before or after any stage runs, with no stage log). Such a round is run again, up to
+`ATTEMPTS` times; a stage of ours that fails (a FAILED MLflow run, or a stage error in the task's log) fails the test
+at once. The store side is also tested without DVC in tests/integration/test_concurrent_tracking.py."""
 
 import json
 
@@ -8,22 +13,43 @@ from mlflow.tracking import MlflowClient
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
+ATTEMPTS = 3
 
 
 def test_two_queue_workers_both_land_every_stage_run(tmp_path):
     project = Project(tmp_path / "repo")
     project.dvc("repro", "reference")  # the shared upstream, so the two points differ only from dpo on
     project.commit("baseline")
-    for beta in ("0.2", "0.4"):
-        project.dvc("exp", "run", "--queue", "-S", f"dpo.beta={beta}", "-n", f"beta{beta}")
-    status = project.run_queue(jobs=2)
-    assert status.count("Success") == 2, status
+    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    dvc_failures = []
+    for attempt in range(1, ATTEMPTS + 1):
+        points = {f"beta{beta}-try{attempt}": beta for beta in ("0.2", "0.4")}
+        for group, beta in points.items():
+            project.dvc("exp", "run", "--queue", "-S", f"dpo.beta={beta}", "-n", group)
+        groups = list(points)
+        status = "\n".join(line for line in project.run_queue(jobs=2).splitlines() if set(line.split()) & set(groups))
+        runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+        logs = project.failed_task_logs(status)
+        failed_stages = [r for r in runs if r.data.tags.get("align.run_group") in groups and r.info.status == "FAILED"]
+        assert not failed_stages and "failed to reproduce" not in logs, f"a stage failed:\n{status}\n{logs}"
+        if status.count("Success") == 2:
+            break
+        dvc_failures.append(f"attempt {attempt}:\n{status}\n{logs}\n{project.worker_logs()}")
+    else:
+        pytest.fail("DVC's queue failed a task in every attempt, no stage of ours failing:\n" + "\n".join(dvc_failures))
+
     shown = json.loads(project.dvc("exp", "show", "--json"))
     names = {rev["name"] for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]}
-    assert {"beta0.2", "beta0.4"} <= names
-    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
-    for group in ("beta0.2", "beta0.4"):
-        stages = {r.data.tags.get("align.stage") for r in runs if r.data.tags.get("align.run_group") == group}
-        assert {"dpo", "ppo", "evaluate"} <= stages, (group, stages)
-        assert all(r.info.status == "FINISHED" for r in runs if r.data.tags.get("align.run_group") == group)
+    assert set(groups) <= names
+    runs = {r.info.run_id: r for r in runs}
+    for group in groups:
+        mine = [r for r in runs.values() if r.data.tags.get("align.run_group") == group]
+        assert {"dpo", "ppo", "evaluate"} <= {r.data.tags.get("align.stage") for r in mine}, group
+        assert all(r.info.status == "FINISHED" for r in mine)
+    # they did run at once: the two points' stage runs overlap in time
+    spans = []
+    for group in groups:
+        infos = [r.info for r in runs.values() if r.data.tags.get("align.run_group") == group]
+        spans.append((min(i.start_time for i in infos), max(i.end_time for i in infos)))
+    (start_one, end_one), (start_two, end_two) = spans
+    assert start_one < end_two and start_two < end_one, spans
