@@ -1,27 +1,37 @@
-"""Throughput and memory benchmarks: each training stage's real code path on a fixed workload, against the
-machine's peak, and the peak memory of one DPO step at a real vocabulary (`dpo_memory_step`).
+"""Throughput and memory benchmarks: each training stage's real code path, and generation, on fixed workloads,
+against the machine's peak, and the peak memory of one DPO step at a real vocabulary (`dpo_memory_step`).
 
-The workload is fixed so numbers compare across commits and machines: a scratch GPT-2 (4 layers, 4 heads,
-256 dims, 128 positions, vocabulary 2,000), 2,048 rows of the embedded task, batch 16, fp32; PPO runs
-`PPO_ROLLOUTS` rollout batches of 16 prompts with 32 new tokens. Model FLOPs utilisation (MFU) is
-6 * params * tokens/s / peak for training (forward + backward), and for PPO counts 2 * params per generated
-token and per token of each no-grad scoring pass plus 6 * params per trained token of policy and value model.
+Two workloads, fixed so numbers compare across commits and machines, both a GPT-2 of 4 layers, 4 heads, 256 dims,
+128 positions, vocabulary 2,000, 2,048 rows, batch 16, fp32:
+- `scratch`: the embedded default's model (built in code: fused tanh GELU, dropout 0) on the embedded task's rows
+  (~12 prompt + ~14 completion tokens);
+- `hub`: the same shape loaded the way a hub checkpoint is, from a `save_pretrained` dir whose config says
+  `gelu_new` and dropout 0.1 (each stage applies its own dropout policy: SFT keeps it, the others turn it off), on
+  longer rows (~12 prompt + ~35 completion tokens: the completions of two or three reviews).
+PPO runs `PPO_ROLLOUTS` rollout batches of 16 prompts with 32 new tokens; generation samples 36 new tokens for
+4 batches of each size in `GENERATION_BATCHES`. Model FLOPs utilisation (MFU) is 6 * params * tokens/s / peak for
+training (forward + backward), and for PPO counts 2 * params per generated token and per token of each no-grad
+scoring pass plus 6 * params per trained token of policy and value model; generation counts 2 * params per token.
 """
 
 from __future__ import annotations
 
 import random
+import tempfile
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 
 from pipeline.batches import PairCollator, RowsDataModule, SFTCollator, tokenize_pairs, tokenize_rows
-from pipeline.config import PPOConfig, TrainerConfig
+from pipeline.config import ModelConfig, PPOConfig, TrainerConfig
 from pipeline.dpo import DPOModule, attach_reference, reference_logps
+from pipeline.generation import SamplingParams, sample_ids
 from pipeline.judges import VaderJudge
-from pipeline.models import count_parameters
+from pipeline.models import build_causal_lm, build_reward_model, count_parameters, prepare_for_training
 from pipeline.ppo import PPOModule, PromptBatches
 from pipeline.reward import RewardModule
 from pipeline.sft import SFTModule
@@ -30,6 +40,10 @@ from pipeline.tokenization import train_bpe_tokenizer
 from pipeline.training import Throughput, build_trainer, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
+WORKLOADS = ("scratch", "hub")
+STAGES = ("sft", "sft_packed", "reward", "dpo", "ppo", "generation")
+GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
+HUB_DROPOUT = 0.1
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
                         log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False,
                         checkpoint_every_n_steps=0, keep_checkpoints=False)  # fmt: skip
@@ -50,17 +64,17 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _config(tokenizer) -> GPT2Config:
+def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0) -> GPT2Config:
     return GPT2Config(
         vocab_size=VOCAB,
         n_positions=128,
         n_embd=256,
         n_layer=4,
         n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        activation_function="gelu_pytorch_tanh",
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        activation_function=activation,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -68,24 +82,69 @@ def _config(tokenizer) -> GPT2Config:
     )
 
 
-def workload(seed: int = 0):
-    """The fixed rows, pairs and tokenizer every benchmark run uses."""
-    reviews = generate_reviews(2 * ROWS, random.Random(seed), frac_positive=0.4, frac_negative=0.4)
+@dataclass
+class Workload:
+    """What one benchmark run trains on: the tokenizer, SFT rows, preference pairs, and for `hub` the
+    `save_pretrained` dir every model is loaded from (None: models are built in code)."""
+
+    kind: str
+    tokenizer: object
+    rows: list
+    pairs: list
+    model_dir: str | None = None
+
+    def causal_lm(self, *, disable_dropout: bool) -> PreTrainedModel:
+        if self.model_dir is None:
+            return GPT2LMHeadModel(_config(self.tokenizer))
+        model = build_causal_lm(_hub_model_config(self.model_dir), self.tokenizer)
+        return prepare_for_training(model, _hub_model_config(self.model_dir), TRAINER,
+                                    disable_dropout=disable_dropout, task="CAUSAL_LM")  # fmt: skip
+
+    def reward_model(self) -> PreTrainedModel:
+        if self.model_dir is None:
+            return GPT2ForSequenceClassification(_config(self.tokenizer))
+        model = build_reward_model(_hub_model_config(self.model_dir), self.tokenizer, self.model_dir)
+        return prepare_for_training(model, _hub_model_config(self.model_dir), TRAINER, disable_dropout=True,
+                                    task="SEQ_CLS")  # fmt: skip
+
+
+def _hub_model_config(path: str) -> ModelConfig:
+    return ModelConfig(base=path, trust_remote_code=False, n_layer=4, n_head=4, n_embd=256, n_positions=128,
+                       dropout=HUB_DROPOUT, chat_template="none", lora_r=0, lora_alpha=16, lora_dropout=0.0,
+                       lora_target_modules="all-linear")  # fmt: skip
+
+
+def workload(kind: str = "scratch", seed: int = 0, directory: str | None = None) -> Workload:
+    """The fixed rows, pairs and tokenizer of `kind` (see the module docstring); `hub` writes its checkpoint into
+    `directory` (default: a new temporary one)."""
+    if kind not in WORKLOADS:
+        raise ValueError(f"bench: unknown workload {kind!r}; valid: {', '.join(WORKLOADS)}")
+    reviews = generate_reviews(2 * ROWS + 2, random.Random(seed), frac_positive=0.4, frac_negative=0.4)
     tokenizer = train_bpe_tokenizer([r.prompt + r.completion for r in reviews], vocab_size=VOCAB)
-    first, second = reviews[:ROWS], reviews[ROWS:]
-    rows = tokenize_rows(tokenizer, [r.prompt for r in first], [r.completion for r in first], 128, "bench")
+    completions = [r.completion for r in reviews]
+    if kind == "hub":  # two or three reviews' completions per row: ~35 tokens
+        completions = ["".join(completions[i : i + 2 + (i % 2 == 0)]) for i in range(len(reviews))]
+    first, second = range(ROWS), range(ROWS, 2 * ROWS)
+    prompts = [reviews[i].prompt for i in first]
+    rows = tokenize_rows(tokenizer, prompts, [completions[i] for i in first], 128, "bench")
     import pandas as pd
 
     frame = pd.DataFrame(
         {
-            "prompt": [r.prompt for r in first],
-            "chosen": [r.completion for r in first],
-            "rejected": [r.completion for r in second],
-            "chosen_gold": [r.gold for r in first],
-            "rejected_gold": [r.gold for r in second],
+            "prompt": prompts,
+            "chosen": [completions[i] for i in first],
+            "rejected": [completions[i] for i in second],
+            "chosen_gold": [reviews[i].gold for i in first],
+            "rejected_gold": [reviews[i].gold for i in second],
         }
     )
-    return tokenizer, rows, tokenize_pairs(tokenizer, frame, 128, "bench pairs")
+    pairs = tokenize_pairs(tokenizer, frame, 128, "bench pairs")
+    if kind == "scratch":
+        return Workload(kind, tokenizer, rows, pairs)
+    path = Path(directory or tempfile.mkdtemp(prefix="bench-hub-"))
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(_config(tokenizer, "gelu_new", HUB_DROPOUT)).save_pretrained(path, safe_serialization=True)
+    return Workload(kind, tokenizer, rows, pairs, str(path))
 
 
 def _fit(module, data, steps: int) -> dict[str, float]:
@@ -93,35 +152,42 @@ def _fit(module, data, steps: int) -> dict[str, float]:
     trainer = build_trainer(TRAINER, max_steps=steps, val_every_n_steps=None, grad_clip=1.0, logger=False,
                             callbacks=[throughput], max_epochs=1)  # fmt: skip
     trainer.fit(module, train_dataloaders=data.train_dataloader())
-    return {"wall_s": throughput.summary["perf/wall_s"], "tokens": throughput.summary["perf/tokens"]}
+    summary = throughput.summary
+    return {"wall_s": summary["perf/wall_s"], "tokens": summary["perf/tokens"],
+            "padding_efficiency": summary["perf/padding_efficiency"]}  # fmt: skip
 
 
-def run_stage(stage: str, tokenizer, rows, pairs, seed: int = 0) -> dict[str, float]:
-    """One benchmark run of `stage` (sft, reward, dpo or ppo): wall seconds, tokens, tokens/s and FLOPs."""
+def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
+    """One benchmark run of `stage` (one of `STAGES`) on `work`: wall seconds, tokens, tokens/s, FLOPs and (for
+    the training stages) padding efficiency; generation reports tokens/s per batch size."""
     torch.manual_seed(seed)
-    config, steps = _config(tokenizer), ROWS // BATCH
+    steps = ROWS // BATCH
     optim = {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "max_steps": steps}
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if stage == "sft":
-        model = GPT2LMHeadModel(config)
-        out = _fit(SFTModule(model, **optim), RowsDataModule(rows, [], SFTCollator(pad, eos), BATCH, seed), steps)
+    pad, eos = work.tokenizer.pad_token_id, work.tokenizer.eos_token_id
+    if stage in ("sft", "sft_packed"):
+        model = work.causal_lm(disable_dropout=False)  # the SFT stage's default policy keeps dropout
+        collate = SFTCollator(pad, eos, packing=stage == "sft_packed")
+        out = _fit(SFTModule(model, **optim), RowsDataModule(work.rows, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
     elif stage == "reward":
-        model = GPT2ForSequenceClassification(config)
+        model = work.reward_model()
         module = RewardModule(model, margin=0.0, center_coef=0.0, **optim)
-        out = _fit(module, RowsDataModule(pairs, [], PairCollator(pad, eos), BATCH, seed), steps)
+        out = _fit(module, RowsDataModule(work.pairs, [], PairCollator(pad, eos), BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
     elif stage == "dpo":
-        policy = GPT2LMHeadModel(config)
-        reference = GPT2LMHeadModel(config).requires_grad_(False)
-        cached = attach_reference(pairs, reference_logps(reference, pairs, PairCollator(pad, eos), 64), "bench")
+        policy = work.causal_lm(disable_dropout=True)
+        reference = work.causal_lm(disable_dropout=True).requires_grad_(False)
+        cached = attach_reference(work.pairs, reference_logps(reference, work.pairs, PairCollator(pad, eos), 64),
+                                  "bench")  # fmt: skip
         module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, **optim)
         out = _fit(module, RowsDataModule(cached, [], PairCollator(pad, eos), BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage == "ppo":
-        out = _run_ppo(config, tokenizer, rows, seed)
+        out = _run_ppo(work, seed)
+    elif stage == "generation":
+        out = _run_generation(work, seed)
     else:
-        raise ValueError(f"bench: unknown stage {stage!r}; valid: sft, reward, dpo, ppo")
+        raise ValueError(f"bench: unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     out["tokens_per_s"] = out["tokens"] / out["wall_s"]
     out["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():
@@ -129,19 +195,25 @@ def run_stage(stage: str, tokenizer, rows, pairs, seed: int = 0) -> dict[str, fl
     return out
 
 
-def _run_ppo(config: GPT2Config, tokenizer, rows, seed: int) -> dict[str, float]:
-    cfg = PPOConfig(
+def ppo_config() -> PPOConfig:
+    """The benchmark's PPO settings: GAE with a value model, the KL penalty in the reward (the default's method)."""
+    return PPOConfig(
         lr=1e-5, value_lr=1e-5, warmup_rollouts=1, rollouts=PPO_ROLLOUTS, prompts_per_rollout=PPO_PROMPTS,
         minibatch_size=PPO_PROMPTS, ppo_epochs=2, max_new_tokens=PPO_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
         gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.05, kl_estimator="k1",
         kl_control="fixed", kl_target=6.0, kl_horizon=10000, whiten_rewards=False, reward_clip=10.0,
         missing_eos_penalty=1.0, grad_clip=1.0, max_ratio=1e9, min_eos_rate=0.0, n_logged_samples=1,
-        disable_dropout=True,
+        disable_dropout=True, num_generations=1, advantage_estimator="gae", kl_in="reward", kl_loss_coef=0.05,
     )  # fmt: skip
-    policy, value = GPT2LMHeadModel(config), GPT2ForSequenceClassification(config)
-    module = PPOModule(policy, value, GPT2LMHeadModel(config), GPT2ForSequenceClassification(config), VaderJudge(),
-                       tokenizer, cfg, reward_mean=0.0, reward_std=1.0, seed=seed)  # fmt: skip
-    prompts = [r.prompt_ids for r in rows]
+
+
+def _run_ppo(work: Workload, seed: int) -> dict[str, float]:
+    cfg = ppo_config()
+    policy, value = work.causal_lm(disable_dropout=True), work.reward_model()
+    reference, reward = work.causal_lm(disable_dropout=True), work.reward_model()
+    module = PPOModule(policy, value, reference, reward, VaderJudge(), work.tokenizer, cfg, reward_mean=0.0,
+                       reward_std=1.0, seed=seed)  # fmt: skip
+    prompts = [r.prompt_ids for r in work.rows]
     loader = DataLoader(prompts, batch_sampler=PromptBatches(len(prompts), PPO_PROMPTS, PPO_ROLLOUTS, seed),
                         collate_fn=list)  # fmt: skip
     trainer = build_trainer(TRAINER, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=False)
@@ -153,7 +225,27 @@ def _run_ppo(config: GPT2Config, tokenizer, rows, seed: int) -> dict[str, float]
     trained = sum(h["perf/trained_tokens"] for h in module.history)
     # generation + four no-grad scoring passes (2N per token) + policy and value updates (6N per token each)
     flops = 2 * n * generated + 4 * 2 * n * trained / cfg.ppo_epochs + 2 * 6 * n * trained
-    return {"wall_s": wall, "tokens": float(generated + trained), "flops": float(flops)}
+    return {"wall_s": wall, "tokens": float(generated + trained), "flops": float(flops),
+            "rollouts_per_s": PPO_ROLLOUTS / wall}  # fmt: skip
+
+
+def _run_generation(work: Workload, seed: int) -> dict[str, float]:
+    """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size."""
+    model = work.causal_lm(disable_dropout=True)
+    params = SamplingParams(GENERATION_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
+    n = count_parameters(model)
+    out = {"wall_s": 0.0, "tokens": 0.0, "flops": 0.0}
+    for batch in GENERATION_BATCHES:
+        prompts = [work.rows[i % len(work.rows)].prompt_ids for i in range(4 * batch)]
+        start = time.perf_counter()
+        samples = sample_ids(model, work.tokenizer, prompts, params, batch_size=batch, seed=seed)
+        wall = time.perf_counter() - start
+        tokens = float(sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True)))
+        out[f"tokens_per_s_batch{batch}"] = tokens / wall
+        out["wall_s"] += wall
+        out["tokens"] += tokens
+        out["flops"] += 2 * n * tokens
+    return out
 
 
 def summarize(runs: list[dict[str, float]], peak_gflops: float) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Benchmark command (not a DVC stage): `make bench` prints and writes reports/bench.json.
 
-Measures the fp32 matmul peak, then runs each training stage's real code path on the fixed workload of
-`pipeline.bench` in its own process (so peak memory is per stage): one warm-up run, then the median of 3.
+Measures the fp32 matmul peak, then runs each training stage's real code path, and generation, on each fixed
+workload of `pipeline.bench` (`scratch`, `hub`) in its own process (so peak memory is per stage): one warm-up run,
+then the median of 3.
 """
 
 from __future__ import annotations
@@ -10,19 +11,28 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 
 import torch
 
-from pipeline.bench import dpo_memory_step, matmul_peak_gflops, run_stage, summarize, workload
+from pipeline.bench import (
+    GENERATION_BATCHES,
+    STAGES,
+    WORKLOADS,
+    dpo_memory_step,
+    matmul_peak_gflops,
+    run_stage,
+    summarize,
+    workload,
+)  # fmt: skip
 from pipeline.io import write_json
 
-STAGES = ("sft", "reward", "dpo", "ppo")
 
-
-def _child(stage: str, runs: int) -> None:
-    tokenizer, rows, pairs = workload()
-    run_stage(stage, tokenizer, rows, pairs)  # warm-up
-    print(json.dumps([run_stage(stage, tokenizer, rows, pairs, seed=i) for i in range(runs)]))
+def _child(stage: str, kind: str, runs: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as directory:
+        work = workload(kind, directory=directory)
+        run_stage(stage, work)  # warm-up
+        print(json.dumps([run_stage(stage, work, seed=i) for i in range(runs)]))
 
 
 def _memory_case() -> dict[str, dict[str, float]]:
@@ -45,34 +55,48 @@ def _memory_case() -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=WORKLOADS, default="scratch", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", choices=("before", "after"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the DPO peak-memory case")
     args = parser.parse_args()
     if args.child:
-        return _child(args.child, args.runs)
+        return _child(args.child, args.workload, args.runs)
     if args.memory_child:
         return print(json.dumps(dpo_memory_step(lean=args.memory_child == "after")))
     peak = matmul_peak_gflops()
     report = {"machine": {"fp32_matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}}  # fmt: skip
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"{'stage':8} {'wall s':>8} {'tokens/s':>10} {'MFU':>6} {'peak RSS MB':>12}")
-    for stage in args.stages:
-        done = subprocess.run([sys.executable, "-m", "stages.bench", "--child", stage, "--runs", str(args.runs)],
-                              capture_output=True, text=True)  # fmt: skip
-        if done.returncode:
-            sys.exit(f"bench: {stage} failed:\n{done.stderr[-3000:]}")
-        result = summarize(json.loads(done.stdout.strip().splitlines()[-1]), peak)
-        report[stage] = result
-        print(f"{stage:8} {result['wall_s']:8.2f} {result['tokens_per_s']:10.0f} {result['mfu']:6.1%} "
-              f"{result['peak_rss_mb']:12.0f}")  # fmt: skip
+    print(f"{'workload':9} {'stage':11} {'wall s':>7} {'tokens/s':>9} {'MFU':>6} {'padding eff':>11} "
+          f"{'peak RSS MB':>11}  more")  # fmt: skip
+    for kind in args.workloads:
+        report[kind] = {}
+        for stage in args.stages:
+            done = subprocess.run([sys.executable, "-m", "stages.bench", "--child", stage, "--workload", kind, "--runs",
+                                   str(args.runs)], capture_output=True, text=True)  # fmt: skip
+            if done.returncode:
+                sys.exit(f"bench: {kind} {stage} failed:\n{done.stderr[-3000:]}")
+            result = summarize(json.loads(done.stdout.strip().splitlines()[-1]), peak)
+            report[kind][stage] = result
+            print(f"{kind:9} {stage:11} {result['wall_s']:7.2f} {result['tokens_per_s']:9.0f} {result['mfu']:6.1%} "
+                  f"{result.get('padding_efficiency', float('nan')):11.1%} {result['peak_rss_mb']:11.0f}  "
+                  f"{_more(result)}")  # fmt: skip
     if not args.no_memory:
         report["dpo_memory"] = _memory_case()
     write_json(report, args.out)
     print(f"bench: wrote {args.out}")
+
+
+def _more(result: dict[str, float]) -> str:
+    """The stage-specific figures: PPO rollouts/s, generation tokens/s per batch size."""
+    if "rollouts_per_s" in result:
+        return f"{result['rollouts_per_s']:.2f} rollouts/s"
+    return ", ".join(f"batch {b}: {result[f'tokens_per_s_batch{b}']:.0f} tok/s" for b in GENERATION_BATCHES
+                     if f"tokens_per_s_batch{b}" in result)  # fmt: skip
 
 
 if __name__ == "__main__":

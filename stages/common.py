@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 from pipeline.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.io import dvc_md5, write_json
-from pipeline.tracking import StageRun, TableInput, resolve_context
+from pipeline.provenance import input_tables, machine_tags
+from pipeline.tracking import StageRun, resolve_context
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
 CHECKPOINTS_BUSY_ENV = "ALIGN_CHECKPOINTS_BUSY"  # rank 0 tells DDP ranks > 0 it runs without checkpoints
@@ -58,47 +58,6 @@ def _rank() -> int:
 def inference_device() -> torch.device:
     """Where the no-grad stages (sampling, scoring, judging) run: the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def machine_tags() -> dict[str, str]:
-    """What decides whether two runs can agree bit for bit: software versions, the processor, threads, and the
-    determinism switches. Same values (and params and inputs): identical outputs; see the README."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "sys.torch": torch.__version__, "sys.python": platform.python_version(), "sys.platform": platform.platform(),
-        "sys.cpu": cpu, "sys.cpu_count": str(os.cpu_count()), "sys.threads": str(torch.get_num_threads()),
-        "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "sys.cuda": str(torch.version.cuda),
-        "sys.deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
-        "sys.cudnn_deterministic": str(torch.backends.cudnn.deterministic),
-    }  # fmt: skip
-
-
-_ARROW_TYPES = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer", "double": "double",
-                "float": "float", "bool": "boolean"}  # fmt: skip
-_CONTEXTS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
-
-
-def input_tables(paths: list[str]) -> list[TableInput]:
-    """The parquet tables among a stage's inputs (files, or the tables in input folders), with their DVC md5s."""
-    import pyarrow.parquet as pq
-
-    files = []
-    for path in map(Path, paths):
-        files += sorted(path.glob("*.parquet")) if path.is_dir() else [path] if path.suffix == ".parquet" else []
-    tables = []
-    for file in files:
-        meta = pq.ParquetFile(file)
-        columns = {f.name: _ARROW_TYPES.get(str(f.type), "string") for f in meta.schema_arrow}
-        tables.append(TableInput(name=f"{file.parent.name}/{file.stem}", digest=dvc_md5(file), source=str(file),
-                                 columns=columns, num_rows=meta.metadata.num_rows,
-                                 context=_CONTEXTS.get(file.stem, file.stem)))  # fmt: skip
-    return tables
 
 
 def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
