@@ -17,7 +17,6 @@ scoring pass plus 6 * params per trained token of policy and value model; genera
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,28 +83,26 @@ def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0
 
 @dataclass
 class Workload:
-    """What one benchmark run trains on: the tokenizer, SFT rows, preference pairs, and for `hub` the
-    `save_pretrained` dir every model is loaded from (None: models are built in code)."""
+    """What one benchmark run trains on: the tokenizer, SFT rows, preference pairs, and for `hub` the model params
+    pointing at the `save_pretrained` dir every model is loaded from (None: models are built in code)."""
 
     kind: str
     tokenizer: object
     rows: list
     pairs: list
-    model_dir: str | None = None
+    hub: ModelConfig | None = None
 
     def causal_lm(self, *, disable_dropout: bool) -> PreTrainedModel:
-        if self.model_dir is None:
+        if self.hub is None:
             return GPT2LMHeadModel(_config(self.tokenizer))
-        model = build_causal_lm(_hub_model_config(self.model_dir), self.tokenizer)
-        return prepare_for_training(model, _hub_model_config(self.model_dir), TRAINER,
+        return prepare_for_training(build_causal_lm(self.hub, self.tokenizer), self.hub, TRAINER,
                                     disable_dropout=disable_dropout, task="CAUSAL_LM")  # fmt: skip
 
     def reward_model(self) -> PreTrainedModel:
-        if self.model_dir is None:
+        if self.hub is None:
             return GPT2ForSequenceClassification(_config(self.tokenizer))
-        model = build_reward_model(_hub_model_config(self.model_dir), self.tokenizer, self.model_dir)
-        return prepare_for_training(model, _hub_model_config(self.model_dir), TRAINER, disable_dropout=True,
-                                    task="SEQ_CLS")  # fmt: skip
+        return prepare_for_training(build_reward_model(self.hub, self.tokenizer, self.hub.base), self.hub, TRAINER,
+                                    disable_dropout=True, task="SEQ_CLS")  # fmt: skip
 
 
 def _hub_model_config(path: str) -> ModelConfig:
@@ -114,9 +111,9 @@ def _hub_model_config(path: str) -> ModelConfig:
                        lora_target_modules="all-linear")  # fmt: skip
 
 
-def workload(kind: str = "scratch", seed: int = 0, directory: str | None = None) -> Workload:
+def workload(kind: str, directory: str | Path, seed: int = 0) -> Workload:
     """The fixed rows, pairs and tokenizer of `kind` (see the module docstring); `hub` writes its checkpoint into
-    `directory` (default: a new temporary one)."""
+    `directory`."""
     if kind not in WORKLOADS:
         raise ValueError(f"bench: unknown workload {kind!r}; valid: {', '.join(WORKLOADS)}")
     reviews = generate_reviews(2 * ROWS + 2, random.Random(seed), frac_positive=0.4, frac_negative=0.4)
@@ -141,10 +138,9 @@ def workload(kind: str = "scratch", seed: int = 0, directory: str | None = None)
     pairs = tokenize_pairs(tokenizer, frame, 128, "bench pairs")
     if kind == "scratch":
         return Workload(kind, tokenizer, rows, pairs)
-    path = Path(directory or tempfile.mkdtemp(prefix="bench-hub-"))
     torch.manual_seed(seed)
-    GPT2LMHeadModel(_config(tokenizer, "gelu_new", HUB_DROPOUT)).save_pretrained(path, safe_serialization=True)
-    return Workload(kind, tokenizer, rows, pairs, str(path))
+    GPT2LMHeadModel(_config(tokenizer, "gelu_new", HUB_DROPOUT)).save_pretrained(directory, safe_serialization=True)
+    return Workload(kind, tokenizer, rows, pairs, _hub_model_config(str(directory)))
 
 
 def _fit(module, data, steps: int) -> dict[str, float]:

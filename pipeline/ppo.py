@@ -238,10 +238,9 @@ class PPOModule(pl.LightningModule):
                     optimizer.zero_grad()
                 # Gradient accumulation: micro-batches weighted by their share of what the loss averages over (the
                 # minibatch's response tokens, or its rows), so k of them give the gradient of the whole minibatch.
-                total = rollout.mask[index].sum() if self.aggregation == "token_mean" else len(index)
+                total = self._loss_size(rollout.mask, index)
                 for micro in index.chunk(self.accumulate):
-                    share = rollout.mask[micro].sum() if self.aggregation == "token_mean" else len(micro)
-                    stats = self._backward(rollout, micro, weight=share / total)
+                    stats = self._backward(rollout, micro, weight=self._loss_size(rollout.mask, micro) / total)
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 for optimizer in optimizers:
@@ -258,6 +257,10 @@ class PPOModule(pl.LightningModule):
         """Lightning hands back a lone scheduler bare (critic-free: the policy's only)."""
         schedulers = self.lr_schedulers()
         return schedulers if isinstance(schedulers, list) else [schedulers]
+
+    def _loss_size(self, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | int:
+        """What the loss of `rows` averages over: their response tokens (token mean) or the rows themselves."""
+        return mask[rows].sum() if self.aggregation == "token_mean" else len(rows)
 
     def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor | float
                   ) -> dict[str, torch.Tensor]:  # fmt: skip

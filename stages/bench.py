@@ -24,13 +24,13 @@ from pipeline.bench import (
     run_stage,
     summarize,
     workload,
-)  # fmt: skip
+)
 from pipeline.io import write_json
 
 
 def _child(stage: str, kind: str, runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as directory:
-        work = workload(kind, directory=directory)
+        work = workload(kind, directory)
         run_stage(stage, work)  # warm-up
         print(json.dumps([run_stage(stage, work, seed=i) for i in range(runs)]))
 
