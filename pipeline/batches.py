@@ -134,21 +134,37 @@ def pack_sequences(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def tightest_packing(lengths: Sequence[int], widths: Sequence[int] = (1, 2, 4)) -> list[list[int]]:
+    """`pack_sequences` at whichever capacity of `widths` times the longest sequence leaves the fewest padding
+    slots (rows x widest row; ties: the narrower). Sequences of similar length fill rows of the longest one
+    sequence each, with a gap after the shorter ones; wider rows close most of those gaps."""
+    longest = max(lengths)
+
+    def slots(rows: list[list[int]]) -> int:
+        return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+    return min((pack_sequences(lengths, k * longest) for k in widths), key=slots)
+
+
 def packed_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) -> dict[str, torch.Tensor]:
     """A right-padded batch re-laid padding-free: sequences concatenated into rows of at most `capacity` tokens
-    (default: the batch's longest), `position_ids` restarting at every sequence, and a block-diagonal causal
+    (default: `tightest_packing`), `position_ids` restarting at every sequence, and a block-diagonal causal
     attention mask, (R, 1, L, L) boolean, so no token sees another sequence. Loss masks travel along: a sequence's
     first token is a prompt token, never a target, so nothing is predicted across a boundary.
 
-    Returns `input_ids`, `attention_mask` (4D), `position_ids`, `loss_mask` and `token_mask` (1 on real tokens).
+    Returns `input_ids`, `attention_mask` (4D), `position_ids`, `loss_mask`, `token_mask` (1 on real tokens),
+    `sequence_index` (the batch row each token came from, -1 on padding; `per_sequence` sums by it) and
+    `last_token` (N,), each sequence's last token as an index into the flattened (R * L) layout.
     """
     lengths = batch["attention_mask"].sum(1).tolist()
-    rows = pack_sequences(lengths, capacity or max(lengths))
+    rows = pack_sequences(lengths, capacity) if capacity else tightest_packing(lengths)
     width = max(sum(lengths[i] for i in row) for row in rows)
     shape = (len(rows), width)
     ids = torch.zeros(shape, dtype=batch["input_ids"].dtype)  # padding: any id, it is masked out
     positions, loss_mask = torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=batch["loss_mask"].dtype)
     segments = torch.zeros(shape, dtype=torch.long)  # 0: padding; k: the row's k-th sequence
+    sequence_index = torch.full(shape, -1, dtype=torch.long)
+    last_token = torch.empty(len(lengths), dtype=torch.long)
     for r, row in enumerate(rows):
         start = 0
         for k, i in enumerate(row, start=1):
@@ -157,12 +173,32 @@ def packed_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) ->
             loss_mask[r, start + 1 : start + n] = batch["loss_mask"][i, 1:n]  # a first token is never a target
             positions[r, start : start + n] = torch.arange(n)
             segments[r, start : start + n] = k
+            sequence_index[r, start : start + n] = i
+            last_token[i] = r * width + start + n - 1
             start += n
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] > 0) & causal
     mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax row
     return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "loss_mask": loss_mask,
-            "token_mask": (segments > 0).long()}  # fmt: skip
+            "token_mask": (segments > 0).long(), "sequence_index": sequence_index,
+            "last_token": last_token}  # fmt: skip
+
+
+def per_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sums of next-token `values` per sequence, in the batch's row order, padded or packed alike.
+
+    Args:
+        values: aligned with `input_ids[:, 1:]` (masked already: padding and prompt tokens hold 0). Shape: (R, L - 1).
+        batch: a right-padded batch (R sequences) or a `packed_batch` (N sequences in R rows).
+
+    Returns:
+        Shape: (R,) padded, (N,) packed.
+    """
+    if "sequence_index" not in batch:
+        return values.sum(-1)
+    index = batch["sequence_index"][:, 1:].clamp(min=0)  # padding holds 0 in `values`: adds nothing to sequence 0
+    sums = values.new_zeros(batch["last_token"].numel())
+    return sums.index_add(0, index.reshape(-1), values.reshape(-1))
 
 
 class LengthGroupedBatchSampler(Sampler[list]):
@@ -344,16 +380,20 @@ class PairCollator:
 
     Returns `input_ids`, `attention_mask`, `loss_mask` (1 on response and EOS tokens), each (2B, T), plus
     `gold` (2B,), cached `reference_logps` (2B,; NaN when not attached) and `index` (B,), the pair's row in its
-    table.
+    table. Packed: the `packed_batch` layout of the same 2B sequences in that order.
     """
 
     pad_id: int
     eos_id: int
+    packing: bool = False
+    """Lay the 2B sequences out padding-free (`packed_batch`): `per_sequence` and `last_token` then find them."""
 
     def __call__(self, rows: Sequence[PreferencePair]) -> dict[str, torch.Tensor]:
         responses = [r.chosen_ids for r in rows] + [r.rejected_ids for r in rows]
         prompts = [r.prompt_ids for r in rows] * 2
         batch = response_batch(prompts, responses, [True] * len(prompts), eos_id=self.eos_id, pad_id=self.pad_id)
+        if self.packing:
+            batch = packed_batch(batch)
         return {
             **batch,
             "gold": torch.tensor([r.chosen_gold for r in rows] + [r.rejected_gold for r in rows]),

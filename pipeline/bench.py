@@ -40,11 +40,11 @@ from pipeline.training import Throughput, build_trainer, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 WORKLOADS = ("scratch", "hub")
-STAGES = ("sft", "sft_packed", "reward", "dpo", "ppo", "generation")
+STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation")
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
 HUB_DROPOUT = 0.1
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
-                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False,
+                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False, compile=False,
                         checkpoint_every_n_steps=0, keep_checkpoints=False)  # fmt: skip
 
 
@@ -165,18 +165,19 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
         collate = SFTCollator(pad, eos, packing=stage == "sft_packed")
         out = _fit(SFTModule(model, **optim), RowsDataModule(work.rows, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
-    elif stage == "reward":
+    elif stage in ("reward", "reward_packed"):
         model = work.reward_model()
         module = RewardModule(model, margin=0.0, center_coef=0.0, **optim)
-        out = _fit(module, RowsDataModule(work.pairs, [], PairCollator(pad, eos), BATCH, seed), steps)
+        collate = PairCollator(pad, eos, packing=stage == "reward_packed")
+        out = _fit(module, RowsDataModule(work.pairs, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
-    elif stage == "dpo":
+    elif stage in ("dpo", "dpo_packed"):
         policy = work.causal_lm(disable_dropout=True)
         reference = work.causal_lm(disable_dropout=True).requires_grad_(False)
-        cached = attach_reference(work.pairs, reference_logps(reference, work.pairs, PairCollator(pad, eos), 64),
-                                  "bench")  # fmt: skip
+        collate = PairCollator(pad, eos, packing=stage == "dpo_packed")
+        cached = attach_reference(work.pairs, reference_logps(reference, work.pairs, collate, 64), "bench")
         module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, **optim)
-        out = _fit(module, RowsDataModule(cached, [], PairCollator(pad, eos), BATCH, seed), steps)
+        out = _fit(module, RowsDataModule(cached, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage == "ppo":
         out = _run_ppo(work, seed)

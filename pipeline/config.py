@@ -75,6 +75,9 @@ class TrainerConfig:
     is split into this many micro-batches)."""
     gradient_checkpointing: bool
     """Recompute activations in the backward pass instead of storing them (less memory, ~30 % more compute)."""
+    compile: bool
+    """`torch.compile` the model's transformer body (dynamic shapes) in every trained stage; generation still runs
+    eagerly. Measured on CPU it loses (see the README's benchmark): leave it off there; try it on GPUs."""
     checkpoint_every_n_steps: int
     """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from
     (0: none). They live in `.checkpoints/<stage>/<key>/`, outside the DVC outputs."""
@@ -143,6 +146,10 @@ class TrainingConfig:
     disable_dropout: bool
     """Set every dropout of the model to 0 while training (TRL's default for reward, DPO and PPO: dropout makes
     the policy's log-probs noisy against a reference computed without it)."""
+    packing: bool
+    """Padding-free batches: each batch's sequences (reward, dpo: chosen and rejected alike) concatenated into as
+    few rows as fit its longest, positions restarting per sequence, attention block-diagonal (same losses and
+    gradients as padded, to float rounding)."""
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,6 @@ class SFTConfig(TrainingConfig):
     on_invalid: Literal["drop", "fail"]
     """Rows longer than `max_length` or with an empty completion: stop with an error naming them, or drop them
     (counted in reports/sft.json as data/dropped_rows)."""
-    packing: bool
-    """Padding-free batches: each batch's sequences concatenated into as few rows as fit its longest, positions
-    restarting per sequence, attention block-diagonal (same loss and gradients as padded)."""
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,9 @@ class ReferenceConfig:
     """Pairs per forward pass when caching the reference (SFT) log-probs."""
     max_length: int
     """Prompt + response + EOS tokens (as in DPO, which reads these log-probs)."""
+    packing: bool
+    """Padding-free batches, as `dpo.packing` (the cached values then differ from padded ones by float rounding
+    only)."""
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,23 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.batches import PairCollator, PreferencePair
+from pipeline.batches import PairCollator, PreferencePair, per_sequence
 from pipeline.dpo_losses import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
-from pipeline.logprobs import masked_logps, model_token_logps
+from pipeline.logprobs import model_token_logps
 from pipeline.optim import build_optimizer
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over (2B, T)."""
-    logps, _ = model_token_logps(model, batch["input_ids"], batch["attention_mask"])
-    return masked_logps(logps, batch["loss_mask"]).chunk(2)
+    """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over the 2B sequences
+    (padded, or packed: `PairCollator(packing=True)`)."""
+    logps, _ = model_token_logps(model, batch["input_ids"], batch["attention_mask"],
+                                 position_ids=batch.get("position_ids"))  # fmt: skip
+    return per_sequence(logps * batch["loss_mask"][:, 1:], batch).chunk(2)
+
+
+def pair_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored (response + EOS) tokens of chosen and rejected, each (B,)."""
+    return per_sequence(batch["loss_mask"][:, 1:], batch).chunk(2)
 
 
 @torch.no_grad()
@@ -98,7 +105,7 @@ class DPOModule(pl.LightningModule):
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_chosen_logps, policy_rejected_logps = pair_logps(self.policy, batch)
         if self.reference_free:
-            chosen_lengths, rejected_lengths = batch["loss_mask"][:, 1:].sum(-1).to(policy_chosen_logps).chunk(2)
+            chosen_lengths, rejected_lengths = (n.to(policy_chosen_logps) for n in pair_lengths(batch))
             losses, chosen_rewards, rejected_rewards = reference_free_loss(
                 policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, **self.loss_args
             )

@@ -95,18 +95,19 @@ def sample_ids(
             ids = prompt_ids[i]
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else None,
-            top_k=params.top_k if params.temperature > 0 else None,
-            top_p=params.top_p if params.temperature > 0 else None,
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=stops if len(stops) > 1 else stops[0],
-            pad_token_id=pad,
-            use_cache=True,
-        )
+        with torch.compiler.set_stance("force_eager"):  # a compiled body (trainer.compile) decodes eagerly
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                do_sample=params.temperature > 0,
+                temperature=params.temperature if params.temperature > 0 else None,
+                top_k=params.top_k if params.temperature > 0 else None,
+                top_p=params.top_p if params.temperature > 0 else None,
+                max_new_tokens=params.max_new_tokens,
+                eos_token_id=stops if len(stops) > 1 else stops[0],
+                pad_token_id=pad,
+                use_cache=True,
+            )
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
             end = next((t for t, token in enumerate(tokens) if token in stops), None)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.io import write_json
+from pipeline.lora import unwrapped
 from pipeline.optim import build_optimizer
 
 
@@ -63,6 +64,23 @@ def bradley_terry_loss(
     return loss
 
 
+def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The one-logit classifier's score of every sequence of a packed batch (`packed_batch`), read at its last
+    token as the classifier's own pooling does on a padded batch: the backbone over the packed rows, then the score
+    head on those N positions only. Shape: (N,)."""
+    base = unwrapped(model)
+    head = getattr(base, "score", None)
+    if head is None:
+        raise ValueError(
+            f"reward.packing: {type(base).__name__} has no `score` head to read packed sequences with; "
+            "set reward.packing: false"
+        )
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=batch["position_ids"]).last_hidden_state  # (R, L, H)  # fmt: skip
+    return head(hidden.flatten(0, 1)[batch["last_token"]])[:, 0]
+
+
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     """Spearman rank correlation (average ranks for ties) of two 1-D tensors."""
     return float(pd.Series(x.double().cpu().numpy()).corr(pd.Series(y.double().cpu().numpy()), method="spearman"))
@@ -88,7 +106,9 @@ class RewardModule(pl.LightningModule):
         self.margin, self.center_coef = margin, center_coef
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards of chosen and rejected, each (B,), from one forward pass over the (2B, T) batch."""
+        """Rewards of chosen and rejected, each (B,), from one forward pass over the 2B sequences."""
+        if "last_token" in batch:
+            return packed_scores(self.model, batch).float().chunk(2)
         scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         return scores.float().chunk(2)
 

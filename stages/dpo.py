@@ -45,7 +45,7 @@ def main() -> None:
         counts = parameter_counts(policy)
         module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
                            simpo_gamma=dpo.simpo_gamma, orpo_lambda=dpo.orpo_lambda, **optim_args(dpo))  # fmt: skip
-        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=dpo.packing)
         data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
         result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger(),

@@ -25,7 +25,7 @@ def main() -> None:
         cfg, ref, args = ctx.config, ctx.config.reference, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(inference_device())
-        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=ref.packing)
         metrics: dict[str, float] = {}
         with atomic_path(args.out_dir) as tmp:
             tmp.mkdir()

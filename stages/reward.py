@@ -29,7 +29,7 @@ def main() -> None:
                                      disable_dropout=rm.disable_dropout, task="SEQ_CLS")  # fmt: skip
         counts = parameter_counts(model)
         module = RewardModule(model, margin=rm.margin, center_coef=rm.center_coef, **optim_args(rm))
-        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=rm.packing)
         data = RowsDataModule(rows["train"], rows["val"], collate, rm.batch_size, cfg.seed,
                               accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
         result = fit_and_validate(module, data, cfg.trainer, rm, ctx.run.lightning_logger(),

@@ -39,7 +39,7 @@ def model_cfg() -> ModelConfig:
 def cpu_trainer_cfg() -> TrainerConfig:
     return TrainerConfig(
         accelerator="cpu", devices=1, strategy="auto", precision="32-true", num_nodes=1, log_every_n_steps=1,
-        accumulate_grad_batches=1, gradient_checkpointing=False, checkpoint_every_n_steps=0,
+        accumulate_grad_batches=1, gradient_checkpointing=False, compile=False, checkpoint_every_n_steps=0,
         keep_checkpoints=False,
     )
 

@@ -52,3 +52,26 @@ def test_accumulation_groups_split_one_large_batch_and_carry_its_weight():
     assert [[i for i, _ in a] + [i for i, _ in b] for a, b in zip(micro[::2], micro[1::2], strict=True)] == large
     totals = {i: total for batch in micro for i, total in batch}
     assert all(totals[i] == sum(lengths[j] for j in batch) for batch in large for i in batch)
+
+
+def test_tightest_packing_widens_rows_only_when_that_leaves_fewer_padding_slots():
+    from pipeline.batches import tightest_packing
+
+    # similar lengths: rows of the longest hold one each (6 x 10 = 60 slots for 51 tokens); twice as wide, two
+    # each (3 x 18 = 54); four times, four and two (2 x 35 = 70)
+    assert tightest_packing([10, 9, 8, 8, 8, 8]) == [[0, 1], [2, 3], [4, 5]]
+    # a short tail fits beside the longest at its own width: no wider rows
+    assert tightest_packing([10, 2, 3, 5]) == [[0], [3, 2, 1]]
+
+
+def test_packed_batch_indexes_every_sequence_and_its_last_token():
+
+    from pipeline.batches import packed_batch, per_sequence, response_batch
+
+    batch = response_batch([[5, 6], [7], [8, 9, 10]], [[11], [12, 13], [14]], [True] * 3, eos_id=2, pad_id=0)
+    packed = packed_batch(batch, capacity=8)
+    flat = packed["input_ids"].flatten()
+    assert flat[packed["last_token"]].tolist() == [2, 2, 2]  # every sequence ends with its EOS
+    lengths = per_sequence(packed["token_mask"][:, 1:] * (packed["position_ids"][:, 1:] > 0), packed)
+    assert lengths.tolist() == [3, 3, 4]  # tokens after each sequence's first, found through sequence_index
+    assert per_sequence(packed["loss_mask"][:, 1:], packed).tolist() == batch["loss_mask"][:, 1:].sum(-1).tolist()
