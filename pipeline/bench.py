@@ -30,7 +30,13 @@ from pipeline.config import ModelConfig, PPOConfig, TrainerConfig
 from pipeline.dpo import DPOModule, attach_reference, reference_logps
 from pipeline.generation import SamplingParams, sample_ids
 from pipeline.judges import VaderJudge
-from pipeline.models import build_causal_lm, build_reward_model, count_parameters, prepare_for_training
+from pipeline.models import (
+    build_causal_lm,
+    build_reward_model,
+    compile_backbone,
+    count_parameters,
+    prepare_for_training,
+)
 from pipeline.ppo import PPOModule, PromptBatches
 from pipeline.reward import RewardModule
 from pipeline.sft import SFTModule
@@ -41,6 +47,7 @@ from pipeline.training import Throughput, build_trainer, peak_rss_mb
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 WORKLOADS = ("scratch", "hub")
 STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation")
+OPT_IN_STAGES = ("sft_compiled",)  # `--stages sft_compiled`: SFT under trainer.compile (a warm-up of minutes)
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
 HUB_DROPOUT = 0.1
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
@@ -160,8 +167,10 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
     steps = ROWS // BATCH
     optim = {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "max_steps": steps}
     pad, eos = work.tokenizer.pad_token_id, work.tokenizer.eos_token_id
-    if stage in ("sft", "sft_packed"):
+    if stage in ("sft", "sft_packed", "sft_compiled"):
         model = work.causal_lm(disable_dropout=False)  # the SFT stage's default policy keeps dropout
+        if stage == "sft_compiled":
+            compile_backbone(model)
         collate = SFTCollator(pad, eos, packing=stage == "sft_packed")
         out = _fit(SFTModule(model, **optim), RowsDataModule(work.rows, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
@@ -184,7 +193,7 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
     elif stage == "generation":
         out = _run_generation(work, seed)
     else:
-        raise ValueError(f"bench: unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+        raise ValueError(f"bench: unknown stage {stage!r}; valid: {', '.join(STAGES + OPT_IN_STAGES)}")
     out["tokens_per_s"] = out["tokens"] / out["wall_s"]
     out["peak_rss_mb"] = peak_rss_mb()
     if torch.cuda.is_available():

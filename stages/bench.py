@@ -17,6 +17,7 @@ import torch
 
 from pipeline.bench import (
     GENERATION_BATCHES,
+    OPT_IN_STAGES,
     STAGES,
     WORKLOADS,
     dpo_memory_step,
@@ -54,11 +55,11 @@ def _memory_case() -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m stages.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + OPT_IN_STAGES)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="reports/bench.json")
-    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=STAGES + OPT_IN_STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=WORKLOADS, default="scratch", help=argparse.SUPPRESS)
     parser.add_argument("--memory-child", choices=("before", "after"), help=argparse.SUPPRESS)
     parser.add_argument("--no-memory", action="store_true", help="skip the DPO peak-memory case")

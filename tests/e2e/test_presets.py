@@ -48,8 +48,12 @@ def _ran_everything(project: Project) -> dict:
     return metrics
 
 
+PACKED = {"packing": True}
+
+
 def test_chat_preset_llama_chat_model_conversational_data_classifier_judge_lora(tmp_path):
-    """Also the memory path: LoRA rank 8 and two accumulated micro-batches per step in every trained stage."""
+    """Also the memory path: LoRA rank 8 and two accumulated micro-batches per step in every trained stage, and
+    padding-free batches in every stage that has them (the reward model's score head under LoRA included)."""
     hub = tmp_path / "hub"
     hub.mkdir()
     data = write_jsonl(hub / "ultrafeedback.jsonl", ultrafeedback_rows(160))
@@ -59,6 +63,7 @@ def test_chat_preset_llama_chat_model_conversational_data_classifier_judge_lora(
         "prepare": {"dataset_path": "json", "data_files": data},
         "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
         "judge": {"kind": "classifier", "path": sentiment_classifier(hub / "distilbert-imdb"), "label": "POSITIVE"},
+        "sft": PACKED, "reward": PACKED, "reference": PACKED, "dpo": PACKED,
     })  # fmt: skip
     _ran_everything(project)
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
@@ -79,6 +84,7 @@ def test_chat_preset_llama_chat_model_conversational_data_classifier_judge_lora(
 
 
 def test_imdb_preset_gpt2_review_prefixes_classifier_judge(tmp_path):
+    """Also padding-free batches in every stage that has them, on learned absolute positions."""
     hub = tmp_path / "hub"
     hub.mkdir()
     project = Project(tmp_path / "repo", preset="imdb", overrides={
@@ -86,6 +92,7 @@ def test_imdb_preset_gpt2_review_prefixes_classifier_judge(tmp_path):
         "trainer": CPU,
         "prepare": {"dataset_path": "json", "data_files": write_jsonl(hub / "imdb.jsonl", imdb_rows(400))},
         "judge": {"path": sentiment_classifier(hub / "distilbert-imdb")},
+        "sft": PACKED, "reward": PACKED, "reference": PACKED, "dpo": PACKED,
     })  # fmt: skip
     _ran_everything(project)
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
