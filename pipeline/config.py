@@ -147,9 +147,9 @@ class TrainingConfig:
     """Set every dropout of the model to 0 while training (TRL's default for reward, DPO and PPO: dropout makes
     the policy's log-probs noisy against a reference computed without it)."""
     packing: bool
-    """Padding-free batches: each batch's sequences (reward, dpo: chosen and rejected alike) concatenated into as
-    few rows as fit its longest, positions restarting per sequence, attention block-diagonal (same losses and
-    gradients as padded, to float rounding)."""
+    """Padding-free batches: each batch's sequences (reward, dpo: chosen and rejected alike) concatenated into rows
+    1, 2 or 4 times as wide as its longest (whichever leaves the fewest padding slots), positions restarting per
+    sequence, attention block-diagonal (same losses and gradients as padded, to float rounding)."""
 
 
 @dataclass(frozen=True)
