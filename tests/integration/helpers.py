@@ -18,6 +18,16 @@ def tiny_model(model_cfg, tokenizer, seed: int = 0):
     return build_causal_lm(model_cfg, tokenizer)
 
 
+def sft_loss_and_grads(model, batch):
+    """The SFT loss of `batch` (the module's own `_shared_step`), its target-token count, and every gradient."""
+    from pipeline.sft import SFTModule
+
+    model.zero_grad()
+    loss, n_tokens = SFTModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1)._shared_step(batch)
+    loss.backward()
+    return loss.detach(), n_tokens, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 def params_snapshot(module):
     return {name: p.detach().clone() for name, p in module.named_parameters()}
 

@@ -12,15 +12,7 @@ from torch._dynamo.utils import counters
 from pipeline.batches import SFTCollator
 from pipeline.generation import SamplingParams, sample_ids
 from pipeline.models import prepare_for_training, save_model
-from pipeline.sft import SFTModule
-from tests.integration.helpers import tiny_model, tiny_rows
-
-
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss, _ = SFTModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1)._shared_step(batch)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+from tests.integration.helpers import sft_loss_and_grads, tiny_model, tiny_rows
 
 
 @pytest.mark.slow
@@ -34,8 +26,8 @@ def test_compiled_body_trains_like_eager_and_generates_eagerly(model_cfg, cpu_tr
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
     rows = tiny_rows(tokenizer, reviews, 16)
     for batch in (collate(rows[:8]), collate(rows[8:])):  # two lengths: dynamic shapes, no recompile per length
-        loss, grads = _loss_and_grads(eager, batch)
-        compiled_loss, compiled_grads = _loss_and_grads(compiled, batch)
+        loss, _, grads = sft_loss_and_grads(eager, batch)
+        compiled_loss, _, compiled_grads = sft_loss_and_grads(compiled, batch)
         torch.testing.assert_close(compiled_loss, loss, atol=1e-5, rtol=1e-5)
         for name, grad in grads.items():
             assert (compiled_grads[name] - grad).norm() <= 1e-4 * grad.norm(), name

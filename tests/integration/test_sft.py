@@ -6,7 +6,7 @@ from pipeline.generation import SamplingParams, sample
 from pipeline.sft import SFTModule
 from pipeline.tracking import StageRun
 from pipeline.training import History, Throughput, build_trainer
-from tests.integration.helpers import changed, params_snapshot, tiny_model, tiny_rows
+from tests.integration.helpers import changed, params_snapshot, sft_loss_and_grads, tiny_model, tiny_rows
 
 
 def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6):
@@ -80,13 +80,6 @@ def test_history_records_each_validation_with_its_own_value(model_cfg, cpu_train
     assert len({loss for _, loss in val}) == 3
 
 
-def _loss_and_grads(model, batch):
-    model.zero_grad()
-    loss, n_tokens = SFTModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1)._shared_step(batch)
-    loss.backward()
-    return loss.detach(), n_tokens, {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
 def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture, model_cfg, tokenizer, reviews,
                                                                      tmp_path):  # fmt: skip
@@ -113,8 +106,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture
     assert len(packed["input_ids"]) < len(padded["input_ids"])  # sequences shared rows
     assert packed["token_mask"].sum() == padded["attention_mask"].sum()
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # less padding
-    loss, n_tokens, grads = _loss_and_grads(model, padded)
-    packed_loss, packed_tokens, packed_grads = _loss_and_grads(model, packed)
+    loss, n_tokens, grads = sft_loss_and_grads(model, padded)
+    packed_loss, packed_tokens, packed_grads = sft_loss_and_grads(model, packed)
     assert packed_tokens == n_tokens
     torch.testing.assert_close(packed_loss, loss, atol=1e-6, rtol=1e-5)
     for name, grad in grads.items():
