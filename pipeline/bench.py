@@ -47,7 +47,8 @@ from pipeline.training import Throughput, build_trainer, peak_rss_mb
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 WORKLOADS = ("scratch", "hub")
 STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation")
-OPT_IN_STAGES = ("sft_compiled",)  # `--stages sft_compiled`: SFT under trainer.compile (a warm-up of minutes)
+# `--stages ...`: SFT under trainer.compile (a warm-up of minutes); generation and PPO under generation.compile
+OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling")
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
 HUB_DROPOUT = 0.1
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
@@ -188,10 +189,10 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
         module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, **optim)
         out = _fit(module, RowsDataModule(cached, [], collate, BATCH, seed), steps)
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
-    elif stage == "ppo":
-        out = _run_ppo(work, seed)
-    elif stage == "generation":
-        out = _run_generation(work, seed)
+    elif stage in ("ppo", "ppo_compiled_sampling"):
+        out = _run_ppo(work, seed, compiled=stage == "ppo_compiled_sampling")
+    elif stage in ("generation", "generation_compiled"):
+        out = _run_generation(work, seed, compiled=stage == "generation_compiled")
     else:
         raise ValueError(f"bench: unknown stage {stage!r}; valid: {', '.join(STAGES + OPT_IN_STAGES)}")
     out["tokens_per_s"] = out["tokens"] / out["wall_s"]
@@ -213,12 +214,12 @@ def ppo_config() -> PPOConfig:
     )  # fmt: skip
 
 
-def _run_ppo(work: Workload, seed: int) -> dict[str, float]:
+def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
     cfg = ppo_config()
     policy, value = work.causal_lm(disable_dropout=True), work.reward_model()
     reference, reward = work.causal_lm(disable_dropout=True), work.reward_model()
     module = PPOModule(policy, value, reference, reward, VaderJudge(), work.tokenizer, cfg, reward_mean=0.0,
-                       reward_std=1.0, seed=seed)  # fmt: skip
+                       reward_std=1.0, seed=seed, compiled_sampling=compiled)  # fmt: skip
     prompts = [r.prompt_ids for r in work.rows]
     loader = DataLoader(prompts, batch_sampler=PromptBatches(len(prompts), PPO_PROMPTS, PPO_ROLLOUTS, seed),
                         collate_fn=list)  # fmt: skip
@@ -235,10 +236,10 @@ def _run_ppo(work: Workload, seed: int) -> dict[str, float]:
             "rollouts_per_s": PPO_ROLLOUTS / wall}  # fmt: skip
 
 
-def _run_generation(work: Workload, seed: int) -> dict[str, float]:
+def _run_generation(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
     """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size."""
-    model = work.causal_lm(disable_dropout=True)
-    params = SamplingParams(GENERATION_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
+    model = work.causal_lm(disable_dropout=True).to("cuda" if torch.cuda.is_available() else "cpu")
+    params = SamplingParams(GENERATION_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
     n = count_parameters(model)
     out = {"wall_s": 0.0, "tokens": 0.0, "flops": 0.0}
     for batch in GENERATION_BATCHES:

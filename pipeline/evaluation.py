@@ -166,7 +166,8 @@ def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, b
 
 
 def evaluate_policies(
-    policies: dict, sft, reward_model, judge: Judge, tokenizer, prompts: list[str], cfg: EvaluateConfig, *, seed: int
+    policies: dict, sft, reward_model, judge: Judge, tokenizer, prompts: list[str], cfg: EvaluateConfig, *, seed: int,
+    compiled: bool = False,
 ):
     """Sample every policy (and Best-of-N from SFT) on `prompts` and measure it against SFT.
 
@@ -175,11 +176,12 @@ def evaluate_policies(
         sft: the SFT policy, the KL reference and the win-rate baseline.
         judge: the gold judge.
         cfg: the `evaluate` config.
+        compiled: sample with a compiled decode step (`SamplingParams.compiled`).
 
     Returns:
         (results by policy name, flat metrics `<policy>/<metric>`).
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled)
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
 
     def result(name: str, samples: Samples, kl: float) -> PolicyResult:
@@ -224,6 +226,7 @@ def sampled_objective(
     max_new_tokens: int,
     seed: int,
     batch_size: int = 256,
+    compiled: bool = False,
 ) -> tuple[dict[str, float], Samples]:
     """The DPO paper's frontier coordinates on held-out prompts: the sampled sequence KL of the trained policy to
     the reference, and both models' mean gold score (pure sampling at temperature 1, so the KL is unbiased).
@@ -232,7 +235,7 @@ def sampled_objective(
     Returns:
         (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`; the policy's samples).
     """
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
     samples = sample(policy, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
     with as_reference(policy, reference) as frozen:
         reference_samples = sample(frozen, tokenizer, prompts, params, batch_size=batch_size, seed=seed)

@@ -10,11 +10,12 @@ applies a default `top_k=50`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CompileConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.tokenization import encode
 
@@ -25,6 +26,10 @@ class SamplingParams:
     temperature: float
     top_k: int
     top_p: float
+    compiled: bool = False
+    """Decode with a static KV cache and a compiled step (`generation.compile`): the same tokens for the same seed
+    (the padded cache slots are masked out), one compile per batch size and cache bucket, faster where per-step
+    overhead dominates (CUDA graphs on GPU)."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,8 @@ def sample_ids(
     model.eval()
     torch.manual_seed(seed)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    longest = max(map(len, prompt_ids)) + params.max_new_tokens
+    static = _static_compiled(model, device, longest) if params.compiled else {}
     completions: list[list[int]] = [[] for _ in prompt_ids]
     ended = [False] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
@@ -95,7 +102,7 @@ def sample_ids(
             ids = prompt_ids[i]
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        with torch.compiler.set_stance("force_eager"):  # a compiled body (trainer.compile) decodes eagerly
+        with _stance(params.compiled):
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -107,6 +114,7 @@ def sample_ids(
                 eos_token_id=stops if len(stops) > 1 else stops[0],
                 pad_token_id=pad,
                 use_cache=True,
+                **static,
             )
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
@@ -119,3 +127,29 @@ def sample_ids(
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples([list(p) for p in prompt_ids], completions, texts, ended)
+
+
+CACHE_BUCKET = 64  # static caches are sized in multiples of this, so nearby prompt widths share one compiled step
+
+
+def _static_compiled(model: PreTrainedModel, device: torch.device, longest: int) -> dict[str, object]:
+    """`generate` arguments for a preallocated KV cache and a compiled decode step: CUDA graphs on GPU
+    (`reduce-overhead`), inductor's default mode elsewhere.
+
+    Every batch of the call shares one cache length (`longest` = the longest prompt plus the token budget, rounded
+    up to `CACHE_BUCKET`, capped at the model's positions), so only a new batch size compiles again. Transformers
+    releases before `max_cache_len` size the cache per batch and compile once per prompt width."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    config._compile_all_devices = True  # transformers compiles on CPU only when told so (a private flag)
+    arguments: dict[str, object] = {"cache_implementation": "static", "compile_config": config}
+    if hasattr(GenerationConfig(), "max_cache_len"):
+        positions = getattr(model.config, "max_position_embeddings", None) or longest
+        arguments["max_cache_len"] = max(longest, min(-(-longest // CACHE_BUCKET) * CACHE_BUCKET, positions))
+    return arguments
+
+
+def _stance(compiled: bool) -> contextlib.AbstractContextManager:
+    """A body compiled for training (`trainer.compile`, dynamic shapes) decodes eagerly; a compiled decode step
+    (`generation.compile`) is compiled by `generate` itself."""
+    return contextlib.nullcontext() if compiled else torch.compiler.set_stance("force_eager")

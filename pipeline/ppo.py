@@ -131,6 +131,7 @@ class PPOModule(pl.LightningModule):
         reward_std: float,
         seed: int,
         accumulate: int = 1,
+        compiled_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -139,7 +140,7 @@ class PPOModule(pl.LightningModule):
         self.reward_model = reward_model.requires_grad_(False).eval()
         self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
         self.reward_mean, self.reward_std = reward_mean, reward_std
-        self.accumulate = accumulate
+        self.accumulate, self.compiled_sampling = accumulate, compiled_sampling
         if (value_model is None) != (cfg.advantage_estimator != "gae"):
             raise ValueError(f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae "
                              "and only by gae")  # fmt: skip
@@ -167,7 +168,7 @@ class PPOModule(pl.LightningModule):
     @torch.no_grad()
     def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
         cfg = self.cfg
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling)
         seed = self.seed + 7919 * step + self.global_rank
         group = cfg.num_generations
         prompt_ids = [ids for ids in prompt_ids for _ in range(group)]  # each prompt's samples are consecutive rows

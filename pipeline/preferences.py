@@ -207,14 +207,16 @@ def screen_pairs(
 
 
 def generate_pairs(
-    model, tokenizer, prompts: Sequence[str], cfg: PreferencesConfig, judge: Judge, *, seed: int
+    model, tokenizer, prompts: Sequence[str], cfg: PreferencesConfig, judge: Judge, *, seed: int,
+    compiled: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Sample `cfg.k` completions per prompt, score them with the gold judge and label pairs.
 
     Completions that hit `max_new_tokens` before EOS are paired like the others (the reward model sees them
-    with the EOS its collator appends); their share is reported as `samples/eos_rate`.
+    with the EOS its collator appends); their share is reported as `samples/eos_rate`. `compiled`: see
+    `SamplingParams.compiled`.
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled)
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
     golds = judge.score(repeated, samples.texts)

@@ -72,7 +72,7 @@ def main() -> None:
     report = {"machine": {"fp32_matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}}  # fmt: skip
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"{'workload':9} {'stage':11} {'wall s':>7} {'tokens/s':>9} {'MFU':>6} {'padding eff':>11} "
+    print(f"{'workload':9} {'stage':21} {'wall s':>7} {'tokens/s':>9} {'MFU':>6} {'padding eff':>11} "
           f"{'peak RSS MB':>11}  more")  # fmt: skip
     for kind in args.workloads:
         report[kind] = {}
@@ -83,7 +83,7 @@ def main() -> None:
                 sys.exit(f"bench: {kind} {stage} failed:\n{done.stderr[-3000:]}")
             result = summarize(json.loads(done.stdout.strip().splitlines()[-1]), peak)
             report[kind][stage] = result
-            print(f"{kind:9} {stage:11} {result['wall_s']:7.2f} {result['tokens_per_s']:9.0f} {result['mfu']:6.1%} "
+            print(f"{kind:9} {stage:21} {result['wall_s']:7.2f} {result['tokens_per_s']:9.0f} {result['mfu']:6.1%} "
                   f"{result.get('padding_efficiency', float('nan')):11.1%} {result['peak_rss_mb']:11.0f}  "
                   f"{_more(result)}")  # fmt: skip
     if not args.no_memory:

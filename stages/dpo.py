@@ -29,7 +29,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("dpo", ["seed", "model", "trainer", "dpo", "judge"], PATHS,
+    with stage("dpo", ["seed", "model", "trainer", "dpo", "generation", "judge"], PATHS,
                inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -63,7 +63,7 @@ def main() -> None:
             reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(device)
         objective, samples = sampled_objective(
             module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
-            max_new_tokens=dpo.max_new_tokens, seed=cfg.seed,
+            max_new_tokens=dpo.max_new_tokens, seed=cfg.seed, compiled=cfg.generation.compile,
         )  # fmt: skip
         metrics.update(objective)
         save_model(module.policy, tokenizer, args.model_dir)

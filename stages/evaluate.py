@@ -29,7 +29,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("evaluate", ["seed", "model", "evaluate", "judge"], PATHS,
+    with stage("evaluate", ["seed", "model", "evaluate", "generation", "judge"], PATHS,
                inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
         cfg, args, device = ctx.config, ctx.args, inference_device()
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -39,6 +39,7 @@ def main() -> None:
         results, metrics = evaluate_policies(
             {"ppo": load(args.ppo_dir), "dpo": load(args.dpo_dir)}, load(args.sft_dir), reward_model,
             build_judge(cfg.judge).to(device), tokenizer, prompts, cfg.evaluate, seed=cfg.seed,
+            compiled=cfg.generation.compile,
         )  # fmt: skip
         points = {name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results}
         table = pd.DataFrame([{"policy": n, "kl": kl, "gold_score": g} for n, (kl, g) in points.items()])

@@ -31,7 +31,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("ppo", ["seed", "model", "trainer", "ppo", "judge"], PATHS,
+    with stage("ppo", ["seed", "model", "trainer", "ppo", "generation", "judge"], PATHS,
                inputs=("data_dir", "sft_dir", "reward_dir")) as ctx:
         cfg, ppo, args = ctx.config, ctx.config.ppo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
@@ -52,7 +52,7 @@ def main() -> None:
             reference=None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
             reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),
             tokenizer=tokenizer, cfg=ppo, reward_mean=stats.mean, reward_std=stats.std, seed=cfg.seed,
-            accumulate=cfg.trainer.accumulate_grad_batches,
+            accumulate=cfg.trainer.accumulate_grad_batches, compiled_sampling=cfg.generation.compile,
         )  # fmt: skip
         counts = parameter_counts(policy)
         counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0

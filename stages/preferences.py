@@ -21,7 +21,8 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("preferences", ["seed", "model", "preferences", "judge"], PATHS, inputs=("data_dir", "sft_dir")) as ctx:
+    with stage("preferences", ["seed", "model", "preferences", "generation", "judge"], PATHS,
+               inputs=("data_dir", "sft_dir")) as ctx:
         cfg, prefs, args = ctx.config, ctx.config.preferences, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         metrics: dict[str, float] = {}
@@ -33,7 +34,8 @@ def main() -> None:
             for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
                 prompts = read_table(f"{args.data_dir}/{name}.parquet", PROMPT_COMPLETION)["prompt"].unique()
                 splits[name], stats = generate_pairs(
-                    model, tokenizer, list(prompts[:count]), prefs, judge, seed=cfg.seed + offset
+                    model, tokenizer, list(prompts[:count]), prefs, judge, seed=cfg.seed + offset,
+                    compiled=cfg.generation.compile,
                 )
                 metrics.update({f"{name}/{key}": value for key, value in stats.items()})
         else:

@@ -1,5 +1,6 @@
 """`trainer.compile`: the transformer body runs compiled in training, with the eager model's losses and gradients;
-generation runs it eagerly (same tokens for the same seed); saved weights keep their names."""
+generation runs it eagerly (same tokens for the same seed); saved weights keep their names.
+`generation.compile`: a static KV cache and a compiled decode step sample the eager path's tokens."""
 
 import copy
 import dataclasses
@@ -11,8 +12,10 @@ from torch._dynamo.utils import counters
 
 from pipeline.batches import SFTCollator
 from pipeline.generation import SamplingParams, sample_ids
-from pipeline.models import prepare_for_training, save_model
+from pipeline.models import build_causal_lm, prepare_for_training, save_model
+from pipeline.tokenization import encode, load_tokenizer
 from tests.integration.helpers import sft_loss_and_grads, tiny_model, tiny_rows
+from tests.standins import chat_llama
 
 
 @pytest.mark.slow
@@ -40,3 +43,27 @@ def test_compiled_body_trains_like_eager_and_generates_eagerly(model_cfg, cpu_tr
     save_model(compiled, tokenizer, tmp_path / "compiled")
     saved = load_file(tmp_path / "compiled" / "model.safetensors")
     assert set(saved) <= set(eager.state_dict()) and "transformer.h.0.attn.c_attn.weight" in saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_compiled_decoding_samples_the_eager_tokens(architecture, model_cfg, tokenizer, reviews, tmp_path):
+    if architecture == "llama":  # a chat model: two stop tokens (end-of-turn and EOS), rotary positions
+        path = chat_llama(tmp_path / "llama")
+        tokenizer = load_tokenizer(path)
+        model = build_causal_lm(dataclasses.replace(model_cfg, base=path), tokenizer)
+        prompts = encode(tokenizer, [f"review {'very ' * i}good films" for i in range(7)])
+    else:
+        model = tiny_model(model_cfg, tokenizer)
+        prompts = [r.prompt_ids[: 4 + i] for i, r in enumerate(tiny_rows(tokenizer, reviews, 7))]
+    assert len({len(p) for p in prompts}) >= 4  # batches of different widths share one cache bucket
+    eager = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
+    expected = sample_ids(model, tokenizer, prompts, eager, batch_size=3, seed=5)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = dataclasses.replace(eager, compiled=True)
+    got = sample_ids(model, tokenizer, prompts, compiled, batch_size=3, seed=5)
+    assert got.completion_ids == expected.completion_ids and got.ended == expected.ended
+    # one graph per batch size (3 and the last batch's 1), whatever the prompt widths; none again on a second call
+    assert counters["stats"]["unique_graphs"] - graphs == 2
+    again = sample_ids(model, tokenizer, prompts, compiled, batch_size=3, seed=5)
+    assert again.completion_ids == expected.completion_ids and counters["stats"]["unique_graphs"] - graphs == 2
