@@ -115,6 +115,7 @@ class PPOModule(pl.LightningModule):
 
     `reference` None: the policy is a LoRA model and its adapter-disabled self is the reference (one weight copy).
     `value_model` None: a critic-free estimator (`cfg.advantage_estimator` other than gae); no value model exists.
+    `compiled_sampling`: rollouts decode with a static KV cache and a compiled step (`generation.compile`).
     """
 
     def __init__(
