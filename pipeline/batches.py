@@ -184,6 +184,11 @@ def packed_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) ->
             "last_token": last_token}  # fmt: skip
 
 
+def is_packed(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether `batch` was laid out by `packed_batch` (its attention mask is then the 4D block-diagonal one)."""
+    return "sequence_index" in batch
+
+
 def per_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sums of next-token `values` per sequence, in the batch's row order, padded or packed alike.
 
@@ -194,7 +199,7 @@ def per_sequence(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
     Returns:
         Shape: (R,) padded, (N,) packed.
     """
-    if "sequence_index" not in batch:
+    if not is_packed(batch):
         return values.sum(-1)
     index = batch["sequence_index"][:, 1:].clamp(min=0)  # padding holds 0 in `values`: adds nothing to sequence 0
     sums = values.new_zeros(batch["last_token"].numel())

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.batches import length_sorted_batches, response_batch
-from pipeline.lora import as_reference, unwrapped
+from pipeline.lora import as_reference, backbone, unwrapped
 
 LEAN_MIN_VOCAB = 32_768
 CHUNK_TOKENS = 1024
@@ -82,8 +82,7 @@ def model_token_logps(
             logits = logits / temperature
         entropy = entropy_from_logits(logits[:, :-1].detach()) if with_entropy else None
         return token_logps(logits, input_ids), entropy
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
+    hidden = backbone(model)(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
     return lean_token_logps(hidden, head, input_ids[:, 1:], temperature=temperature, with_entropy=with_entropy)
 
 

@@ -50,6 +50,13 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
+def backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformer body (`transformer`, `model`, `gpt_neox`: the model's `base_model_prefix`) of a causal LM or
+    sequence classifier, under LoRA too: its hidden states without the output or score head."""
+    base = unwrapped(model)
+    return getattr(base, base.base_model_prefix)
+
+
 @contextlib.contextmanager
 def as_reference(policy: torch.nn.Module, reference: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
     """The reference model to run: `reference` when there is one, else the LoRA policy with its adapters off."""

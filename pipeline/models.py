@@ -24,7 +24,7 @@ from transformers import (
 from pipeline.config import ModelConfig, TrainerConfig
 from pipeline.generation import stop_ids
 from pipeline.io import atomic_path
-from pipeline.lora import merged, unwrapped, with_lora
+from pipeline.lora import backbone, merged, with_lora
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> PreTrainedModel:
@@ -111,8 +111,7 @@ def compile_backbone(model: torch.nn.Module) -> None:
     """`torch.compile` the transformer body in place, with dynamic shapes (batches vary in length): every path
     into it (the full model, the lean log-prob path, packed reward scoring) runs compiled, parameter names and
     saved weights stay as they were, and `pipeline.generation` runs it eagerly."""
-    base = unwrapped(model)
-    getattr(base, base.base_model_prefix).compile(dynamic=True)
+    backbone(model).compile(dynamic=True)
 
 
 def zero_dropout(model: torch.nn.Module) -> None:

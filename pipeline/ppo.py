@@ -28,7 +28,7 @@ from pipeline.config import PPOConfig
 from pipeline.generation import Samples, SamplingParams, sample_ids
 from pipeline.judges import Judge
 from pipeline.logprobs import model_token_logps
-from pipeline.lora import as_reference, unwrapped
+from pipeline.lora import as_reference, backbone, unwrapped
 from pipeline.optim import build_optimizer
 from pipeline.rl import (
     GROUP_ESTIMATORS,
@@ -77,10 +77,8 @@ class PromptBatches(Sampler[list[int]]):
 
 def token_values(value_model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Per-token values from a sequence classifier: its score head on every hidden state. Shape: (B, T)."""
-    model = unwrapped(value_model)  # under LoRA: the HF model with its adapters in place
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    return model.score(hidden)[..., 0].float()
+    hidden = backbone(value_model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return unwrapped(value_model).score(hidden)[..., 0].float()  # under LoRA: PEFT's trainable copy of the head
 
 
 @dataclass

@@ -18,8 +18,9 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from pipeline.batches import is_packed
 from pipeline.io import write_json
-from pipeline.lora import unwrapped
+from pipeline.lora import backbone, unwrapped
 from pipeline.optim import build_optimizer
 
 
@@ -75,9 +76,8 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
             f"reward.packing: {type(base).__name__} has no `score` head to read packed sequences with; "
             "set reward.packing: false"
         )
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=batch["position_ids"]).last_hidden_state  # (R, L, H)  # fmt: skip
+    hidden = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch["position_ids"]).last_hidden_state  # (R, L, H)  # fmt: skip
     return head(hidden.flatten(0, 1)[batch["last_token"]])[:, 0]
 
 
@@ -107,7 +107,7 @@ class RewardModule(pl.LightningModule):
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rewards of chosen and rejected, each (B,), from one forward pass over the 2B sequences."""
-        if "last_token" in batch:
+        if is_packed(batch):
             return packed_scores(self.model, batch).float().chunk(2)
         scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
         return scores.float().chunk(2)

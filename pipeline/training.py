@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
+from pipeline.batches import is_packed
 from pipeline.config import TrainerConfig, TrainingConfig
 
 
@@ -67,7 +68,7 @@ def peak_rss_mb() -> float:
 
 def count_tokens_default(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Non-pad tokens in a batch (pairs: chosen and rejected together); stays on device, so no sync."""
-    if "token_mask" in batch:  # a packed batch: its attention mask is the 4D block-diagonal one
+    if is_packed(batch):  # its attention mask is the 4D block-diagonal one
         return batch["token_mask"].sum()
     return batch["attention_mask"].sum()
 
