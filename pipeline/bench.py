@@ -56,9 +56,14 @@ TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precisio
                         checkpoint_every_n_steps=0, keep_checkpoints=False)  # fmt: skip
 
 
+def _device() -> str:
+    """Where the benchmark's own tensors and models go (training follows `TRAINER.accelerator`): the GPU if any."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     """fp32 matmul throughput (GFLOP/s) at torch's current thread count: the peak MFU is measured against."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     best = float("inf")
     for _ in range(3):
@@ -238,7 +243,7 @@ def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
 
 def _run_generation(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
     """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size."""
-    model = work.causal_lm(disable_dropout=True).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = work.causal_lm(disable_dropout=True).to(_device())
     params = SamplingParams(GENERATION_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
     n = count_parameters(model)
     out = {"wall_s": 0.0, "tokens": 0.0, "flops": 0.0}
@@ -281,7 +286,7 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
     from pipeline.logprobs import sequence_logps
 
     torch.manual_seed(seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = _device()
     config = LlamaConfig(vocab_size=MEMORY_VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM(config).to(device)
