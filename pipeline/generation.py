@@ -2,7 +2,9 @@
 
 Prompts are sorted by length and left-padded per batch (little padding, correct position ids from the attention
 mask), generation stops per row at EOS and for the batch once every row has ended, and each completion comes
-back without its EOS or padding, flagged with whether it ended. A response ends at any of the model's stop tokens
+back without its EOS or padding, flagged with whether it ended. The KV cache is preallocated for the batch's prompt
+width plus the token budget (`PreallocatedLayer`): each step writes one position instead of concatenating the
+whole cache. A response ends at any of the model's stop tokens
 (`generation_config.eos_token_id`, a list under a chat template: the end-of-turn first); the collators re-append
 the tokenizer's EOS, which is that end-of-turn. Every sampling knob is passed explicitly: transformers otherwise
 applies a default `top_k=50`.
@@ -15,7 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import CompileConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import CompileConfig, DynamicCache, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+from transformers.generation import utils as generation_utils
 
 from pipeline.tokenization import encode
 
@@ -102,6 +106,7 @@ def sample_ids(
             ids = prompt_ids[i]
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
+        cache = static or {CACHE_ARGUMENT: preallocated_cache(model, width + params.max_new_tokens)}
         with _stance(params.compiled):
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -114,7 +119,7 @@ def sample_ids(
                 eos_token_id=stops if len(stops) > 1 else stops[0],
                 pad_token_id=pad,
                 use_cache=True,
-                **static,
+                **cache,
             )
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
@@ -127,6 +132,61 @@ def sample_ids(
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return Samples([list(p) for p in prompt_ids], completions, texts, ended)
+
+
+# `generate`'s argument for a cache object: `cache` since transformers renamed `past_key_values` (which warns until 6)
+CACHE_ARGUMENT = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-attention KV cache layer that writes each step's keys and values into a buffer sized up front and
+    hands back views of its filled prefix: the values `DynamicLayer`'s concatenation holds (the same attention, the
+    same tokens), without copying the whole cache at every step (a third of eager decoding's time at batch 64 on
+    CPU). The buffer doubles if a call outgrows `capacity`; after `DynamicLayer`'s own crop, reorder or batch
+    selection the next update starts a buffer from what those left."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start = self.get_seq_length()
+        end = start + key_states.shape[-2]
+        if not self._holds(end):
+            self._reallocate(key_states, value_states, start, end)
+        self.key_buffer[..., start:end, :] = key_states
+        self.value_buffer[..., start:end, :] = value_states
+        self.keys, self.values = self.key_buffer[..., :end, :], self.value_buffer[..., :end, :]
+        return self.keys, self.values
+
+    def _holds(self, end: int) -> bool:
+        """Whether the buffer has room for `end` positions and `keys` is still a view of its prefix."""
+        buffer = self.key_buffer
+        return (buffer is not None and end <= buffer.shape[-2] and self.keys.numel() > 0
+                and self.keys.data_ptr() == buffer.data_ptr() and self.keys.stride() == buffer.stride()
+                and self.keys.shape[:-2] == buffer.shape[:-2])  # fmt: skip
+
+    def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, end: int) -> None:
+        old = 0 if self.key_buffer is None else self.key_buffer.shape[-2]
+        capacity = max(end, self.capacity, 2 * old if old else 0)
+        self.key_buffer = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if start:
+            self.key_buffer[..., :start, :] = self.keys
+            self.value_buffer[..., :start, :] = self.values
+
+
+def preallocated_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """The cache `generate` would build for `model` (sliding-window and other special layers kept as they are),
+    its full-attention layers preallocated for `capacity` positions (`PreallocatedLayer`)."""
+    cache = DynamicCache(config=model.config)
+    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 CACHE_BUCKET = 64  # static caches are sized in multiples of this, so nearby prompt widths share one compiled step
