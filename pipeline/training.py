@@ -2,8 +2,9 @@
 
 `build_trainer` maps the `trainer` params block (accelerator, devices, strategy, precision, num_nodes) onto a
 `pytorch_lightning.Trainer`, so `strategy: ddp` with `devices: 2`, FSDP or bf16 on GPUs need no code change.
-`Throughput` counts real (non-pad) tokens and wall time and reports `perf/tokens_per_s`, `perf/wall_s` and
-`perf/peak_rss_mb`; `History` keeps every logged scalar per step for the stage's DVC plot.
+`Throughput` counts real (non-pad) tokens and time and reports `perf/tokens_per_s` (validation left out),
+`perf/steady_tokens_per_s` (the first step left out too), `perf/wall_s` and `perf/peak_rss_mb`; `History` keeps
+every logged scalar per step for the stage's DVC plot.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def count_tokens_default(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class Throughput(pl.Callback):
-    """Counts non-pad tokens per training step (no host sync in the loop) and times the fit."""
+    """Counts non-pad tokens per training step (no host sync in the loop) and times the fit.
+
+    `perf/tokens_per_s` is over the training time: the fit's wall time (`perf/wall_s`) less its validation runs
+    (`perf/val_s`). `perf/steady_tokens_per_s` also leaves out the first step, which pays the warm-up (lazy
+    initialisation, CUDA context and kernel autotuning, compilation): on a short GPU run that step can be most of
+    the time. It is absent after a single step."""
 
     def __init__(self, count_tokens: Any = None) -> None:
         self.count_tokens = count_tokens or count_tokens_default
@@ -86,28 +92,58 @@ class Throughput(pl.Callback):
         self.tokens = torch.zeros((), dtype=torch.long, device=pl_module.device)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self._start = time.perf_counter()
+        self.validating, self.batches = 0.0, 0
+        self.first_step: tuple[float, torch.Tensor] | None = None  # (training seconds, tokens) after batch one
+        self._start = _clock(pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_start = _clock(pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.validating += _clock(pl_module) - self._validation_start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
         self.tokens += self.count_tokens(batch)
         self.slots += batch["input_ids"].numel()
+        self.batches += 1
+        if self.batches == 1:
+            self.first_step = (_clock(pl_module) - self._start - self.validating, self.tokens.clone())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        wall = time.perf_counter() - self._start
-        tokens = float(trainer.strategy.reduce(self.tokens.float(), reduce_op="sum"))
-        slots = torch.tensor(float(self.slots), device=pl_module.device)
-        slots = float(trainer.strategy.reduce(slots, reduce_op="sum"))
+        wall = _clock(pl_module) - self._start
+        training = wall - self.validating
+        tokens = self._total(trainer, self.tokens)
+        slots = self._total(trainer, torch.tensor(self.slots, device=pl_module.device))
         self.summary = {
-            "perf/tokens_per_s": tokens / wall,
+            "perf/tokens_per_s": tokens / training,
             "perf/tokens": tokens,
             "perf/wall_s": wall,
+            "perf/val_s": self.validating,
             "perf/peak_rss_mb": peak_rss_mb(),
             "perf/padding_efficiency": tokens / max(slots, 1.0),
         }
+        if self.batches > 1:  # as many on every process, so each joins the reduction
+            first_seconds, first_tokens = self.first_step
+            self.summary["perf/steady_tokens_per_s"] = (tokens - self._total(trainer, first_tokens)) / (
+                training - first_seconds
+            )
         if torch.cuda.is_available():
             self.summary["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(self.summary, step=trainer.global_step)
+
+    @staticmethod
+    def _total(trainer: pl.Trainer, count: torch.Tensor) -> float:
+        """`count` summed over every process."""
+        return float(trainer.strategy.reduce(count.float(), reduce_op="sum"))
+
+
+def _clock(pl_module: pl.LightningModule) -> float:
+    """Seconds on the host clock once the module's device has finished its queued work (CUDA runs ahead)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+    return time.perf_counter()
 
 
 class History(pl.Callback):

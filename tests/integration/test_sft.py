@@ -1,4 +1,7 @@
+import time
+
 import pytest
+import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 
 from pipeline.batches import RowsDataModule, SFTCollator
@@ -9,7 +12,7 @@ from pipeline.training import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, sft_loss_and_grads, tiny_model, tiny_rows
 
 
-def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6):
+def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6, callbacks=()):
     model = tiny_model(model_cfg, tokenizer)
     module = SFTModule(model, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=steps)
     data = RowsDataModule(
@@ -26,7 +29,7 @@ def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6):
         val_every_n_steps=3,
         grad_clip=1.0,
         logger=logger,
-        callbacks=[throughput, history],
+        callbacks=[throughput, history, *callbacks],
     )
     before = params_snapshot(module)
     trainer.fit(module, datamodule=data)
@@ -71,6 +74,39 @@ def test_left_padded_batched_sampling_equals_one_by_one(model_cfg, tokenizer, re
     single = [sample(model, tokenizer, [p], greedy, batch_size=1, seed=0) for p in prompts]
     assert batched.completion_ids == [s.completion_ids[0] for s in single]
     assert all(tokenizer.eos_token_id not in ids for ids in batched.completion_ids)
+
+
+class _Stall(pl.Callback):
+    """Slows the first training step and every validation run down by known amounts; records batch sizes."""
+
+    def __init__(self) -> None:
+        self.batch_tokens: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, idx) -> None:
+        self.batch_tokens.append(int(batch["attention_mask"].sum()))
+        if idx == 0:
+            time.sleep(FIRST_STEP_STALL)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        time.sleep(VALIDATION_STALL)
+
+
+FIRST_STEP_STALL, VALIDATION_STALL = 0.5, 0.3
+
+
+def test_throughput_leaves_validation_and_then_the_first_step_out(model_cfg, cpu_trainer_cfg, tokenizer, reviews):
+    stall = _Stall()
+    _, _, throughput, _ = _fit(model_cfg, cpu_trainer_cfg, tokenizer, reviews, logger=False, callbacks=[stall])
+    summary = throughput.summary
+    assert summary["perf/tokens"] == sum(stall.batch_tokens) and len(stall.batch_tokens) == 6
+    assert summary["perf/val_s"] >= 2 * VALIDATION_STALL  # validations at steps 3 and 6
+    training = summary["perf/wall_s"] - summary["perf/val_s"]
+    assert summary["perf/tokens_per_s"] == pytest.approx(summary["perf/tokens"] / training)
+    first_seconds, first_tokens = throughput.first_step
+    assert first_seconds >= FIRST_STEP_STALL and int(first_tokens) == stall.batch_tokens[0]
+    steady = summary["perf/steady_tokens_per_s"]
+    assert steady == pytest.approx((summary["perf/tokens"] - stall.batch_tokens[0]) / (training - first_seconds))
+    assert steady > 1.5 * summary["perf/tokens_per_s"]  # the stalled first step weighed on the overall rate
 
 
 def test_history_records_each_validation_with_its_own_value(model_cfg, cpu_trainer_cfg, tokenizer, reviews):
