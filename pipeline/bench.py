@@ -9,9 +9,12 @@ Two workloads, fixed so numbers compare across commits and machines, both a GPT-
   `gelu_new` and dropout 0.1 (each stage applies its own dropout policy: SFT keeps it, the others turn it off), on
   longer rows (~12 prompt + ~35 completion tokens: the completions of two or three reviews).
 PPO runs `PPO_ROLLOUTS` rollout batches of 16 prompts with 32 new tokens; generation samples 36 new tokens for
-4 batches of each size in `GENERATION_BATCHES`. Model FLOPs utilisation (MFU) is 6 * params * tokens/s / peak for
-training (forward + backward), and for PPO counts 2 * params per generated token and per token of each no-grad
-scoring pass plus 6 * params per trained token of policy and value model; generation counts 2 * params per token.
+4 batches of each size in `GENERATION_BATCHES`; the opt-in `generation_long` samples 400 new tokens for one batch
+of 64 prompts from a 512-position model of the same shape built in code (so the same run on either workload), where
+a cache that grew by concatenation would copy itself at every step. Model FLOPs utilisation (MFU) is
+6 * params * tokens/s / peak for training (forward + backward), and for PPO counts 2 * params per generated token
+and per token of each no-grad scoring pass plus 6 * params per trained token of policy and value model;
+generation counts 2 * params per token.
 """
 
 from __future__ import annotations
@@ -48,8 +51,9 @@ ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 
 WORKLOADS = ("scratch", "hub")
 STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation")
 # `--stages ...`: SFT under trainer.compile (a warm-up of minutes); generation and PPO under generation.compile
-OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling")
+OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling", "generation_long")
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
+LONG_BATCH, LONG_NEW_TOKENS, LONG_POSITIONS = 64, 400, 512
 HUB_DROPOUT = 0.1
 TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
                         log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False, compile=False,
@@ -76,10 +80,11 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0) -> GPT2Config:
+def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0, positions: int = 128
+            ) -> GPT2Config:  # fmt: skip
     return GPT2Config(
         vocab_size=VOCAB,
-        n_positions=128,
+        n_positions=positions,
         n_embd=256,
         n_layer=4,
         n_head=4,
@@ -196,8 +201,8 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage in ("ppo", "ppo_compiled_sampling"):
         out = _run_ppo(work, seed, compiled=stage == "ppo_compiled_sampling")
-    elif stage in ("generation", "generation_compiled"):
-        out = _run_generation(work, seed, compiled=stage == "generation_compiled")
+    elif stage in ("generation", "generation_compiled", "generation_long"):
+        out = _run_generation(work, seed, compiled=stage == "generation_compiled", long=stage == "generation_long")
     else:
         raise ValueError(f"bench: unknown stage {stage!r}; valid: {', '.join(STAGES + OPT_IN_STAGES)}")
     out["tokens_per_s"] = out["tokens"] / out["wall_s"]
@@ -241,14 +246,20 @@ def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
             "rollouts_per_s": PPO_ROLLOUTS / wall}  # fmt: skip
 
 
-def _run_generation(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
-    """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size."""
-    model = work.causal_lm(disable_dropout=True).to(_device())
-    params = SamplingParams(GENERATION_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
+def _run_generation(work: Workload, seed: int, compiled: bool, long: bool = False) -> dict[str, float]:
+    """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size;
+    `long`: `LONG_NEW_TOKENS` at `LONG_BATCH` from a `LONG_POSITIONS`-position model."""
+    if long:
+        model = GPT2LMHeadModel(_config(work.tokenizer, positions=LONG_POSITIONS)).to(_device())
+        batches, new_tokens, rounds = (LONG_BATCH,), LONG_NEW_TOKENS, 1
+    else:
+        model = work.causal_lm(disable_dropout=True).to(_device())
+        batches, new_tokens, rounds = GENERATION_BATCHES, GENERATION_NEW_TOKENS, 4
+    params = SamplingParams(new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
     n = count_parameters(model)
     out = {"wall_s": 0.0, "tokens": 0.0, "flops": 0.0}
-    for batch in GENERATION_BATCHES:
-        prompts = [work.rows[i % len(work.rows)].prompt_ids for i in range(4 * batch)]
+    for batch in batches:
+        prompts = [work.rows[i % len(work.rows)].prompt_ids for i in range(rounds * batch)]
         start = time.perf_counter()
         samples = sample_ids(model, work.tokenizer, prompts, params, batch_size=batch, seed=seed)
         wall = time.perf_counter() - start
