@@ -18,6 +18,24 @@ def tiny_model(model_cfg, tokenizer, seed: int = 0):
     return build_causal_lm(model_cfg, tokenizer)
 
 
+def sampling_case(architecture: str, model_cfg, tokenizer, reviews, tmp_path):
+    """(model, tokenizer, prompts) for sampling-equality tests: the scratch `gpt2`, the `llama` chat stand-in (two
+    stop tokens, rotary positions, grouped-query attention) or the `neox` (Pythia-shaped) one; 7 prompts of at
+    least 4 different widths."""
+    import dataclasses
+
+    from pipeline.tokenization import encode, load_tokenizer
+    from tests.standins import chat_llama, neox_hub
+
+    if architecture == "gpt2":
+        prompts = [r.prompt_ids[: 4 + i] for i, r in enumerate(tiny_rows(tokenizer, reviews, 7))]
+        return tiny_model(model_cfg, tokenizer), tokenizer, prompts
+    path = {"llama": chat_llama, "neox": neox_hub}[architecture](tmp_path / architecture)
+    tokenizer = load_tokenizer(path)
+    model = build_causal_lm(dataclasses.replace(model_cfg, base=path), tokenizer)
+    return model, tokenizer, encode(tokenizer, [f"review {'very ' * i}good films" for i in range(7)])
+
+
 def sft_loss_and_grads(model, batch):
     """The SFT loss of `batch` (the module's own `_shared_step`), its target-token count, and every gradient."""
     from pipeline.sft import SFTModule

@@ -12,10 +12,8 @@ from torch._dynamo.utils import counters
 
 from pipeline.batches import SFTCollator
 from pipeline.generation import SamplingParams, sample_ids
-from pipeline.models import build_causal_lm, prepare_for_training, save_model
-from pipeline.tokenization import encode, load_tokenizer
-from tests.integration.helpers import sft_loss_and_grads, tiny_model, tiny_rows
-from tests.standins import chat_llama
+from pipeline.models import prepare_for_training, save_model
+from tests.integration.helpers import sampling_case, sft_loss_and_grads, tiny_model, tiny_rows
 
 
 @pytest.mark.slow
@@ -48,14 +46,7 @@ def test_compiled_body_trains_like_eager_and_generates_eagerly(model_cfg, cpu_tr
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_compiled_decoding_samples_the_eager_tokens(architecture, model_cfg, tokenizer, reviews, tmp_path):
-    if architecture == "llama":  # a chat model: two stop tokens (end-of-turn and EOS), rotary positions
-        path = chat_llama(tmp_path / "llama")
-        tokenizer = load_tokenizer(path)
-        model = build_causal_lm(dataclasses.replace(model_cfg, base=path), tokenizer)
-        prompts = encode(tokenizer, [f"review {'very ' * i}good films" for i in range(7)])
-    else:
-        model = tiny_model(model_cfg, tokenizer)
-        prompts = [r.prompt_ids[: 4 + i] for i, r in enumerate(tiny_rows(tokenizer, reviews, 7))]
+    model, tokenizer, prompts = sampling_case(architecture, model_cfg, tokenizer, reviews, tmp_path)
     assert len({len(p) for p in prompts}) >= 4  # batches of different widths share one cache bucket
     eager = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
     expected = sample_ids(model, tokenizer, prompts, eager, batch_size=3, seed=5)

@@ -1,43 +1,42 @@
 """Sampling through the preallocated KV cache gives the tokens of transformers' own concatenating cache."""
 
-import dataclasses
-
 import pytest
-from transformers import DynamicCache
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline import generation
 from pipeline.generation import PreallocatedLayer, SamplingParams, sample_ids
-from pipeline.models import build_causal_lm
-from pipeline.tokenization import encode, load_tokenizer
-from tests.integration.helpers import tiny_model, tiny_rows
-from tests.standins import chat_llama
+from tests.integration.helpers import sampling_case
 
 
-@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+@pytest.mark.parametrize("architecture", ["gpt2", "llama", "neox", "sliding qwen2"])
 def test_preallocated_cache_samples_the_concatenating_caches_tokens(architecture, model_cfg, tokenizer, reviews,
                                                                      tmp_path, monkeypatch):  # fmt: skip
-    if architecture == "llama":  # a chat model: two stop tokens, rotary positions, grouped-query attention
-        path = chat_llama(tmp_path / "llama")
-        tokenizer = load_tokenizer(path)
-        model = build_causal_lm(dataclasses.replace(model_cfg, base=path), tokenizer)
-        prompts = encode(tokenizer, [f"review {'very ' * i}good films" for i in range(7)])
+    if architecture == "sliding qwen2":  # a sliding-window layer (kept as transformers builds it) beside a full one
+        model, tokenizer, prompts = sampling_case("llama", model_cfg, tokenizer, reviews, tmp_path)
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, layer_types=["sliding_attention", "full_attention"], sliding_window=6,
+            use_sliding_window=True, eos_token_id=model.generation_config.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id)).eval()  # fmt: skip
     else:
-        model = tiny_model(model_cfg, tokenizer)
-        prompts = [r.prompt_ids[: 4 + i] for i, r in enumerate(tiny_rows(tokenizer, reviews, 7))]
+        model, tokenizer, prompts = sampling_case(architecture, model_cfg, tokenizer, reviews, tmp_path)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
-    caches = []
+    real, caches = generation.preallocated_cache, []
 
     def recorded(model, capacity):
-        caches.append((capacity, generation.preallocated_cache.__wrapped__(model, capacity)))
+        caches.append((capacity, real(model, capacity)))
         return caches[-1][1]
 
-    recorded.__wrapped__ = generation.preallocated_cache
     monkeypatch.setattr(generation, "preallocated_cache", recorded)
     got = sample_ids(model, tokenizer, prompts, params, batch_size=3, seed=5)
     assert len(caches) == 3  # one per batch, each allocated once for its prompt width + the budget
     for capacity, cache in caches:
-        assert all(isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == capacity
-                   for layer in cache.layers)  # fmt: skip
+        full = [layer for layer in cache.layers if not layer.is_sliding]
+        assert full and all(isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == capacity
+                            for layer in full)  # fmt: skip
+        sliding = [layer for layer in cache.layers if layer.is_sliding]
+        assert len(sliding) == (architecture == "sliding qwen2")
+        assert not any(isinstance(layer, PreallocatedLayer) for layer in sliding)
     monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: DynamicCache(config=model.config))
     expected = sample_ids(model, tokenizer, prompts, params, batch_size=3, seed=5)
     assert got.completion_ids == expected.completion_ids and got.ended == expected.ended
