@@ -23,20 +23,20 @@ def test_preallocated_cache_samples_the_concatenating_caches_tokens(architecture
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
     real, caches = generation.preallocated_cache, []
 
-    def recorded(model, capacity):
-        caches.append((capacity, real(model, capacity)))
+    def recorded(model, max_length):
+        caches.append((max_length, real(model, max_length)))
         return caches[-1][1]
 
     monkeypatch.setattr(generation, "preallocated_cache", recorded)
     got = sample_ids(model, tokenizer, prompts, params, batch_size=3, seed=5)
-    assert len(caches) == 3  # one per batch, each allocated once for its prompt width + the budget
-    for capacity, cache in caches:
+    assert len(caches) == 3  # one per batch; a 12-token budget fits the first allocation (prompt width + 12)
+    for max_length, cache in caches:
         full = [layer for layer in cache.layers if not layer.is_sliding]
-        assert full and all(isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == capacity
+        assert full and all(isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == max_length
                             for layer in full)  # fmt: skip
         sliding = [layer for layer in cache.layers if layer.is_sliding]
         assert len(sliding) == (architecture == "sliding qwen2")
         assert not any(isinstance(layer, PreallocatedLayer) for layer in sliding)
-    monkeypatch.setattr(generation, "preallocated_cache", lambda model, capacity: DynamicCache(config=model.config))
+    monkeypatch.setattr(generation, "preallocated_cache", lambda model, max_length: DynamicCache(config=model.config))
     expected = sample_ids(model, tokenizer, prompts, params, batch_size=3, seed=5)
     assert got.completion_ids == expected.completion_ids and got.ended == expected.ended
