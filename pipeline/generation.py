@@ -197,8 +197,6 @@ def preallocated_cache(model: PreTrainedModel, max_length: int) -> DynamicCache:
     return cache
 
 
-
-
 def _static_compiled(model: PreTrainedModel, device: torch.device, longest: int) -> dict[str, object]:
     """`generate` arguments for a preallocated KV cache and a compiled decode step: CUDA graphs on GPU
     (`reduce-overhead`), inductor's default mode elsewhere.

@@ -32,7 +32,7 @@ def test_holds_the_concatenated_cache_in_one_buffer_while_it_has_room():
     assert len(set(buffers)) == 1 and layer.key_buffer.shape[-2] == 8 and layer.get_seq_length() == 8
 
 
-def test_grows_by_half_up_to_the_limit_keeping_the_prefix():
+def test_grows_in_steps_up_to_the_limit_keeping_the_prefix():
     prompt, budget = 10, 150
     steps = _steps(prompt, *[1] * budget)
     layer, sizes = PreallocatedLayer(max_length=prompt + budget), []
