@@ -1,9 +1,11 @@
 """Mid-stage checkpoints, so a killed or preempted training stage resumes where it stopped.
 
-Every `trainer.checkpoint_every_n_steps` optimizer steps (PPO: rollouts) `ResumeCallback` writes a full Lightning
-checkpoint (weights, optimizers, schedulers, loop progress, callback and module state) plus the RNG states and the
-position in the data order, to a temporary name that is then renamed, so a crash never leaves a half-written file
-under a checkpoint's name. The folder is outside the DVC outputs and keyed by the stage's params and the DVC hashes of
+Every `trainer.checkpoint_every_n_steps` optimizer steps (PPO: rollouts), and once more when training ends,
+`ResumeCallback` writes a full Lightning checkpoint (weights, optimizers, schedulers, loop progress, callback and
+module state) plus the RNG states and the position in the data order, to a temporary name that is then renamed, so a
+crash never leaves a half-written file under a checkpoint's name. The end-of-training checkpoint keeps a stage's
+training when a later step fails (sampling, a plot, the tracking server): the rerun resumes at the end of training
+and trains no step again. The folder is outside the DVC outputs and keyed by the stage's params and the DVC hashes of
 its inputs (`checkpoint_key`), so a changed param or input never resumes from a stale checkpoint. On start a stage
 resumes from the newest checkpoint that loads (`Checkpoints.latest`; an unreadable one is skipped with a warning and
 removed), continues its MLflow run (the run id is kept beside the checkpoint), and skips the rows it already trained
@@ -70,16 +72,25 @@ class Checkpoints:
 
     def run_id(self, checkpoint: Path) -> str | None:
         """The MLflow run the checkpointed stage was logging to."""
-        sidecar = checkpoint.with_suffix(".json")
-        return json.loads(sidecar.read_text()).get("run_id") if sidecar.exists() else None
+        return self._sidecar(checkpoint).get("run_id")
 
-    def save(self, trainer: pl.Trainer, done: int, run_id: str) -> Path:
-        """Write `step-<done>.ckpt` atomically (and its run id), then drop the older ones."""
+    def is_final(self, checkpoint: Path) -> bool:
+        """Whether `checkpoint` was written when training ended (resuming from it trains nothing)."""
+        return bool(self._sidecar(checkpoint).get("final"))
+
+    @staticmethod
+    def _sidecar(checkpoint: Path) -> dict[str, Any]:
+        sidecar = checkpoint.with_suffix(".json")
+        return json.loads(sidecar.read_text()) if sidecar.exists() else {}
+
+    def save(self, trainer: pl.Trainer, done: int, run_id: str, *, final: bool = False) -> Path:
+        """Write `step-<done>.ckpt` atomically (and its run id; `final`: written when training ended), then drop the
+        older ones."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{done:09d}.ckpt"
         tmp = self.directory / f".tmp-{path.name}"
         trainer.save_checkpoint(tmp)
-        path.with_suffix(".json").write_text(json.dumps({"run_id": run_id, "done": done}))
+        path.with_suffix(".json").write_text(json.dumps({"run_id": run_id, "done": done, "final": final}))
         tmp.replace(path)  # the checkpoint appears under its name only once it is whole
         for older in self.directory.glob(PATTERN):
             if older != path:
@@ -133,7 +144,8 @@ def set_rng_states(state: Mapping[str, Any]) -> None:
 
 
 class ResumeCallback(pl.Callback):
-    """Checkpoints every `checkpoints.every_n` steps (or rollouts) and restores RNG states and the data position.
+    """Checkpoints every `checkpoints.every_n` steps (or rollouts) and when training ends; restores RNG states and the
+    data position.
 
     Args:
         data: the datamodule or sampler to tell where to restart.
@@ -147,7 +159,7 @@ class ResumeCallback(pl.Callback):
     ) -> None:
         self.checkpoints, self.data, self.accumulate = checkpoints, data, accumulate
         self.unit, self.run_id = unit, run_id
-        self._saved = 0
+        self._saved = self._last = 0
         self._pending_rng: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -162,13 +174,21 @@ class ResumeCallback(pl.Callback):
         return batch_idx + 1 if self.unit == "rollouts" else trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
-        done = self._done(trainer, idx)
+        done = self._last = self._done(trainer, idx)
         if not self.checkpoints.every_n or not done or done % self.checkpoints.every_n or done == self._saved:
             return
         self._saved = done
+        self._save(trainer, done)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After the fit's last validation too: a rerun after a later step failed restores everything and trains nothing.
+        if self.checkpoints.every_n and self._last:
+            self._save(trainer, self._last, final=True)
+
+    def _save(self, trainer: pl.Trainer, done: int, *, final: bool = False) -> None:
         self._position = (trainer.current_epoch, self._consumed(trainer, done))
         if trainer.is_global_zero:
-            self.checkpoints.save(trainer, done, self.run_id)
+            self.checkpoints.save(trainer, done, self.run_id, final=final)
         trainer.strategy.barrier()
 
     def _consumed(self, trainer: pl.Trainer, done: int) -> int:

@@ -156,6 +156,8 @@ class TrainingConfig:
 class SFTConfig(TrainingConfig):
     n_samples: int
     """Completions sampled on validation prompts at the end, logged as an artifact."""
+    max_new_tokens: int
+    """Sampling budget (new tokens) of those completions; the model's context caps it per prompt."""
     on_invalid: Literal["drop", "fail"]
     """Rows longer than `max_length` or with an empty completion: stop with an error naming them, or drop them
     (counted in reports/sft.json as data/dropped_rows)."""
@@ -437,6 +439,13 @@ def _semantic_errors(config: Config) -> list[str]:
                 errors.append(
                     f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
                     "lower it or enlarge the model"
+                )
+        for section in ("sft", "preferences", "dpo", "ppo", "evaluate"):
+            budget = getattr(config, section).max_new_tokens
+            if budget >= model.n_positions:
+                errors.append(
+                    f"{section}.max_new_tokens: {budget} new tokens can never fit model.n_positions = "
+                    f"{model.n_positions} (a prompt takes at least one); set it below {model.n_positions}"
                 )
     errors += _judge_errors(config.judge)
     if config.trainer.accumulate_grad_batches < 1:

@@ -105,6 +105,7 @@ class PolicyResult:
     kl: float
     lengths: list[int]
     ended: list[bool]
+    stopped_by_context: list[bool]
 
 
 def samples_table(results: Mapping[str, PolicyResult], prompts: Sequence[str]) -> pd.DataFrame:
@@ -133,6 +134,7 @@ def summarize(result: PolicyResult, baseline: PolicyResult) -> dict[str, float]:
         "rm_win_rate": win_rate(result.rewards, baseline.rewards),
         "length": statistics.fmean(result.lengths),
         "eos_rate": sum(result.ended) / len(result.ended),
+        "stopped_by_context": float(sum(result.stopped_by_context)),
         "distinct_1": distinct_n(result.texts, 1),
         "distinct_2": distinct_n(result.texts, 2),
     }
@@ -145,6 +147,7 @@ def select(samples: Samples, index: Sequence[int]) -> Samples:
         [samples.completion_ids[i] for i in index],
         [samples.texts[i] for i in index],
         [samples.ended[i] for i in index],
+        [samples.stopped_by_context[i] for i in index],
     )
 
 
@@ -181,14 +184,15 @@ def evaluate_policies(
     Returns:
         (results by policy name, flat metrics `<policy>/<metric>`).
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled,
+                            key="evaluate.max_new_tokens")
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
 
     def result(name: str, samples: Samples, kl: float) -> PolicyResult:
         rewards = reward_scores(reward_model, samples, **ids).tolist()
         lengths = [len(c) + int(e) for c, e in zip(samples.completion_ids, samples.ended, strict=True)]
         gold = judge.score(tokenizer.batch_decode(samples.prompt_ids), samples.texts)
-        return PolicyResult(name, samples.texts, gold, rewards, kl, lengths, samples.ended)
+        return PolicyResult(name, samples.texts, gold, rewards, kl, lengths, samples.ended, samples.stopped_by_context)
 
     results = {"sft": result("sft", sample(sft, tokenizer, prompts, params, batch_size=cfg.batch_size, seed=seed), 0.0)}
     for name, model in policies.items():
@@ -233,9 +237,11 @@ def sampled_objective(
     `reference` None: the LoRA policy with its adapters disabled.
 
     Returns:
-        (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`; the policy's samples).
+        (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`,
+        `objective/stopped_by_context`; the policy's samples).
     """
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled,
+                            key="dpo.max_new_tokens")
     samples = sample(policy, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
     with as_reference(policy, reference) as frozen:
         reference_samples = sample(frozen, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
@@ -246,5 +252,6 @@ def sampled_objective(
         "objective/gold_scores": sum(policy_gold) / len(policy_gold),
         "reference/gold_scores": sum(reference_gold) / len(reference_gold),
         "objective/eos_rate": sum(samples.ended) / len(samples.ended),
+        "objective/stopped_by_context": float(sum(samples.stopped_by_context)),
     }
     return metrics, samples

@@ -7,6 +7,13 @@ steps (`PreallocatedLayer`): each decoding step writes one position instead of c
 response ends at any of the model's stop tokens (`generation_config.eos_token_id`, a list under a chat template: the
 end-of-turn first); the collators re-append the tokenizer's EOS, which is that end-of-turn. Every sampling knob is
 passed explicitly: transformers otherwise applies a default `top_k=50`.
+
+Sampling never runs past the model's context (`context_length`: `n_positions`, `max_position_embeddings`). A budget
+that can never fit (at least the context: a prompt takes one position) and a prompt that leaves no room are errors
+raised before any batch is sampled, naming the params key of the budget. Otherwise a batch samples at most its
+context minus its widest prompt (batches are length-sorted, so batch-mates differ by a few tokens): every row's prompt
+plus response stays within the context, and a row cut short by it is flagged `stopped_by_context` and counted in
+the stage's metrics.
 """
 
 from __future__ import annotations
@@ -33,16 +40,51 @@ class SamplingParams:
     """Decode with a static KV cache and a compiled step (`generation.compile`): the same tokens for the same seed
     (the padded cache slots are masked out), one compile per batch size and cache bucket, faster where per-step
     overhead dominates (CUDA graphs on GPU)."""
+    key: str = "max_new_tokens"
+    """The params key that set `max_new_tokens` (`ppo.max_new_tokens`), named by the errors about the context."""
 
 
 @dataclass(frozen=True)
 class Samples:
-    """Completions in prompt order. `completion_ids` exclude EOS; `ended` says whether EOS was produced."""
+    """Completions in prompt order. `completion_ids` exclude EOS; `ended` says whether EOS was produced;
+    `stopped_by_context` whether the model's context, not the token budget nor EOS, ended the row."""
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     texts: list[str]
     ended: list[bool]
+    stopped_by_context: list[bool]
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """Positions the model can attend over (`n_positions`, `max_position_embeddings`); None when it declares none."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_room(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+               params: SamplingParams) -> None:  # fmt: skip
+    """Raise, naming `params.key`, when sampling `prompts` would be refused for want of context: a stage that samples
+    after training calls this before it trains."""
+    _check_room(encode(tokenizer, prompts), params, context_length(model), tokenizer)
+
+
+def _check_room(prompt_ids: Sequence[Sequence[int]], params: SamplingParams, context: int | None,
+                tokenizer: PreTrainedTokenizerBase) -> None:  # fmt: skip
+    if context is None:
+        return
+    if params.max_new_tokens >= context:
+        raise ValueError(f"{params.key}: {params.max_new_tokens} new tokens can never fit the model's context of "
+                         f"{context} positions (a prompt takes at least one); set it below {context}")  # fmt: skip
+    full = [i for i, ids in enumerate(prompt_ids) if len(ids) >= context]
+    if full:
+        first = prompt_ids[full[0]]
+        shown = f" ({tokenizer.decode(first[:24])!r}...)"
+        raise ValueError(
+            f"prompt row {full[0]}{shown} has {len(first)} tokens ({len(full)} row(s) in all): the model's context of "
+            f"{context} positions leaves no room for a response ({params.key}); shorten the prompts (the stage's "
+            "max_length or prepare.prompt_words) or use a model with a longer context"
+        )
 
 
 def stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -91,21 +133,25 @@ def sample_ids(
     was_training = model.training
     model.eval()
     torch.manual_seed(seed)
+    context = context_length(model)
+    _check_room(prompt_ids, params, context, tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     longest = max(map(len, prompt_ids)) + params.max_new_tokens
-    static = _static_compiled(model, device, longest) if params.compiled else {}
+    static = _static_compiled(model, device, min(longest, context or longest)) if params.compiled else {}
     completions: list[list[int]] = [[] for _ in prompt_ids]
     ended = [False] * len(prompt_ids)
+    stopped = [False] * len(prompt_ids)
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         width = max(len(prompt_ids[i]) for i in index)
+        new_tokens = min(params.max_new_tokens, context - width) if context else params.max_new_tokens
         input_ids = torch.full((len(index), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(index), width), dtype=torch.long)
         for row, i in enumerate(index):
             ids = prompt_ids[i]
             input_ids[row, width - len(ids) :] = torch.as_tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        cache = static or {CACHE_ARGUMENT: preallocated_cache(model, width + params.max_new_tokens)}
+        cache = static or {CACHE_ARGUMENT: preallocated_cache(model, width + new_tokens)}
         with _stance(params.compiled):
             output = model.generate(
                 input_ids=input_ids.to(device),
@@ -114,7 +160,7 @@ def sample_ids(
                 temperature=params.temperature if params.temperature > 0 else None,
                 top_k=params.top_k if params.temperature > 0 else None,
                 top_p=params.top_p if params.temperature > 0 else None,
-                max_new_tokens=params.max_new_tokens,
+                max_new_tokens=new_tokens,
                 eos_token_id=stops if len(stops) > 1 else stops[0],
                 pad_token_id=pad,
                 use_cache=True,
@@ -127,10 +173,11 @@ def sample_ids(
                 tokens, ended[i] = tokens[:end], True
             else:
                 tokens = [t for t in tokens if t != pad]
+                stopped[i] = new_tokens < params.max_new_tokens
             completions[i] = tokens
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Samples([list(p) for p in prompt_ids], completions, texts, ended)
+    return Samples([list(p) for p in prompt_ids], completions, texts, ended, stopped)
 
 
 # Static caches are sized in multiples of this, so nearby prompt widths share one compiled step; a growing cache

@@ -167,7 +167,8 @@ class PPOModule(pl.LightningModule):
     @torch.no_grad()
     def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
         cfg = self.cfg
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling)
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling,
+                                key="ppo.max_new_tokens")
         seed = self.seed + 7919 * step + self.global_rank
         group = cfg.num_generations
         prompt_ids = [ids for ids in prompt_ids for _ in range(group)]  # each prompt's samples are consecutive rows
@@ -212,6 +213,7 @@ class PPOModule(pl.LightningModule):
             "objective/gold_scores": sum(golds) / len(golds),
             "val/num_eos_tokens": float(ended.sum()),
             "val/eos_rate": float(ended.float().mean()),
+            "val/stopped_by_context": float(sum(samples.stopped_by_context)),
             "val/response_length": float(mask.sum(1).mean()),
         }
         if cfg.advantage_estimator in GROUP_ESTIMATORS:  # the spread the group baseline works with, as TRL logs it

@@ -213,10 +213,12 @@ def generate_pairs(
     """Sample `cfg.k` completions per prompt, score them with the gold judge and label pairs.
 
     Completions that hit `max_new_tokens` before EOS are paired like the others (the reward model sees them
-    with the EOS its collator appends); their share is reported as `samples/eos_rate`. `compiled`: see
+    with the EOS its collator appends); their share is reported as `samples/eos_rate`, and the count of those the
+    model's context cut short as `samples/stopped_by_context`. `compiled`: see
     `SamplingParams.compiled`.
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled)
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled,
+                            key="preferences.max_new_tokens")
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
     golds = judge.score(repeated, samples.texts)
@@ -232,6 +234,7 @@ def generate_pairs(
     )  # fmt: skip
     stats["samples/gold_mean"] = float(np.mean(golds))
     stats["samples/eos_rate"] = float(np.mean(samples.ended))
+    stats["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))
     stats["samples/tokens_mean"] = float(np.mean([len(c) for c in samples.completion_ids]))
     return table, stats
 

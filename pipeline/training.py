@@ -100,7 +100,9 @@ class Throughput(pl.Callback):
         self._validation_start = _clock(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
+        # Validation inside the fit only (a `trainer.validate` after it, or after a fit with nothing left to train,
+        # is no part of the training time).
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
             self.validating += _clock(pl_module) - self._validation_start
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
@@ -132,6 +134,12 @@ class Throughput(pl.Callback):
             self.summary["perf/peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         if trainer.is_global_zero and trainer.logger is not None:
             trainer.logger.log_metrics(self.summary, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        return {"summary": self.summary}  # a stage resumed at the end of training trains (and measures) nothing
+
+    def load_state_dict(self, state_dict: dict[str, dict[str, float]]) -> None:
+        self.summary = dict(state_dict["summary"])
 
     @staticmethod
     def _total(trainer: pl.Trainer, count: torch.Tensor) -> float:

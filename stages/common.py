@@ -102,8 +102,10 @@ def stage(
             if run.killed:
                 print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
             if resume_from is not None:
-                print(f"resuming {name} from step {int(resume_from.stem.split('-')[1])} ({resume_from}), MLflow run "
-                      f"{run.run_id}")  # fmt: skip
+                step = int(resume_from.stem.split("-")[1])
+                where = (f"at the end of training (step {step}): no step is trained again"
+                         if checkpoints.is_final(resume_from) else f"from step {step}")  # fmt: skip
+                print(f"resuming {name} {where} ({resume_from}), MLflow run {run.run_id}")
             # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
             os.environ[RUN_ID_ENV] = run.run_id
             yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)

@@ -8,6 +8,7 @@ from pipeline.batches import PairCollator, RowsDataModule, read_pairs
 from pipeline.dpo import DPOModule, attach_reference
 from pipeline.dpo_losses import REFERENCE_FREE_LOSSES
 from pipeline.evaluation import sampled_objective
+from pipeline.generation import SamplingParams, check_room
 from pipeline.judges import build_judge
 from pipeline.lora import parameter_counts
 from pipeline.models import build_causal_lm, prepare_for_training, save_model
@@ -42,6 +43,9 @@ def main() -> None:
                 rows[split] = attach_reference(rows[split], cached, f"{args.reference_dir}/{split}.parquet")
         policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
                                       disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+        prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
+        kl_sampling = SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0, key="dpo.max_new_tokens")
+        check_room(policy, tokenizer, prompts, kl_sampling)  # before training, not after it
         counts = parameter_counts(policy)
         module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
                            simpo_gamma=dpo.simpo_gamma, orpo_lambda=dpo.orpo_lambda, **optim_args(dpo))  # fmt: skip
@@ -56,7 +60,6 @@ def main() -> None:
 
         # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under
         # LoRA the reference is the policy with its adapters off (no second copy), so this runs before the merge.
-        prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
         device = inference_device()
         reference = None
         if not cfg.model.lora_r:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline.batches import RowsDataModule, SFTCollator, tokenize_rows
-from pipeline.generation import SamplingParams, sample
+from pipeline.generation import SamplingParams, check_room, sample
 from pipeline.lora import parameter_counts
 from pipeline.models import build_causal_lm, prepare_for_training, save_model
 from pipeline.reports import write_curve
@@ -37,6 +37,9 @@ def main() -> None:
         dropped = {f"data/dropped_rows_{s}": float(len(frames[s]) - len(rows[s])) for s in rows}
         model = prepare_for_training(build_causal_lm(cfg.model, tokenizer), cfg.model, cfg.trainer,
                                      disable_dropout=sft.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+        prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
+        sampling = SamplingParams(sft.max_new_tokens, 1.0, 0, 1.0, key="sft.max_new_tokens")
+        check_room(model, tokenizer, prompts, sampling)  # before training, not after it
         counts = parameter_counts(model)
         module = SFTModule(model, **optim_args(sft))
         collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=sft.packing)
@@ -48,21 +51,14 @@ def main() -> None:
         if not result.is_global_zero:
             return
         model = save_model(module.model, tokenizer, args.model_dir)
-        prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
-        samples = sample(
-            model,
-            tokenizer,
-            prompts,
-            SamplingParams(sft.max_length, 1.0, 0, 1.0),
-            batch_size=64,
-            seed=cfg.seed,
-        )
+        samples = sample(model, tokenizer, prompts, sampling, batch_size=64, seed=cfg.seed)
         table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
         ctx.run.log_table(table, "samples/sft_val_samples.json")
         write_curve(result.history, args.curve)
         metrics = result.metrics
         metrics.update({**counts, **dropped})
         metrics["samples/eos_rate"] = sum(samples.ended) / max(len(samples.ended), 1)
+        metrics["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))
         finish(ctx, metrics, args.report, [args.model_dir], step=result.step)
         print(table.head(5).to_string())
         print(f"sft: {metrics}")

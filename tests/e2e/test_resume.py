@@ -77,3 +77,58 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, stage, 
     project.dvc("repro", "-f", "-s", "--no-run-cache", stage)  # the same stage, never interrupted
     assert _comparable(project.report(stage)) == resumed_report
     assert (project.path / f"models/{stage}/model.safetensors").read_bytes() == resumed_weights
+
+
+# A model of 32 positions that has not learned to stop (8 SFT steps), budgets the context must cut, checkpoints on.
+SHORT_CONTEXT = {
+    "model": {"n_positions": 32},
+    "trainer": {"checkpoint_every_n_steps": 4},
+    "sft": {"max_length": 32, "max_new_tokens": 28, "on_invalid": "drop"},
+    "preferences": {"max_length": 32, "max_new_tokens": 12},  # pairs must fit 32 with their EOS to be trained on
+    "reward": {"max_length": 32},
+    "reference": {"max_length": 32},
+    "dpo": {"max_length": 32, "max_new_tokens": 28},
+    "ppo": {"max_new_tokens": 28},
+    "evaluate": {"max_new_tokens": 28},
+}
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """The DAG on a 32-position model, whose sft stage first fails in a step after training (its loss curve's path
+    is under a regular file) and is then rerun with the whole DAG by `dvc repro`."""
+    project = Project(tmp_path_factory.mktemp("short-context") / "repo", overrides=SHORT_CONTEXT)
+    project.dvc("repro", "prepare")
+    (project.path / "blocker").write_text("a file, not a folder")
+    failed = project.run(sys.executable, "-m", "stages.sft", "--curve", "blocker/sft_loss.csv", check=False)
+    trained_weights = (project.path / "models/sft/model.safetensors").read_bytes()  # written before the curve
+    rerun = project.dvc("repro")
+    return project, failed, trained_weights, rerun
+
+
+def test_a_stage_that_fails_after_training_resumes_at_its_end_and_trains_no_step_again(short_context):
+    project, failed, trained_weights, rerun = short_context
+    assert "FileExistsError: [Errno 17] File exists: 'blocker'" in failed  # the curve's folder is a file
+    assert "resuming sft at the end of training (step 8): no step is trained again" in rerun
+    assert (project.path / "models/sft/model.safetensors").read_bytes() == trained_weights
+    assert project.report("sft")["train/loss"] > 0 and "perf/tokens_per_s" in project.report("sft")
+    runs = _runs(project, "sft")
+    assert {r.info.status for r in runs} == {"FINISHED"}  # the failed run, continued and finished
+    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    history = [m for r in runs for m in client.get_metric_history(r.info.run_id, "perf/wall_s")]
+    # Logged when training ended, then again by the rerun from the checkpoint's measurement: a second training
+    # would have measured another wall time.
+    assert len(history) == 2 and history[0].value == history[1].value
+    assert not list((project.path / ".checkpoints").glob("sft/*/step-*.ckpt"))  # cleared once the outputs exist
+
+
+def test_every_sampling_stage_stays_within_a_short_context_and_counts_the_rows_it_cut(short_context):
+    project, _, _, rerun = short_context
+    assert Project.ran(rerun) == {"sft", "preferences", "reward", "reference", "dpo", "ppo", "evaluate"}
+    assert project.report("sft")["samples/stopped_by_context"] > 0
+    assert project.report("dpo")["objective/stopped_by_context"] > 0
+    assert project.report("ppo")["final/val/stopped_by_context"] > 0
+    metrics = project.report("metrics")
+    assert metrics["sft/stopped_by_context"] > 0 and metrics["bon/stopped_by_context"] > 0
+    preferences = project.report("preferences")
+    assert "train/samples/stopped_by_context" in preferences and preferences["train/pairs_written"] > 0

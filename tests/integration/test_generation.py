@@ -5,7 +5,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from pipeline import generation
 from pipeline.generation import PreallocatedLayer, SamplingParams, sample_ids
-from tests.integration.helpers import sampling_case
+from tests.integration.helpers import sampling_case, tiny_rows
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "neox", "sliding qwen2"])
@@ -40,3 +40,45 @@ def test_preallocated_cache_samples_the_concatenating_caches_tokens(architecture
     monkeypatch.setattr(generation, "preallocated_cache", lambda model, max_length: DynamicCache(config=model.config))
     expected = sample_ids(model, tokenizer, prompts, params, batch_size=3, seed=5)
     assert got.completion_ids == expected.completion_ids and got.ended == expected.ended
+
+
+def _never_ending(model_cfg, tokenizer, positions: int):
+    """A scratch GPT-2 of `positions` positions that never samples EOS (it is suppressed)."""
+    import dataclasses
+
+    from tests.integration.helpers import tiny_model
+
+    model = tiny_model(dataclasses.replace(model_cfg, n_positions=positions), tokenizer)
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    return model
+
+
+def test_sampling_stops_at_the_models_context_and_counts_the_rows_it_cut(model_cfg, tokenizer, reviews):
+    model = _never_ending(model_cfg, tokenizer, 32)
+    rows = tiny_rows(tokenizer, reviews, 12)
+    prompts = [(r.prompt_ids + r.completion_ids)[: 3 + 2 * i] for i, r in enumerate(rows)]  # 3 .. 25 tokens
+    assert max(map(len, prompts)) >= 16 and min(map(len, prompts)) <= 5
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=0, top_p=1.0, key="ppo.max_new_tokens")
+    got = sample_ids(model, tokenizer, prompts, params, batch_size=2, seed=3)
+    assert not any(got.ended)
+    for prompt, completion, stopped in zip(prompts, got.completion_ids, got.stopped_by_context, strict=True):
+        assert len(prompt) + len(completion) <= 32
+        assert stopped == (len(completion) < 24)  # cut by the context, not by the 24-token budget
+    # Batches of 2 length-sorted prompts: a batch samples 32 minus its wider prompt, at most 24.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), 2):
+        width = max(len(prompts[i]) for i in order[start : start + 2])
+        assert {len(got.completion_ids[i]) for i in order[start : start + 2]} == {min(24, 32 - width)}
+    assert 0 < sum(got.stopped_by_context) < len(prompts)
+
+
+def test_a_budget_or_prompt_without_room_fails_before_sampling_naming_the_key(model_cfg, tokenizer, reviews):
+    model = _never_ending(model_cfg, tokenizer, 32)
+    prompts = [r.prompt_ids[:6] for r in tiny_rows(tokenizer, reviews, 3)]
+    with pytest.raises(ValueError, match=r"ppo.max_new_tokens: 32 new tokens can never fit the model's context of 32"):
+        sample_ids(model, tokenizer, prompts, SamplingParams(32, 1.0, 0, 1.0, key="ppo.max_new_tokens"),
+                   batch_size=2, seed=0)  # fmt: skip
+    prompts.append(list(range(5, 37)))  # 32 tokens: no room left
+    with pytest.raises(ValueError, match=r"prompt row 3 .* has 32 tokens .* no room for a response \(evaluate.max_new"):
+        sample_ids(model, tokenizer, prompts, SamplingParams(8, 1.0, 0, 1.0, key="evaluate.max_new_tokens"),
+                   batch_size=2, seed=0)  # fmt: skip

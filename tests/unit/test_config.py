@@ -140,3 +140,18 @@ def test_critic_free_estimator_rules_name_their_keys(raw):
         assert line in message
     raw["ppo"].update(advantage_estimator="reinforce_pp", kl_control="fixed")  # works per sample: one is enough
     assert load_config(raw).ppo.advantage_estimator == "reinforce_pp"
+
+
+def test_a_sampling_budget_that_can_never_fit_the_scratch_models_context_is_named(raw):
+    raw["model"]["n_positions"] = 32
+    for section in ("sft", "preferences", "reward", "reference", "dpo"):
+        raw[section]["max_length"] = 32
+    raw["ppo"]["max_new_tokens"] = 32  # the prompt takes at least one position
+    raw["sft"]["max_new_tokens"] = 40
+    raw["evaluate"]["max_new_tokens"] = 31  # fits: the sampler caps it per prompt
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    message = str(info.value)
+    assert "ppo.max_new_tokens: 32 new tokens can never fit model.n_positions = 32" in message
+    assert "sft.max_new_tokens: 40 new tokens can never fit" in message
+    assert message.count("can never fit") == 4  # ppo, sft, and preferences / dpo at their default 48

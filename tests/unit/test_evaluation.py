@@ -29,7 +29,8 @@ def test_best_of_n_kl_closed_form():
 def test_best_of_n_picks_the_reward_models_argmax():
     rewards = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 1.0]])  # (P=2, N=3)
     assert best_of_n_index(rewards).tolist() == [1, 0]
-    pool = Samples([[1]] * 6, [[10], [11], [12], [20], [21], [22]], ["a", "b", "c", "d", "e", "f"], [True] * 6)
+    pool = Samples([[1]] * 6, [[10], [11], [12], [20], [21], [22]], ["a", "b", "c", "d", "e", "f"], [True] * 6,
+                   [False] * 6)
     picked = select(pool, [p * 3 + int(k) for p, k in enumerate(best_of_n_index(rewards))])
     assert picked.texts == ["b", "d"] and picked.completion_ids == [[11], [20]]
 
@@ -54,7 +55,8 @@ def test_sampled_sequence_kl_matches_the_exact_kl():
     p, q = [0.6, 0.3, 0.1], [0.2, 0.3, 0.5]
     exact = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
     tokens = torch.multinomial(torch.tensor(p), 40_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    samples = Samples([[0]] * len(tokens), [[int(t)] for t in tokens], [""] * len(tokens), [False] * len(tokens))
+    samples = Samples([[0]] * len(tokens), [[int(t)] for t in tokens], [""] * len(tokens), [False] * len(tokens),
+                      [False] * len(tokens))
     tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
     kl = sequence_kl(Unigram(p), Unigram(q), samples, tokenizer, batch_size=4096)
     assert float(kl.mean()) == pytest.approx(exact, abs=0.02)
