@@ -28,24 +28,24 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 
-from pipeline.batches import PairCollator, RowsDataModule, SFTCollator, tokenize_pairs, tokenize_rows
 from pipeline.config import ModelConfig, PPOConfig, TrainerConfig
-from pipeline.dpo import DPOModule, attach_reference, reference_logps
-from pipeline.generation import SamplingParams, sample_ids
-from pipeline.judges import VaderJudge
-from pipeline.models import (
+from pipeline.data.batches import PairCollator, RowsDataModule, SFTCollator, tokenize_pairs, tokenize_rows
+from pipeline.data.tokenization import train_bpe_tokenizer
+from pipeline.models.build import (
     build_causal_lm,
     build_reward_model,
     compile_backbone,
     count_parameters,
     prepare_for_training,
 )
-from pipeline.ppo import PPOModule, PromptBatches
-from pipeline.reward import RewardModule
-from pipeline.sft import SFTModule
-from pipeline.synthetic import generate_reviews
-from pipeline.tokenization import train_bpe_tokenizer
-from pipeline.training import Throughput, build_trainer, peak_rss_mb
+from pipeline.models.generation import SamplingParams, sample_ids
+from pipeline.models.judges import VaderJudge
+from pipeline.tasks.synthetic import generate_reviews
+from pipeline.train.dpo import DPOModule, attach_reference, reference_logps
+from pipeline.train.ppo import PPOModule, PromptBatches
+from pipeline.train.reward import RewardModule
+from pipeline.train.sft import SFTModule
+from pipeline.train.trainer import Throughput, build_trainer, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 WORKLOADS = ("scratch", "hub")
@@ -247,7 +247,7 @@ def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
 
 
 def _run_generation(work: Workload, seed: int, compiled: bool, long: bool = False) -> dict[str, float]:
-    """`pipeline.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size;
+    """`pipeline.models.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size;
     `long`: `LONG_NEW_TOKENS` at `LONG_BATCH` from a `LONG_POSITIONS`-position model."""
     if long:
         model = GPT2LMHeadModel(_config(work.tokenizer, positions=LONG_POSITIONS)).to(_device())
@@ -286,15 +286,15 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
     tokens on a 2-layer, 128-wide Llama (39 M parameters, nearly all in the embeddings and head).
 
     `lean` False is the path before the memory work (full logits, a float32 log-softmax of them); True is
-    `pipeline.dpo.pair_logps` (chunked selective log-softmax under checkpointing). Run each in its own process:
+    `pipeline.train.dpo.pair_logps` (chunked selective log-softmax under checkpointing). Run each in its own process:
     the figure is the peak RSS above the process's size just before the step (on CUDA, peak allocated memory).
     """
     import psutil
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.dpo import pair_logps
-    from pipeline.dpo_losses import dpo_loss
-    from pipeline.logprobs import sequence_logps
+    from pipeline.losses.dpo import dpo_loss
+    from pipeline.models.logprobs import sequence_logps
+    from pipeline.train.dpo import pair_logps
 
     torch.manual_seed(seed)
     device = _device()

@@ -26,7 +26,7 @@ from pipeline.bench import (
     summarize,
     workload,
 )
-from pipeline.io import write_json
+from pipeline.files import write_json
 
 
 def _child(stage: str, kind: str, runs: int) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from pipeline.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
 from pipeline.config import Config, flatten, load_config, read_params
-from pipeline.io import dvc_md5, write_json
-from pipeline.provenance import input_tables, machine_tags
-from pipeline.tracking import StageRun, resolve_context
+from pipeline.files import dvc_md5, write_json
+from pipeline.track.provenance import input_tables, machine_tags
+from pipeline.track.tracking import StageRun, resolve_context
+from pipeline.train.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
 CHECKPOINTS_BUSY_ENV = "ALIGN_CHECKPOINTS_BUSY"  # rank 0 tells DDP ranks > 0 it runs without checkpoints

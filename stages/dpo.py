@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.batches import PairCollator, RowsDataModule, read_pairs
-from pipeline.dpo import DPOModule, attach_reference
-from pipeline.dpo_losses import REFERENCE_FREE_LOSSES
-from pipeline.evaluation import sampled_objective
-from pipeline.generation import SamplingParams, check_room
-from pipeline.judges import build_judge
-from pipeline.lora import parameter_counts
-from pipeline.models import build_causal_lm, prepare_for_training, save_model
-from pipeline.reports import write_curve
-from pipeline.schemas import PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
-from pipeline.tokenization import load_tokenizer
-from pipeline.training import fit_and_validate, optim_args
+from pipeline.data.batches import PairCollator, RowsDataModule, read_pairs
+from pipeline.data.schemas import PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.policies import sampled_objective
+from pipeline.eval.reports import write_curve
+from pipeline.losses.dpo import REFERENCE_FREE_LOSSES
+from pipeline.models.build import build_causal_lm, prepare_for_training, save_model
+from pipeline.models.generation import SamplingParams, check_room
+from pipeline.models.judges import build_judge
+from pipeline.models.lora import parameter_counts
+from pipeline.train.dpo import DPOModule, attach_reference
+from pipeline.train.trainer import fit_and_validate, optim_args
 from stages.common import finish, inference_device, stage
 
 PATHS = {

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.evaluation import evaluate_policies, samples_table
-from pipeline.io import write_text
-from pipeline.judges import build_judge
-from pipeline.models import build_causal_lm, build_reward_model
-from pipeline.reports import HEADLINE, eval_markdown, plot_gold_vs_kl
-from pipeline.schemas import PROMPT_COMPLETION, read_table
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.policies import evaluate_policies, samples_table
+from pipeline.eval.reports import HEADLINE, eval_markdown, plot_gold_vs_kl
+from pipeline.files import write_text
+from pipeline.models.build import build_causal_lm, build_reward_model
+from pipeline.models.judges import build_judge
 from stages.common import finish, inference_device, stage
 
 PATHS = {

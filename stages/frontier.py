@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.frontier import (
+from pipeline.eval.frontier import (
     aggregate,
     frontier_markdown,
     frontier_points,
@@ -21,8 +21,8 @@ from pipeline.frontier import (
     seed_summary,
     seeds_markdown,
 )
-from pipeline.io import write_text
-from pipeline.tracking import pipeline_runs, resolve_context
+from pipeline.files import write_text
+from pipeline.track.tracking import pipeline_runs, resolve_context
 
 
 def main() -> None:

@@ -8,15 +8,15 @@ import json
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from pipeline.judges import build_judge
-from pipeline.lora import parameter_counts
-from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model
-from pipeline.ppo import PPOModule, PromptBatches, summarize_history
-from pipeline.reports import plot_overoptimization, write_curve
-from pipeline.reward import RewardStats
-from pipeline.schemas import PROMPT_COMPLETION, read_table
-from pipeline.tokenization import encode, load_tokenizer
-from pipeline.training import build_trainer
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import encode, load_tokenizer
+from pipeline.eval.reports import plot_overoptimization, write_curve
+from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
+from pipeline.models.judges import build_judge
+from pipeline.models.lora import parameter_counts
+from pipeline.train.ppo import PPOModule, PromptBatches, summarize_history
+from pipeline.train.reward import RewardStats
+from pipeline.train.trainer import build_trainer
 from stages.common import finish, stage
 
 PATHS = {

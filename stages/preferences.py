@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from pipeline.io import atomic_path, write_parquet
-from pipeline.judges import build_judge
-from pipeline.models import build_causal_lm
-from pipeline.preferences import dataset_pairs, generate_pairs, screen_pairs
-from pipeline.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, read_table, validate_frame
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, read_table, validate_frame
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.files import atomic_path, write_parquet
+from pipeline.models.build import build_causal_lm
+from pipeline.models.judges import build_judge
+from pipeline.tasks.preferences import dataset_pairs, generate_pairs, screen_pairs
 from stages.common import finish, inference_device, stage
 
 PATHS = {

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 
-from pipeline.chat import use_chat_template
-from pipeline.data import SPLITS, prepare_splits, summarize_splits
-from pipeline.io import atomic_path, write_parquet
-from pipeline.judges import build_judge
-from pipeline.tokenization import encode, load_tokenizer, train_bpe_tokenizer
+from pipeline.data.chat import use_chat_template
+from pipeline.data.tokenization import encode, load_tokenizer, train_bpe_tokenizer
+from pipeline.files import atomic_path, write_parquet
+from pipeline.models.judges import build_judge
+from pipeline.tasks.prepare import SPLITS, prepare_splits, summarize_splits
 from stages.common import finish, inference_device, stage
 
 PATHS = {"data_dir": "data/prepared", "tokenizer_dir": "models/tokenizer", "report": "reports/prepare.json"}

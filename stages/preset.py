@@ -19,7 +19,7 @@ from pathlib import Path
 from ruamel.yaml import YAML
 
 from pipeline.config import ConfigError, load_config
-from pipeline.io import write_text
+from pipeline.files import write_text
 
 PRESETS = Path(__file__).resolve().parents[1] / "presets"
 

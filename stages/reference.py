@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from pipeline.batches import PairCollator, read_pairs
-from pipeline.dpo import reference_logps
-from pipeline.io import atomic_path, write_parquet
-from pipeline.models import build_causal_lm
-from pipeline.schemas import REFERENCE_LOGPS, validate_frame
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.batches import PairCollator, read_pairs
+from pipeline.data.schemas import REFERENCE_LOGPS, validate_frame
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.files import atomic_path, write_parquet
+from pipeline.models.build import build_causal_lm
+from pipeline.train.dpo import reference_logps
 from stages.common import finish, inference_device, stage
 
 PATHS = {

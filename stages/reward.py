@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pipeline.batches import PairCollator, RowsDataModule, read_pairs
-from pipeline.lora import parameter_counts
-from pipeline.models import build_reward_model, prepare_for_training, save_model
-from pipeline.reports import write_curve
-from pipeline.reward import RewardModule, RewardStats
-from pipeline.tokenization import load_tokenizer
-from pipeline.training import fit_and_validate, optim_args
+from pipeline.data.batches import PairCollator, RowsDataModule, read_pairs
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.reports import write_curve
+from pipeline.models.build import build_reward_model, prepare_for_training, save_model
+from pipeline.models.lora import parameter_counts
+from pipeline.train.reward import RewardModule, RewardStats
+from pipeline.train.trainer import fit_and_validate, optim_args
 from stages.common import finish, stage
 
 PATHS = {

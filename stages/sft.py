@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.batches import RowsDataModule, SFTCollator, tokenize_rows
-from pipeline.generation import SamplingParams, check_room, sample
-from pipeline.lora import parameter_counts
-from pipeline.models import build_causal_lm, prepare_for_training, save_model
-from pipeline.reports import write_curve
-from pipeline.schemas import PROMPT_COMPLETION, read_table
-from pipeline.sft import SFTModule
-from pipeline.tokenization import load_tokenizer
-from pipeline.training import fit_and_validate, optim_args
+from pipeline.data.batches import RowsDataModule, SFTCollator, tokenize_rows
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.reports import write_curve
+from pipeline.models.build import build_causal_lm, prepare_for_training, save_model
+from pipeline.models.generation import SamplingParams, check_room, sample
+from pipeline.models.lora import parameter_counts
+from pipeline.train.sft import SFTModule
+from pipeline.train.trainer import fit_and_validate, optim_args
 from stages.common import finish, stage
 
 PATHS = {

@@ -12,9 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from pipeline.config import ModelConfig, TrainerConfig  # noqa: E402
-from pipeline.synthetic import generate_reviews  # noqa: E402
-from pipeline.tokenization import train_bpe_tokenizer  # noqa: E402
-from pipeline.tracking import TrackingContext  # noqa: E402
+from pipeline.data.tokenization import train_bpe_tokenizer  # noqa: E402
+from pipeline.tasks.synthetic import generate_reviews  # noqa: E402
+from pipeline.track.tracking import TrackingContext  # noqa: E402
 
 
 @pytest.fixture(scope="session")

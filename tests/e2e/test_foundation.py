@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.io import dvc_md5
+from pipeline.files import dvc_md5
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.io import dvc_md5
+from pipeline.files import dvc_md5
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config, read_params
-from pipeline.judges import build_judge
+from pipeline.models.judges import build_judge
 from tests.e2e.project import Project
 from tests.e2e.test_pipeline import STAGES
 from tests.standins import (

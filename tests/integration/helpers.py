@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.batches import tokenize_rows
-from pipeline.models import build_causal_lm
+from pipeline.data.batches import tokenize_rows
+from pipeline.models.build import build_causal_lm
 
 
 def tiny_rows(tokenizer, reviews, n: int):
@@ -24,7 +24,7 @@ def sampling_case(architecture: str, model_cfg, tokenizer, reviews, tmp_path):
     least 4 different widths."""
     import dataclasses
 
-    from pipeline.tokenization import encode, load_tokenizer
+    from pipeline.data.tokenization import encode, load_tokenizer
     from tests.standins import chat_llama, neox_hub
 
     if architecture == "gpt2":
@@ -38,7 +38,7 @@ def sampling_case(architecture: str, model_cfg, tokenizer, reviews, tmp_path):
 
 def sft_loss_and_grads(model, batch):
     """The SFT loss of `batch` (the module's own `_shared_step`), its target-token count, and every gradient."""
-    from pipeline.sft import SFTModule
+    from pipeline.train.sft import SFTModule
 
     model.zero_grad()
     loss, n_tokens = SFTModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1)._shared_step(batch)
@@ -58,7 +58,7 @@ def tiny_pairs(tokenizer, reviews, n: int, offset: int = 0):
     """Pairs whose chosen is the more positive of two grammar continuations (gold order)."""
     import pandas as pd
 
-    from pipeline.batches import tokenize_pairs
+    from pipeline.data.batches import tokenize_pairs
 
     rows = []
     for a, b in zip(reviews[offset : offset + n], reviews[offset + n : offset + 2 * n], strict=True):
@@ -69,7 +69,7 @@ def tiny_pairs(tokenizer, reviews, n: int, offset: int = 0):
 
 
 def saved_tiny_model(model_cfg, tokenizer, path):
-    from pipeline.models import save_model
+    from pipeline.models.build import save_model
 
     save_model(tiny_model(model_cfg, tokenizer), tokenizer, path)
     return str(path)

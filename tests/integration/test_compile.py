@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
-from pipeline.batches import SFTCollator
-from pipeline.generation import SamplingParams, sample_ids
-from pipeline.models import prepare_for_training, save_model
+from pipeline.data.batches import SFTCollator
+from pipeline.models.build import prepare_for_training, save_model
+from pipeline.models.generation import SamplingParams, sample_ids
 from tests.integration.helpers import sampling_case, sft_loss_and_grads, tiny_model, tiny_rows
 
 

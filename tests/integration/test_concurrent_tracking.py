@@ -8,13 +8,13 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from pipeline.tracking import GROUP_TAG, STAGE_TAG
+from pipeline.track.tracking import GROUP_TAG, STAGE_TAG
 
 WRITERS, STEPS = 3, 60
 WRITER = """
 import sys, time
 from pathlib import Path
-from pipeline.tracking import StageRun, resolve_context
+from pipeline.track.tracking import StageRun, resolve_context
 
 root, group = Path(sys.argv[1]), sys.argv[2]
 (root / f"ready-{group}").touch()

@@ -8,7 +8,7 @@ from tests.integration.test_sft import _fit
 
 @pytest.mark.slow
 def test_sft_under_ddp_spawn_on_two_cpu_processes(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tracking):
-    from pipeline.tracking import StageRun
+    from pipeline.track.tracking import StageRun
 
     ddp = dataclasses.replace(cpu_trainer_cfg, devices=2, strategy="ddp_spawn")
     with StageRun(tracking, "sft", {}, {}) as run:

@@ -1,13 +1,13 @@
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.batches import PairCollator, RowsDataModule
-from pipeline.dpo import DPOModule, attach_reference, pair_logps, reference_logps
-from pipeline.generation import SamplingParams, sample
-from pipeline.logprobs import sequence_kl
-from pipeline.models import build_causal_lm
-from pipeline.tracking import StageRun
-from pipeline.training import Throughput, build_trainer
+from pipeline.data.batches import PairCollator, RowsDataModule
+from pipeline.models.build import build_causal_lm
+from pipeline.models.generation import SamplingParams, sample
+from pipeline.models.logprobs import sequence_kl
+from pipeline.track.tracking import StageRun
+from pipeline.train.dpo import DPOModule, attach_reference, pair_logps, reference_logps
+from pipeline.train.trainer import Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 
 

@@ -3,8 +3,8 @@
 import pytest
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
-from pipeline import generation
-from pipeline.generation import PreallocatedLayer, SamplingParams, sample_ids
+from pipeline.models import generation
+from pipeline.models.generation import PreallocatedLayer, SamplingParams, sample_ids
 from tests.integration.helpers import sampling_case, tiny_rows
 
 

@@ -5,11 +5,11 @@ import dataclasses
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.batches import RowsDataModule, SFTCollator
-from pipeline.models import build_causal_lm, build_reward_model, save_model
-from pipeline.sft import SFTModule
-from pipeline.tokenization import load_tokenizer
-from pipeline.training import build_trainer
+from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.models.build import build_causal_lm, build_reward_model, save_model
+from pipeline.train.sft import SFTModule
+from pipeline.train.trainer import build_trainer
 from tests.integration.helpers import tiny_rows
 
 

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.config import ConfigError, load_config, read_params
-from pipeline.judges import VaderJudge, build_judge, gold_scores, label_scores
-from pipeline.models import build_reward_model, save_model
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.models.build import build_reward_model, save_model
+from pipeline.models.judges import VaderJudge, build_judge, gold_scores, label_scores
 from tests.standins import encoder_reward_model, gpt2_hub, sentiment_classifier
 
 ROOT = Path(__file__).resolve().parents[2]

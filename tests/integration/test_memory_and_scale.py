@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pipeline.batches import RowsDataModule, SFTCollator
-from pipeline.lora import as_reference, parameter_counts
-from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model, zero_dropout
-from pipeline.sft import SFTModule
-from pipeline.tokenization import load_tokenizer
-from pipeline.training import build_trainer
+from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model, zero_dropout
+from pipeline.models.lora import as_reference, parameter_counts
+from pipeline.train.sft import SFTModule
+from pipeline.train.trainer import build_trainer
 from tests.integration.helpers import tiny_model, tiny_rows
 from tests.standins import chat_llama, gpt2_hub
 

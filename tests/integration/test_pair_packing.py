@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.batches import PairCollator
-from pipeline.dpo import DPOModule, pair_lengths, pair_logps
-from pipeline.models import build_causal_lm, build_reward_model, zero_dropout
-from pipeline.reward import RewardModule, bradley_terry_loss
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.batches import PairCollator
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.models.build import build_causal_lm, build_reward_model, zero_dropout
+from pipeline.train.dpo import DPOModule, pair_lengths, pair_logps
+from pipeline.train.reward import RewardModule, bradley_terry_loss
 from tests.integration.helpers import saved_tiny_model, tiny_pairs
 from tests.standins import chat_llama
 

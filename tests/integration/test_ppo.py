@@ -7,12 +7,12 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
 from pipeline.config import load_config, read_params
-from pipeline.judges import VaderJudge
-from pipeline.models import build_causal_lm, build_reward_model, prepare_for_training, save_model
-from pipeline.ppo import PPOHealthError, PPOModule, PromptBatches
-from pipeline.tokenization import encode
-from pipeline.tracking import StageRun
-from pipeline.training import build_trainer
+from pipeline.data.tokenization import encode
+from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
+from pipeline.models.judges import VaderJudge
+from pipeline.track.tracking import StageRun
+from pipeline.train.ppo import PPOHealthError, PPOModule, PromptBatches
+from pipeline.train.trainer import build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,11 +1,11 @@
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.batches import PairCollator, RowsDataModule
-from pipeline.models import build_reward_model
-from pipeline.reward import RewardModule
-from pipeline.tracking import StageRun
-from pipeline.training import History, Throughput, build_trainer
+from pipeline.data.batches import PairCollator, RowsDataModule
+from pipeline.models.build import build_reward_model
+from pipeline.track.tracking import StageRun
+from pipeline.train.reward import RewardModule
+from pipeline.train.trainer import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 
 

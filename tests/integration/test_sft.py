@@ -4,11 +4,11 @@ import pytest
 import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 
-from pipeline.batches import RowsDataModule, SFTCollator
-from pipeline.generation import SamplingParams, sample
-from pipeline.sft import SFTModule
-from pipeline.tracking import StageRun
-from pipeline.training import History, Throughput, build_trainer
+from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.models.generation import SamplingParams, sample
+from pipeline.track.tracking import StageRun
+from pipeline.train.sft import SFTModule
+from pipeline.train.trainer import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, sft_loss_and_grads, tiny_model, tiny_rows
 
 
@@ -123,8 +123,8 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture
 
     import torch
 
-    from pipeline.models import build_causal_lm, zero_dropout
-    from pipeline.tokenization import load_tokenizer
+    from pipeline.data.tokenization import load_tokenizer
+    from pipeline.models.build import build_causal_lm, zero_dropout
     from tests.standins import chat_llama
 
     if architecture == "llama":  # rotary positions: position_ids must restart per sequence
@@ -151,7 +151,7 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture
 
 
 def test_first_fit_decreasing_packs_without_splitting():
-    from pipeline.batches import pack_sequences
+    from pipeline.data.batches import pack_sequences
 
     # capacity 10: 7 + 3, 6 + 4, 5; a 12 over capacity gets a row of its own
     assert pack_sequences([5, 7, 3, 6, 4], 10) == [[1, 2], [3, 4], [0]]

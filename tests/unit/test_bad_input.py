@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipeline.batches import tokenize_rows
-from pipeline.data import prepare_splits
-from pipeline.judges import VaderJudge
+from pipeline.data.batches import tokenize_rows
+from pipeline.models.judges import VaderJudge
+from pipeline.tasks.prepare import prepare_splits
 from tests.unit.test_synthetic import _cfg
 
 GOOD = [{"prompt": f"Q{i} is", "completion": f" answer {i}."} for i in range(30)]

@@ -1,8 +1,8 @@
 import torch
 
-from pipeline.batches import LengthGroupedBatchSampler, PromptCompletion, SFTCollator
-from pipeline.logprobs import sequence_logps, token_logps
-from pipeline.sft import completion_nll
+from pipeline.data.batches import LengthGroupedBatchSampler, PromptCompletion, SFTCollator
+from pipeline.models.logprobs import sequence_logps, token_logps
+from pipeline.train.sft import completion_nll
 
 PAD, EOS = 0, 9
 
@@ -55,7 +55,7 @@ def test_accumulation_groups_split_one_large_batch_and_carry_its_weight():
 
 
 def test_tightest_packing_widens_rows_only_when_that_leaves_fewer_padding_slots():
-    from pipeline.batches import tightest_packing
+    from pipeline.data.batches import tightest_packing
 
     # similar lengths: rows of the longest hold one each (6 x 10 = 60 slots for 51 tokens); twice as wide, two
     # each (3 x 18 = 54); four times, four and two (2 x 35 = 70)
@@ -66,7 +66,7 @@ def test_tightest_packing_widens_rows_only_when_that_leaves_fewer_padding_slots(
 
 def test_packed_batch_indexes_every_sequence_and_its_last_token():
 
-    from pipeline.batches import packed_batch, per_sequence, response_batch
+    from pipeline.data.batches import packed_batch, per_sequence, response_batch
 
     batch = response_batch([[5, 6], [7], [8, 9, 10]], [[11], [12, 13], [14]], [True] * 3, eos_id=2, pad_id=0)
     packed = packed_batch(batch, capacity=8)

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.batches import SFTCollator, tokenize_rows
-from pipeline.chat import (
+from pipeline.data.batches import SFTCollator, tokenize_rows
+from pipeline.data.chat import (
     conversation_prompts,
     end_of_turn_token,
     hh_turns,
@@ -15,9 +15,9 @@ from pipeline.chat import (
     split_last_assistant,
     use_chat_template,
 )
-from pipeline.generation import SamplingParams, sample, stop_ids
-from pipeline.models import build_causal_lm
-from pipeline.tokenization import load_tokenizer
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.models.build import build_causal_lm
+from pipeline.models.generation import SamplingParams, sample, stop_ids
 from tests.standins import EOS, IM_END, chat_llama, chat_tokenizer
 
 CONVERSATION = [

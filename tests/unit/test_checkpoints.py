@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.checkpoints import Checkpoints
+from pipeline.train.checkpoints import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pipeline.checkpoints import Checkpoints
+from pipeline.train.checkpoints import Checkpoints
 with Checkpoints(Path(sys.argv[1]), every_n=5, keep=False).hold() as held:
     print("held" if held.every_n else "inert", flush=True)
     time.sleep(600)

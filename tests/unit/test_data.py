@@ -4,9 +4,9 @@ import json
 import pandas as pd
 import pytest
 
-from pipeline.data import prepare_splits
-from pipeline.judges import VaderJudge
-from pipeline.schemas import PROMPT_COMPLETION, DataContractError, validate_frame
+from pipeline.data.schemas import PROMPT_COMPLETION, DataContractError, validate_frame
+from pipeline.models.judges import VaderJudge
+from pipeline.tasks.prepare import prepare_splits
 from tests.unit.test_synthetic import _cfg
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.dpo_losses import DPO_LOSSES, dpo_loss, reference_free_loss
+from pipeline.losses.dpo import DPO_LOSSES, dpo_loss, reference_free_loss
 
 LOG2 = math.log(2)
 

@@ -4,10 +4,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.evaluation import best_of_n_index, best_of_n_kl, distinct_n, mean_ci95, select, win_rate
-from pipeline.frontier import aggregate, frontier_points, pareto_mask, seed_summary, seeds_markdown
-from pipeline.generation import Samples
-from pipeline.logprobs import sequence_kl
+from pipeline.eval.frontier import aggregate, frontier_points, pareto_mask, seed_summary, seeds_markdown
+from pipeline.eval.policies import best_of_n_index, best_of_n_kl, distinct_n, mean_ci95, select, win_rate
+from pipeline.models.generation import Samples
+from pipeline.models.logprobs import sequence_kl
 
 
 def test_win_rate_counts_ties_half():
@@ -94,7 +94,7 @@ def test_pareto_mask_hand_set():
 
 
 def test_length_controlled_win_rate_removes_wins_explained_by_length():
-    from pipeline.evaluation import length_controlled_win_rate
+    from pipeline.eval.policies import length_controlled_win_rate
 
     # Equal lengths: nothing to control for, the LC win-rate is the raw one.
     scores, baseline = [1.0, 1.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 1.0, 0.5]

@@ -5,7 +5,7 @@ apply."""
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from pipeline.generation import CACHE_BUCKET, PreallocatedLayer
+from pipeline.models.generation import CACHE_BUCKET, PreallocatedLayer
 
 
 def _steps(*widths: int, batch: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:

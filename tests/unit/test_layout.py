@@ -1,4 +1,5 @@
-"""Keep the architecture honest: direction stages -> pipeline, and dvc.yaml in step with the code."""
+"""Keep the architecture honest: direction stages -> pipeline, the imports allowed between pipeline's packages, and
+dvc.yaml in step with the code."""
 
 import ast
 import dataclasses
@@ -23,26 +24,80 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _files(name: str) -> list[Path]:
+    """The project files importing `name` (`pipeline.data.batches`) runs: the module, or the package's `__init__`,
+    and the `__init__` of every package above it."""
+    parts = name.split(".")
+    found = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))]
+    module = ROOT.joinpath(*parts)
+    found.append(module.with_suffix(".py") if module.with_suffix(".py").exists() else module / "__init__.py")
+    return [path for path in found if path.exists() and not _docstring_only(path)]
+
+
+def _docstring_only(path: Path) -> bool:
+    """A package `__init__` holding only its docstring runs nothing a stage depends on."""
+    body = ast.parse(path.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
 def _closure(path: Path) -> set[str]:
     """Project files a module pulls in, transitively."""
     seen, todo = set(), [path]
     while todo:
         current = todo.pop()
         for name in _imports(current):
-            if name.split(".")[0] in ("pipeline", "stages"):
-                target = ROOT / (name.replace(".", "/") + ".py")
+            if name.split(".")[0] not in ("pipeline", "stages"):
+                continue
+            for target in _files(name):
                 rel = target.relative_to(ROOT).as_posix()
-                if target.exists() and rel not in seen:
+                if rel not in seen:
                     seen.add(rel)
                     todo.append(target)
     return seen
 
 
-@pytest.mark.parametrize("module", sorted((ROOT / "pipeline").glob("*.py")), ids=lambda p: p.name)
+MODULES = sorted((ROOT / "pipeline").rglob("*.py"))
+# The packages of pipeline/, lowest first, and the ones each may import: the one place the layering is written.
+FOUNDATION = {"config", "files"}
+ALLOWED = {
+    "config": set(),
+    "files": set(),
+    "data": FOUNDATION,
+    "models": FOUNDATION | {"data"},
+    "tasks": FOUNDATION | {"data", "models"},
+    "losses": set(),
+    "train": FOUNDATION | {"data", "models", "losses"},
+    "eval": FOUNDATION | {"data", "models"},
+    "track": FOUNDATION,
+    "bench": FOUNDATION | {"data", "models", "tasks", "losses", "train", "eval", "track"},
+}
+
+
+def _package(path: Path) -> str:
+    """`pipeline/models/lora.py` -> `models`; `pipeline/files.py` -> `files`; `pipeline/__init__.py` -> ``."""
+    parts = path.relative_to(ROOT / "pipeline").with_suffix("").parts
+    return "" if parts == ("__init__",) else parts[0]
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_pipeline_never_imports_stages_nor_reads_argv_or_env(module):
     assert not any(name.split(".")[0] == "stages" for name in _imports(module))
     source = module.read_text()
     assert "os.environ" not in source and "sys.argv" not in source and "getenv" not in source
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_pipeline_packages_import_only_the_packages_below_them(module):
+    own = _package(module)
+    assert own in ALLOWED or own == "", f"{module}: package {own!r} has no entry in ALLOWED"
+    used = {name.split(".")[1] for name in _imports(module) if name.startswith("pipeline.")}
+    forbidden = used - ALLOWED.get(own, set()) - {own}
+    assert not forbidden, f"{module.relative_to(ROOT)} ({own}) imports {sorted(forbidden)}; allowed: {ALLOWED[own]}"
+
+
+def test_every_module_is_in_a_package_and_no_file_escapes_the_layout_check():
+    assert {_package(path) for path in MODULES} - {""} == set(ALLOWED)
+    assert len(MODULES) > 30  # the walk is recursive
 
 
 @pytest.mark.parametrize("name", sorted(DVC))

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.logprobs import (
+from pipeline.models.logprobs import (
     LEAN_MIN_VOCAB,
     entropy_from_logits,
     lean_token_logps,
@@ -61,7 +61,7 @@ def large_vocab_llama():
 
 def test_model_log_probs_at_a_real_vocabulary_skip_full_logits_and_match(large_vocab_llama, model_cfg,
                                                                           cpu_trainer_cfg):  # fmt: skip
-    from pipeline.lora import with_lora
+    from pipeline.models.lora import with_lora
 
     ids = torch.randint(0, LEAN_MIN_VOCAB, (2, 9))
     mask = torch.ones_like(ids)

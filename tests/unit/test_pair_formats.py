@@ -6,11 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.chat import use_chat_template
 from pipeline.config import load_config, read_params
-from pipeline.data import prepare_splits
-from pipeline.judges import VaderJudge
-from pipeline.preferences import dataset_pairs
+from pipeline.data.chat import use_chat_template
+from pipeline.models.judges import VaderJudge
+from pipeline.tasks.preferences import dataset_pairs
+from pipeline.tasks.prepare import prepare_splits
 from tests.standins import chat_tokenizer, hh_rows, ultrafeedback_rows, write_jsonl
 from tests.unit.test_synthetic import _cfg
 

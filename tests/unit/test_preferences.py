@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from pipeline.config import load_config, read_params
-from pipeline.preferences import (
+from pipeline.data.schemas import PREFERENCE_PAIRS, DataContractError, validate_frame
+from pipeline.tasks.preferences import (
     dataset_pairs,
     expected_flip_rate,
     pairs_from_samples,
@@ -17,8 +18,7 @@ from pipeline.preferences import (
     screen_pairs,
     split_dialogues,
 )
-from pipeline.reward import bradley_terry_loss, spearman
-from pipeline.schemas import PREFERENCE_PAIRS, DataContractError, validate_frame
+from pipeline.train.reward import bradley_terry_loss, spearman
 
 
 def test_bradley_terry_loss_hand_values():

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from pipeline.rl import (
+from pipeline.losses.rl import (
     LOSS_AGGREGATION,
     AdaptiveKLController,
     aggregate_loss,

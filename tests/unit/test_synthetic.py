@@ -2,9 +2,9 @@ import random
 import statistics
 
 from pipeline.config import PrepareConfig
-from pipeline.data import synthetic_splits
-from pipeline.judges import gold_score, lexicon_valence
-from pipeline.synthetic import NEGATIVE_ADJECTIVES, POSITIVE_ADJECTIVES, generate_reviews, grammar_words
+from pipeline.models.judges import gold_score, lexicon_valence
+from pipeline.tasks.prepare import synthetic_splits
+from pipeline.tasks.synthetic import NEGATIVE_ADJECTIVES, POSITIVE_ADJECTIVES, generate_reviews, grammar_words
 
 
 def _cfg(**overrides) -> PrepareConfig:

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from pipeline.tracking import resolve_context
+from pipeline.track.tracking import resolve_context
 
 
 def test_store_is_anchored_at_dvc_root_and_group_from_exp_name(tmp_path):
@@ -35,7 +35,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_variable(tracking):
 
     import pytest
 
-    from pipeline.tracking import StageRun, TrackingUnavailable
+    from pipeline.track.tracking import StageRun, TrackingUnavailable
 
     down = dataclasses.replace(tracking, tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
     start = time.perf_counter()
@@ -48,7 +48,7 @@ def test_unreachable_tracking_server_fails_fast_naming_the_variable(tracking):
 def test_runs_left_running_by_a_killed_stage_are_marked_killed(tracking):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import GROUP_TAG, STAGE_TAG, StageRun
+    from pipeline.track.tracking import GROUP_TAG, STAGE_TAG, StageRun
 
     with StageRun(tracking, "sft", {}, {}) as first:
         pass
@@ -67,7 +67,7 @@ def test_long_param_values_are_cut_with_a_marker_not_rejected(tracking):
     from mlflow.tracking import MlflowClient
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-    from pipeline.tracking import TRUNCATED, StageRun
+    from pipeline.track.tracking import TRUNCATED, StageRun
 
     template = "{% for message in messages %}" * 400  # a chat template, ~12,000 characters
     with StageRun(tracking, "sft", {"model.chat_template": template, "sft.lr": 0.001}, {}) as run:
@@ -81,7 +81,7 @@ def test_long_param_values_are_cut_with_a_marker_not_rejected(tracking):
 def test_stage_run_carries_source_tags_extra_tags_and_input_tables(tracking):
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import StageRun, TableInput
+    from pipeline.track.tracking import StageRun, TableInput
 
     table = TableInput(name="prepared/train", digest="0123456789abcdef0123456789abcdef", source="data/t.parquet",
                        columns={"prompt": "string"}, num_rows=3, context="training")  # fmt: skip

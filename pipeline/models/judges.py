@@ -26,8 +26,8 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from pipeline.batches import length_sorted_batches, pad_right
 from pipeline.config import JudgeConfig
+from pipeline.data.batches import length_sorted_batches, pad_right
 
 
 class Judge(Protocol):

@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.batches import PairCollator, PreferencePair, per_sequence
-from pipeline.dpo_losses import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
-from pipeline.logprobs import model_token_logps
-from pipeline.optim import build_optimizer
+from pipeline.data.batches import PairCollator, PreferencePair, per_sequence
+from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
+from pipeline.models.logprobs import model_token_logps
+from pipeline.train.optim import build_optimizer
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.batches import length_sorted_batches, response_batch
-from pipeline.lora import as_reference, backbone, unwrapped
+from pipeline.data.batches import length_sorted_batches, response_batch
+from pipeline.models.lora import as_reference, backbone, unwrapped
 
 LEAN_MIN_VOCAB = 32_768
 CHUNK_TOKENS = 1024

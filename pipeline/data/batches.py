@@ -16,8 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.schemas import PREFERENCE_PAIRS, read_table
-from pipeline.tokenization import encode
+from pipeline.data.schemas import PREFERENCE_PAIRS, read_table
+from pipeline.data.tokenization import encode
 
 
 @dataclass(frozen=True)

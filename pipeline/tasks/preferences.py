@@ -23,7 +23,8 @@ import numpy as np
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.chat import (
+from pipeline.config import PreferencesConfig
+from pipeline.data.chat import (
     Turns,
     has_template,
     hh_turns,
@@ -33,11 +34,10 @@ from pipeline.chat import (
     render_prompt,
     split_last_assistant,
 )
-from pipeline.config import PreferencesConfig
-from pipeline.generation import SamplingParams, sample
-from pipeline.hub import load_table, require_columns
-from pipeline.judges import Judge
-from pipeline.tokenization import encode
+from pipeline.data.loading import load_table, require_columns
+from pipeline.data.tokenization import encode
+from pipeline.models.generation import SamplingParams, sample
+from pipeline.models.judges import Judge
 
 ASSISTANT_TURN = "\n\nAssistant:"
 

@@ -27,7 +27,7 @@ from transformers import CompileConfig, DynamicCache, GenerationConfig, PreTrain
 from transformers.cache_utils import DynamicLayer
 from transformers.generation import utils as generation_utils
 
-from pipeline.tokenization import encode
+from pipeline.data.tokenization import encode
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.batches import length_sorted_batches, response_batch
 from pipeline.config import EvaluateConfig
-from pipeline.generation import Samples, SamplingParams, sample
-from pipeline.judges import Judge
-from pipeline.logprobs import sequence_kl
-from pipeline.lora import as_reference
+from pipeline.data.batches import length_sorted_batches, response_batch
+from pipeline.models.generation import Samples, SamplingParams, sample
+from pipeline.models.judges import Judge
+from pipeline.models.logprobs import sequence_kl
+from pipeline.models.lora import as_reference
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:

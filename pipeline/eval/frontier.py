@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import atomic_path
+from pipeline.files import atomic_path
 
 METHODS = {"ppo": "ppo.kl_coef", "dpo": "dpo.beta"}
 HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate", "length")

@@ -19,8 +19,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
-from pipeline.batches import is_packed
 from pipeline.config import TrainerConfig, TrainingConfig
+from pipeline.data.batches import is_packed
 
 
 def build_trainer(
@@ -218,7 +218,7 @@ def fit_and_validate(
     """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics.
 
     Args:
-        resume: the checkpointing callback (`pipeline.checkpoints.ResumeCallback`), if checkpoints are on.
+        resume: the checkpointing callback (`pipeline.train.checkpoints.ResumeCallback`), if checkpoints are on.
         ckpt_path: a checkpoint to resume from.
     """
     throughput, history = Throughput(), History()

@@ -18,7 +18,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline.judges import gold_score
+from pipeline.models.judges import gold_score
 
 POSITIVE_ADJECTIVES = (
     "good", "nice", "great", "excellent", "wonderful", "superb", "brilliant", "amazing", "beautiful",

@@ -4,7 +4,7 @@ Train, val and test are disjoint *by prompt*: a prompt seen in training never re
 held-out test prompts that evaluation samples from. With `source: dataset`, rows come from
 `datasets.load_dataset` (a hub id, or a builder such as `json`/`parquet` with local `data_files`) through a column
 mapping; when there is no completion column the text is split after `prompt_words` words, as the DPO paper's IMDb
-task uses review prefixes as prompts. With `messages_column`, each row is a conversation (`pipeline.chat`): the
+task uses review prefixes as prompts. With `messages_column`, each row is a conversation (`pipeline.data.chat`): the
 prompt is every turn before the last assistant turn, rendered with the tokenizer's chat template when it has one.
 The `gold` column is the judge's score of each completion.
 """
@@ -17,12 +17,12 @@ import statistics
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.chat import conversation_prompts, render_prompt
 from pipeline.config import PrepareConfig
-from pipeline.hub import load_table, require_columns, require_text
-from pipeline.judges import Judge
-from pipeline.schemas import PROMPT_COMPLETION, validate_frame
-from pipeline.synthetic import class_fractions, generate_reviews
+from pipeline.data.chat import conversation_prompts, render_prompt
+from pipeline.data.loading import load_table, require_columns, require_text
+from pipeline.data.schemas import PROMPT_COMPLETION, validate_frame
+from pipeline.models.judges import Judge
+from pipeline.tasks.synthetic import class_fractions, generate_reviews
 
 SPLITS = ("train", "val", "test")
 

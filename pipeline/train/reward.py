@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from pipeline.batches import is_packed
-from pipeline.io import write_json
-from pipeline.lora import backbone, unwrapped
-from pipeline.optim import build_optimizer
+from pipeline.data.batches import is_packed
+from pipeline.files import write_json
+from pipeline.models.lora import backbone, unwrapped
+from pipeline.train.optim import build_optimizer
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import atomic_path
+from pipeline.files import atomic_path
 
 
 def write_curve(rows: Sequence[dict[str, float]], path: str | Path) -> None:

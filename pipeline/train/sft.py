@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from pipeline.logprobs import model_token_logps
-from pipeline.optim import build_optimizer
+from pipeline.models.logprobs import model_token_logps
+from pipeline.train.optim import build_optimizer
 
 
 def completion_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

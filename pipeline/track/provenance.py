@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.io import dvc_md5
-from pipeline.tracking import TableInput
+from pipeline.files import dvc_md5
+from pipeline.track.tracking import TableInput
 
 
 def machine_tags() -> dict[str, str]:

@@ -22,9 +22,9 @@ from transformers import (
 )
 
 from pipeline.config import ModelConfig, TrainerConfig
-from pipeline.generation import stop_ids
-from pipeline.io import atomic_path
-from pipeline.lora import backbone, merged, with_lora
+from pipeline.files import atomic_path
+from pipeline.models.generation import stop_ids
+from pipeline.models.lora import backbone, merged, with_lora
 
 
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> PreTrainedModel:
@@ -110,7 +110,7 @@ def prepare_for_training(
 def compile_backbone(model: torch.nn.Module) -> None:
     """`torch.compile` the transformer body in place, with dynamic shapes (batches vary in length): every path
     into it (the full model, the lean log-prob path, packed reward scoring) runs compiled, parameter names and
-    saved weights stay as they were, and `pipeline.generation` runs it eagerly."""
+    saved weights stay as they were, and `pipeline.models.generation` runs it eagerly."""
     backbone(model).compile(dynamic=True)
 
 

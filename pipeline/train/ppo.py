@@ -6,9 +6,9 @@ stopping at EOS); one no-grad forward pass of each model then gives the old log-
 (SFT model), values (the value model, initialised from the reward model; GAE only) and scores (reward model, read at
 the response's last token, normalised with the reward model's saved mean and std). Per-token rewards are the score at
 the last response token minus `kl_coef` times the per-token KL estimate (`kl_in: reward`), or the score alone with a
-k3 KL term of weight `kl_loss_coef` in the loss (`kl_in: loss`, as GRPO does); `pipeline.rl.estimate_advantages`
+k3 KL term of weight `kl_loss_coef` in the loss (`kl_in: loss`, as GRPO does); `pipeline.losses.rl.estimate_advantages`
 turns them into advantages. Then `ppo_epochs` passes of shuffled minibatches update the policy (and the value model)
-with manual optimisation. The math lives in `pipeline.rl`; this module wires it and refuses to continue when
+with manual optimisation. The math lives in `pipeline.losses.rl`; this module wires it and refuses to continue when
 training turns unhealthy (`PPOHealthError`).
 """
 
@@ -23,14 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import Sampler
 
-from pipeline.batches import response_batch
 from pipeline.config import PPOConfig
-from pipeline.generation import Samples, SamplingParams, sample_ids
-from pipeline.judges import Judge
-from pipeline.logprobs import model_token_logps
-from pipeline.lora import as_reference, backbone, unwrapped
-from pipeline.optim import build_optimizer
-from pipeline.rl import (
+from pipeline.data.batches import response_batch
+from pipeline.losses.rl import (
     GROUP_ESTIMATORS,
     LOSS_AGGREGATION,
     AdaptiveKLController,
@@ -43,6 +38,11 @@ from pipeline.rl import (
     masked_mean,
     masked_whiten,
 )
+from pipeline.models.generation import Samples, SamplingParams, sample_ids
+from pipeline.models.judges import Judge
+from pipeline.models.logprobs import model_token_logps
+from pipeline.models.lora import as_reference, backbone, unwrapped
+from pipeline.train.optim import build_optimizer
 
 
 class PPOHealthError(RuntimeError):

@@ -1,0 +1,134 @@
+"""The rules between params keys, each declaring the keys it reads: the loader runs a rule only when all of them
+passed their own checks, so no rule ever sees a bad value."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.config.sections import Config
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A cross-key rule: the keys it reads (skipped when one of them failed its own check) and the check."""
+
+    keys: tuple[str, ...]
+    check: Callable[[Config], list[str]]
+
+
+RULES: list[Rule] = []
+
+
+def rule(*keys: str):
+    """Register a cross-key rule reading `keys`."""
+
+    def register(check):
+        RULES.append(Rule(keys, check))
+        return check
+
+    return register
+
+
+MAX_LENGTH_SECTIONS = ("sft", "preferences", "reward", "reference", "dpo")
+SAMPLING_SECTIONS = ("sft", "preferences", "dpo", "ppo", "evaluate")
+
+
+@rule("prepare.frac_positive", "prepare.frac_negative")
+def _class_shares(config: Config) -> list[str]:
+    prepare = config.prepare
+    if prepare.frac_positive + prepare.frac_negative <= 1:
+        return []
+    return [f"prepare.frac_positive + prepare.frac_negative: {prepare.frac_positive} + {prepare.frac_negative} "
+            "must lie in [0, 1] (the rest is neutral)"]  # fmt: skip
+
+
+@rule("model.base", "model.chat_template", "model.n_embd", "model.n_head")
+def _scratch_model(config: Config) -> list[str]:
+    model, errors = config.model, []
+    if model.base == "scratch" and model.chat_template not in ("auto", "none"):
+        errors.append(
+            f"model.chat_template: {model.chat_template!r} needs a hub or local model.base whose tokenizer has the "
+            "template's special tokens; the scratch tokenizer has none (use auto or none)"
+        )
+    if model.base == "scratch" and model.n_embd % model.n_head:
+        errors.append(f"model.n_embd: {model.n_embd} is not divisible by model.n_head = {model.n_head}")
+    return errors
+
+
+@rule("model.base", "model.n_positions", *(f"{s}.max_length" for s in MAX_LENGTH_SECTIONS),
+      *(f"{s}.max_new_tokens" for s in SAMPLING_SECTIONS))  # fmt: skip
+def _scratch_context(config: Config) -> list[str]:
+    """What the scratch model's context can never hold (a hub model's is checked when it is loaded)."""
+    model, errors = config.model, []
+    if model.base != "scratch":
+        return errors
+    for section in MAX_LENGTH_SECTIONS:
+        max_length = getattr(config, section).max_length
+        if max_length > model.n_positions:
+            errors.append(f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
+                          "lower it or enlarge the model")  # fmt: skip
+    for section in SAMPLING_SECTIONS:
+        budget = getattr(config, section).max_new_tokens
+        if budget >= model.n_positions:
+            errors.append(f"{section}.max_new_tokens: {budget} new tokens can never fit model.n_positions = "
+                          f"{model.n_positions} (a prompt takes at least one); set it below {model.n_positions}")
+    return errors
+
+
+@rule("judge.kind", "judge.path", "judge.label")
+def _judge(config: Config) -> list[str]:
+    judge, errors = config.judge, []
+    if judge.kind != "vader" and not judge.path:
+        errors.append(f"judge.path: required for judge.kind {judge.kind!r} (a hub id or a save_pretrained directory)")
+    if judge.kind == "classifier" and not judge.label:
+        errors.append("judge.label: required for judge.kind 'classifier' (the label to score, e.g. POSITIVE)")
+    return errors
+
+
+@rule("ppo.minibatch_size", "trainer.accumulate_grad_batches", "ppo.prompts_per_rollout", "ppo.num_generations")
+def _ppo_batches(config: Config) -> list[str]:
+    ppo, accumulate, errors = config.ppo, config.trainer.accumulate_grad_batches, []
+    if ppo.minibatch_size % accumulate:
+        errors.append(
+            f"ppo.minibatch_size: {ppo.minibatch_size} is not divisible by trainer.accumulate_grad_batches = "
+            f"{accumulate} (PPO splits each minibatch into that many micro-batches)"
+        )
+    rollout = ppo.prompts_per_rollout * ppo.num_generations
+    if ppo.minibatch_size > rollout:
+        errors.append(
+            f"ppo.minibatch_size: {ppo.minibatch_size} exceeds the rollout batch, ppo.prompts_per_rollout x "
+            f"ppo.num_generations = {rollout}; a minibatch is a slice of one rollout batch"
+        )
+    return errors
+
+
+@rule("ppo.advantage_estimator", "ppo.num_generations", "ppo.whiten_rewards", "ppo.kl_in", "ppo.kl_control")
+def _ppo_estimator(config: Config) -> list[str]:
+    ppo, errors = config.ppo, []
+    group = ppo.advantage_estimator in ("grpo", "dr_grpo", "rloo")
+    if group and ppo.num_generations < 2:
+        errors.append(
+            f"ppo.num_generations: {ppo.num_generations} is too few for ppo.advantage_estimator "
+            f"{ppo.advantage_estimator!r}, whose baseline is the other samples of the same prompt; set it to >= 2"
+        )
+    if group and ppo.whiten_rewards:
+        errors.append(f"ppo.whiten_rewards: true does not apply to ppo.advantage_estimator "
+                      f"{ppo.advantage_estimator!r} (it scores whole sequences); set it to false")  # fmt: skip
+    if ppo.kl_in == "loss" and ppo.kl_control == "adaptive":
+        errors.append("ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'; use fixed "
+                      "(the loss term's weight is ppo.kl_loss_coef)")  # fmt: skip
+    return errors
+
+
+@rule("dpo.loss", "dpo.label_smoothing", "reference.max_length", "dpo.max_length")
+def _dpo(config: Config) -> list[str]:
+    dpo, errors = config.dpo, []
+    if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
+        errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, 0.5) for loss 'robust'")
+    if config.reference.max_length != dpo.max_length:
+        errors.append(
+            f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
+            "the cached log-probs must cover exactly the pairs DPO trains on"
+        )
+    return errors

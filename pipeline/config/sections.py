@@ -1,0 +1,378 @@
+"""One frozen dataclass per `params.yaml` section; each field carries its bound (`bounded`) and, in the docstring
+under it, its one documentation (`docs/params.md` is generated from them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+def bounded(rule: str) -> Any:
+    """A numeric field's range, declared at the field: `> 0`, `>= 1`, `in [0, 1)`, `in (0, 1]`."""
+    return dataclasses.field(metadata={"bound": rule})
+
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str
+    """`scratch` (a fresh GPT-2 sized below, with the tokenizer `prepare` trains), a hub id or a local directory."""
+    trust_remote_code: bool
+    """Passed to `from_pretrained`; keep false unless you trust the repository's code."""
+    n_layer: int = bounded(">= 1")
+    """Scratch model only: transformer blocks."""
+    n_head: int = bounded(">= 1")
+    """Scratch model only: attention heads (must divide `n_embd`)."""
+    n_embd: int = bounded(">= 1")
+    """Scratch model only: hidden width."""
+    n_positions: int = bounded(">= 1")
+    """Scratch model only: context length in tokens."""
+    dropout: float = bounded("in [0, 1)")
+    """Scratch model only: residual, embedding and attention dropout."""
+    chat_template: str
+    """`auto` (the tokenizer's chat template when it has one), `none` (plain text), or a path to a Jinja file.
+    With a template, prompts are rendered with `apply_chat_template(..., add_generation_prompt=True)` and every
+    completion ends with the template's end-of-turn token, which becomes the tokenizer's EOS."""
+    lora_r: int = bounded(">= 0")
+    """LoRA rank for every trained stage (0: full fine-tuning). Stages train adapters (and the reward/value score
+    head) and write merged, self-contained weights; the reference is the policy with its adapters disabled."""
+    lora_alpha: int = bounded(">= 1")
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = bounded("in [0, 1)")
+    """Dropout on the LoRA branch."""
+    lora_target_modules: str
+    """`all-linear` (every linear layer of the blocks, not the output head) or comma-separated module names
+    (`q_proj,v_proj`, `c_attn`)."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    accelerator: str
+    """Lightning accelerator: `auto`, `cpu`, `gpu`, `cuda`, `mps`."""
+    devices: int | str = bounded(">= 1")
+    """Devices per node (`auto` or a count)."""
+    strategy: str
+    """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, `fsdp`, `deepspeed_stage_2`, ..."""
+    precision: str
+    """Lightning precision: `32-true`, `bf16-mixed`, `16-mixed`, `bf16-true`."""
+    num_nodes: int = bounded(">= 1")
+    """Nodes for multi-node DDP/FSDP."""
+    log_every_n_steps: int = bounded(">= 1")
+    """How often training metrics are logged."""
+    accumulate_grad_batches: int = bounded(">= 1")
+    """Micro-batches per optimizer step: the effective batch is batch_size x this x devices (PPO: minibatch_size
+    is split into this many micro-batches)."""
+    gradient_checkpointing: bool
+    """Recompute activations in the backward pass instead of storing them (less memory, ~30 % more compute)."""
+    compile: bool
+    """`torch.compile` the model's transformer body (dynamic shapes) in every trained stage; generation still runs
+    eagerly. Measured on CPU it loses (see the README's benchmark): leave it off there; try it on GPUs."""
+    checkpoint_every_n_steps: int = bounded(">= 0")
+    """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from
+    (0: none). They live in `.checkpoints/<stage>/<key>/`, outside the DVC outputs."""
+    keep_checkpoints: bool
+    """Keep a stage's checkpoints after its outputs are written (default: remove them)."""
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    source: Literal["synthetic", "dataset"]
+    """`synthetic`: the embedded movie-review task. `dataset`: `datasets.load_dataset` on the keys below."""
+    n_train: int = bounded(">= 1")
+    """Synthetic: training reviews (the split is by prompt, so prompts never cross splits)."""
+    n_val: int = bounded(">= 1")
+    """Validation reviews."""
+    n_test: int = bounded(">= 1")
+    """Held-out test prompts used by evaluation."""
+    frac_positive: float = bounded("in [0, 1]")
+    """Synthetic: fraction of positive continuations (negative alike; the rest are neutral)."""
+    frac_negative: float = bounded("in [0, 1]")
+    """Synthetic: fraction of negative continuations."""
+    tokenizer_vocab_size: int = bounded(">= 260")
+    """Scratch model: byte-level BPE vocabulary size (the trained tokenizer may be smaller)."""
+    dataset_path: str | None
+    """Dataset source: a hub id (`stanfordnlp/imdb`), a builder (`json`, `parquet`) or a local directory."""
+    dataset_name: str | None
+    """Dataset configuration name, if any."""
+    data_files: str | None
+    """Local files for the `json`/`parquet` builders."""
+    dataset_split: str
+    """Split to read; train/val/test are carved from it by prompt."""
+    prompt_column: str
+    """Column holding the prompt (or the whole text when `completion_column` is null)."""
+    completion_column: str | None
+    """Column holding the completion; null splits `prompt_column` after `prompt_words` words (IMDb style)."""
+    prompt_words: int = bounded(">= 1")
+    """Words kept as the prompt when `completion_column` is null."""
+    completion_words: int | None = bounded(">= 1")
+    """When `completion_column` is null: keep at most this many words after the prompt (whole IMDb reviews run to
+    hundreds of tokens; null keeps the rest of the text)."""
+    messages_column: str | None
+    """Conversational data: a column of `{role, content}` turn lists. The prompt is every turn before the last
+    assistant turn, the completion that turn's content; `prompt_column`/`completion_column` are then not read."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Keys every Lightning-trained stage (sft, reward, dpo) shares."""
+
+    lr: float = bounded("> 0")
+    """Peak AdamW learning rate."""
+    weight_decay: float = bounded(">= 0")
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_steps: int = bounded(">= 0")
+    """Linear warm-up steps before cosine decay."""
+    batch_size: int = bounded(">= 1")
+    """Examples (sft) or pairs (reward, dpo) per optimizer step, per device."""
+    max_steps: int = bounded(">= 1")
+    """Optimizer steps."""
+    val_every_n_steps: int = bounded(">= 1")
+    """Validation interval in steps."""
+    max_length: int = bounded(">= 2")
+    """Prompt + completion + EOS tokens; longer rows are an error, not truncated."""
+    grad_clip: float = bounded(">= 0")
+    """Gradient-norm clip (0 disables)."""
+    disable_dropout: bool
+    """Set every dropout of the model to 0 while training (TRL's default for reward, DPO and PPO: dropout makes
+    the policy's log-probs noisy against a reference computed without it)."""
+    packing: bool
+    """Padding-free batches: each batch's sequences (reward, dpo: chosen and rejected alike) concatenated into rows
+    1, 2 or 4 times as wide as its longest (whichever leaves the fewest padding slots), positions restarting per
+    sequence, attention block-diagonal (same losses and gradients as padded, to float rounding)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainingConfig):
+    n_samples: int = bounded(">= 0")
+    """Completions sampled on validation prompts at the end, logged as an artifact."""
+    max_new_tokens: int = bounded(">= 1")
+    """Sampling budget (new tokens) of those completions; the model's context caps it per prompt."""
+    on_invalid: Literal["drop", "fail"]
+    """Rows longer than `max_length` or with an empty completion: stop with an error naming them, or drop them
+    (counted in reports/sft.json as data/dropped_rows)."""
+
+
+@dataclass(frozen=True)
+class PreferencesConfig:
+    mode: Literal["generate", "dataset"]
+    """`generate`: sample K completions per prompt from `models/sft`, label pairs with the simulated annotator.
+    `dataset`: read human pairs through the column mapping below."""
+    k: int = bounded(">= 2")
+    """Generate: completions sampled per prompt; every pair among them is a candidate."""
+    train_prompts: int = bounded(">= 1")
+    """Generate: train prompts used (the first distinct ones of the prepared train split)."""
+    val_prompts: int = bounded(">= 1")
+    """Generate: validation prompts used."""
+    max_new_tokens: int = bounded(">= 1")
+    """Generate: sampling budget per completion."""
+    temperature: float = bounded(">= 0")
+    """Generate: sampling temperature."""
+    top_k: int = bounded(">= 0")
+    """Generate: top-k filter (0 disables)."""
+    top_p: float = bounded("in (0, 1]")
+    """Generate: nucleus filter (1.0 disables)."""
+    batch_size: int = bounded(">= 1")
+    """Generate: sequences per `generate` call."""
+    tau: float = bounded(">= 0")
+    """Bradley-Terry annotator temperature: P(a > b) = sigmoid((gold_a - gold_b) / tau); 0 is deterministic."""
+    min_gold_gap: float = bounded(">= 0")
+    """Generate: pairs whose gold scores differ by at most this are dropped (0 drops exact ties)."""
+    max_length: int = bounded(">= 2")
+    """Prompt + response + EOS tokens; longer pairs are invalid."""
+    on_invalid: Literal["drop", "fail"]
+    """What to do with invalid pairs (empty, identical, repeating the prompt, extra EOS, over-long)."""
+    dataset_path: str | None
+    """Dataset: hub id (`Anthropic/hh-rlhf`) or builder (`json`, `parquet`)."""
+    dataset_name: str | None
+    """Dataset: configuration name."""
+    data_files: str | None
+    """Dataset: local files for the json/parquet builders."""
+    dataset_split: str
+    """Dataset: split read; train/val are carved from it by prompt."""
+    prompt_column: str | None
+    """Dataset: prompt column; null when chosen/rejected hold whole dialogues (HH: split at the last
+    `Assistant:` turn)."""
+    chosen_column: str
+    """Dataset: preferred response (or dialogue) column."""
+    rejected_column: str
+    """Dataset: dispreferred response (or dialogue) column."""
+    val_fraction: float = bounded("in [0, 1)")
+    """Dataset: share of prompts held out for validation."""
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainingConfig):
+    margin: float = bounded(">= 0")
+    """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin) (0 disables)."""
+    center_coef: float = bounded(">= 0")
+    """Reward centering: + coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (Eisenstein et al. 2023)."""
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    batch_size: int = bounded(">= 1")
+    """Pairs per forward pass when caching the reference (SFT) log-probs."""
+    max_length: int = bounded(">= 2")
+    """Prompt + response + EOS tokens (as in DPO, which reads these log-probs)."""
+    packing: bool
+    """Padding-free batches, as `dpo.packing` (the cached values then differ from padded ones by float rounding
+    only)."""
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainingConfig):
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+    """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.), or the
+    reference-free simpo (Meng et al. 2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no
+    cached reference log-probs."""
+    beta: float = bounded("> 0")
+    """KL-constraint strength: higher keeps the policy closer to the reference."""
+    label_smoothing: float = bounded("in [0, 1)")
+    """Assumed label-flip rate for sigmoid (cDPO) and robust; 0 is plain DPO."""
+    simpo_gamma: float = bounded(">= 0")
+    """SimPO's target reward margin gamma."""
+    orpo_lambda: float = bounded("> 0")
+    """ORPO's weight of the odds-ratio term (beside the chosen response's NLL)."""
+    kl_prompts: int = bounded(">= 1")
+    """Validation prompts sampled at the end to measure objective/kl against the reference."""
+    max_new_tokens: int = bounded(">= 1")
+    """Sampling budget for the objective/kl samples."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    lr: float = bounded("> 0")
+    """Policy learning rate (AdamW, warm-up then cosine over the rollouts)."""
+    value_lr: float = bounded("> 0")
+    """Value-model learning rate."""
+    warmup_rollouts: int = bounded(">= 0")
+    """Rollouts of linear learning-rate warm-up."""
+    rollouts: int = bounded(">= 1")
+    """Rollout batches (each: sample, score, then `ppo_epochs` passes of minibatch updates)."""
+    prompts_per_rollout: int = bounded(">= 1")
+    """Prompts sampled per rollout batch (`num_generations` responses each)."""
+    num_generations: int = bounded(">= 1")
+    """Responses sampled per prompt; the group estimators (grpo, dr_grpo, rloo) need >= 2."""
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"]
+    """gae: PPO with a value model; grpo / dr_grpo / rloo: group baselines, no value model; reinforce_pp: REINFORCE++
+    (batch-whitened returns), no value model."""
+    minibatch_size: int = bounded(">= 1")
+    """Sequences per PPO update."""
+    ppo_epochs: int = bounded(">= 1")
+    """Passes over each rollout batch."""
+    max_new_tokens: int = bounded(">= 1")
+    """Response budget; a response that hits it without EOS gets `missing_eos_penalty`."""
+    temperature: float = bounded("> 0")
+    """Sampling temperature (log-probs are computed at the same temperature)."""
+    top_k: int = bounded(">= 0")
+    """Top-k filter while sampling (0 disables; keep 0 for an unbiased KL)."""
+    top_p: float = bounded("in (0, 1]")
+    """Nucleus filter while sampling (1.0 disables)."""
+    gamma: float = bounded("in [0, 1]")
+    """GAE discount."""
+    lam: float = bounded("in [0, 1]")
+    """GAE lambda."""
+    cliprange: float = bounded("> 0")
+    """Policy-ratio clip."""
+    cliprange_value: float = bounded("> 0")
+    """Value clip around the rollout's values."""
+    vf_coef: float = bounded(">= 0")
+    """Weight of the value loss."""
+    kl_coef: float = bounded(">= 0")
+    """Per-token KL penalty (the initial value when `kl_control` is adaptive)."""
+    kl_estimator: Literal["k1", "k2", "k3"]
+    """Per-token KL estimator in the reward penalty."""
+    kl_in: Literal["reward", "loss"]
+    """Where the KL to the reference goes: a per-token penalty in the reward (`kl_coef`), or a k3 term in the loss
+    (`kl_loss_coef`, as GRPO does)."""
+    kl_loss_coef: float = bounded(">= 0")
+    """Weight of the k3 KL loss term when `kl_in` is loss."""
+    kl_control: Literal["fixed", "adaptive"]
+    """Keep `kl_coef` fixed, or adapt it towards `kl_target` (Ziegler et al. 2019)."""
+    kl_target: float = bounded("> 0")
+    """Adaptive control: target sequence KL (nats)."""
+    kl_horizon: int = bounded(">= 1")
+    """Adaptive control: horizon in samples."""
+    whiten_rewards: bool
+    """Whiten per-token rewards (keeping their mean) before GAE."""
+    reward_clip: float = bounded(">= 0")
+    """Clip normalised scores to +-this (0 disables)."""
+    missing_eos_penalty: float = bounded(">= 0")
+    """Subtracted from the normalised score of responses that never produced EOS."""
+    grad_clip: float = bounded(">= 0")
+    """Gradient-norm clip for policy and value models (0 disables)."""
+    disable_dropout: bool
+    """Set every dropout of policy and value model to 0 (keeps rollout, training and reference log-probs consistent)."""
+    max_ratio: float = bounded("> 1")
+    """Health gate: stop when a minibatch's mean importance ratio exceeds this."""
+    min_eos_rate: float = bounded("in [0, 1]")
+    """Health gate: stop when fewer rollout responses than this end with EOS."""
+    n_logged_samples: int = bounded(">= 0")
+    """Rollout samples logged as a table artifact."""
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    max_new_tokens: int = bounded(">= 1")
+    """Response budget for every policy."""
+    temperature: float = bounded(">= 0")
+    """Sampling temperature, the same for every policy (1.0 keeps the KL estimate unbiased)."""
+    top_k: int = bounded(">= 0")
+    """Top-k filter (0 disables)."""
+    top_p: float = bounded("in (0, 1]")
+    """Nucleus filter (1.0 disables)."""
+    best_of_n: int = bounded(">= 2")
+    """N of the Best-of-N baseline (SFT samples ranked by the reward model); smaller powers of 2 are reported too."""
+    batch_size: int = bounded(">= 1")
+    """Sequences per generate / scoring call."""
+    n_shown_samples: int = bounded(">= 0")
+    """Test prompts whose completions by every policy appear in reports/eval.md."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    compile: bool
+    """Sample (preferences, PPO rollouts, DPO's frontier, evaluation) with a static KV cache and a compiled decode
+    step: the same tokens for the same seed, one compile per batch size (CUDA graphs on GPU). After ~10-15 s of
+    compiling per batch size, the benchmark samples 1.07-1.39x faster on a 2-core CPU and 1.4-1.8x on an H200 (see
+    the README's benchmark)."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    kind: Literal["vader", "classifier", "reward_model"]
+    """The gold judge: `vader` (the embedded task's sentiment lexicon), `classifier` (a Hugging Face
+    sequence-classification model, scored on `label`), `reward_model` (a one-logit `save_pretrained` model)."""
+    path: str | None
+    """classifier / reward_model: a hub id (`lvwerra/distilbert-imdb`) or a local `save_pretrained` directory."""
+    label: str | None
+    """classifier: the label whose score is the gold score (one of the model's `id2label`, e.g. `POSITIVE`)."""
+    score: Literal["log_odds", "probability"]
+    """classifier: `log_odds` (logit of `label` minus the log-sum-exp of the others) or its `probability`."""
+    include_prompt: bool
+    """classifier: score prompt + response as one text (false: the response alone, as VADER does)."""
+    batch_size: int = bounded(">= 1")
+    """Texts per judge forward pass."""
+    max_length: int = bounded(">= 8")
+    """Judge tokens per text; longer inputs are truncated (hub classifiers stop at 512)."""
+    trust_remote_code: bool
+    """Passed to the judge's `from_pretrained`; keep false unless you trust the repository's code."""
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = bounded(">= 0")
+    """Drives every random choice of every stage."""
+    model: ModelConfig
+    trainer: TrainerConfig
+    prepare: PrepareConfig
+    sft: SFTConfig
+    preferences: PreferencesConfig
+    reward: RewardConfig
+    reference: ReferenceConfig
+    dpo: DPOConfig
+    ppo: PPOConfig
+    evaluate: EvaluateConfig
+    generation: SamplerConfig
+    judge: JudgeConfig
