@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.files import dvc_md5, write_json
@@ -69,10 +70,13 @@ def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def tracked_params(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
+    """The params sections and keys `dvc.yaml` lists for stage `name`: its cache key, and what its MLflow run logs."""
+    return list(yaml.safe_load(Path(dvc_yaml).read_text())["stages"][name]["params"])
+
+
 @contextlib.contextmanager
-def stage(
-    name: str, sections: list[str], paths: dict[str, str], inputs: tuple[str, ...] = ()
-) -> Iterator[StageContext]:
+def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Iterator[StageContext]:
     """Parse argv, load and validate params, seed, find a checkpoint to resume from, and open the stage's MLflow run
     (rank 0 creates it, or continues the checkpoint's run).
 
@@ -85,7 +89,8 @@ def stage(
     config = load_config(read_params(args.params))
     pl.seed_everything(config.seed, workers=True, verbose=False)
     all_params = flatten(config)
-    stage_params = {k: v for k, v in all_params.items() if k.split(".")[0] in sections}
+    tracked = tracked_params(name)  # a runtime knob is in none: it keys no checkpoint either
+    stage_params = {k: v for k, v in all_params.items() if any(k == t or k.startswith(f"{t}.") for t in tracked)}
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
     input_paths = [getattr(args, key) for key in inputs]
     hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}

@@ -30,8 +30,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("dpo", ["seed", "model", "trainer", "dpo", "generation", "judge"], PATHS,
-               inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
+    with stage("dpo", PATHS, inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         reference_free = dpo.loss in REFERENCE_FREE_LOSSES  # SimPO / ORPO: the cached log-probs are not read

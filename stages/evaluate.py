@@ -29,8 +29,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("evaluate", ["seed", "model", "evaluate", "generation", "judge"], PATHS,
-               inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
+    with stage("evaluate", PATHS, inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
         cfg, args, device = ctx.config, ctx.args, inference_device()
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False).to(device)  # noqa: E731

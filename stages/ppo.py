@@ -31,8 +31,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("ppo", ["seed", "model", "trainer", "ppo", "generation", "judge"], PATHS,
-               inputs=("data_dir", "sft_dir", "reward_dir")) as ctx:
+    with stage("ppo", PATHS, inputs=("data_dir", "sft_dir", "reward_dir")) as ctx:
         cfg, ppo, args = ctx.config, ctx.config.ppo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         prompts = read_table(f"{args.data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()

@@ -21,8 +21,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("preferences", ["seed", "model", "preferences", "generation", "judge"], PATHS,
-               inputs=("data_dir", "sft_dir")) as ctx:
+    with stage("preferences", PATHS, inputs=("data_dir", "sft_dir")) as ctx:
         cfg, prefs, args = ctx.config, ctx.config.preferences, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         metrics: dict[str, float] = {}

@@ -15,7 +15,7 @@ PATHS = {"data_dir": "data/prepared", "tokenizer_dir": "models/tokenizer", "repo
 
 
 def main() -> None:
-    with stage("prepare", ["seed", "model", "prepare", "judge"], PATHS) as ctx:
+    with stage("prepare", PATHS) as ctx:
         cfg, args = ctx.config, ctx.args
         tokenizer = None
         if cfg.model.base != "scratch":

@@ -21,7 +21,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("reference", ["model", "reference"], PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
+    with stage("reference", PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
         cfg, ref, args = ctx.config, ctx.config.reference, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(inference_device())

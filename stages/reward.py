@@ -21,7 +21,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("reward", ["seed", "model", "trainer", "reward"], PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
+    with stage("reward", PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
         cfg, rm, args = ctx.config, ctx.config.reward, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
         rows = {split: read_pairs(args.pairs_dir, split, tokenizer, rm.max_length) for split in ("train", "val")}

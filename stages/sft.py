@@ -25,7 +25,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("sft", ["seed", "model", "trainer", "sft"], PATHS, inputs=("data_dir", "tokenizer_dir")) as ctx:
+    with stage("sft", PATHS, inputs=("data_dir", "tokenizer_dir")) as ctx:
         cfg, sft, args = ctx.config, ctx.config.sft, ctx.args
         tokenizer = load_tokenizer(args.tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
         frames = {s: read_table(f"{args.data_dir}/{s}.parquet", PROMPT_COMPLETION) for s in ("train", "val")}

@@ -27,10 +27,13 @@ from pipeline.config.sections import (
     TrainerConfig,
     TrainingConfig,
     bounded,
+    is_runtime,
+    runtime,
 )
 
 __all__ = [
     "Config", "ConfigError", "DPOConfig", "EvaluateConfig", "JudgeConfig", "ModelConfig", "PPOConfig",
     "PreferencesConfig", "PrepareConfig", "ReferenceConfig", "RewardConfig", "SFTConfig", "SamplerConfig",
-    "TrainerConfig", "TrainingConfig", "bounded", "flatten", "load_config", "read_params", "within",
+    "TrainerConfig", "TrainingConfig", "bounded", "flatten", "is_runtime", "load_config", "read_params", "runtime",
+    "within",
 ]  # fmt: skip

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pipeline.config.loader import type_hints
-from pipeline.config.sections import Config
+from pipeline.config.sections import Config, is_runtime
 
 INTRO = """# params.yaml reference
 
@@ -50,8 +50,9 @@ def params_reference(defaults: Mapping[str, Any]) -> str:
             if dataclasses.is_dataclass(hints[item.name]):
                 continue
             key = f"{name}.{item.name}" if name else item.name
+            doc = ("*Runtime, in no stage's cache key.* " if is_runtime(item) else "") + docs.get(item.name, "")
             row = [f"`{key}`", _type(hints[item.name]), item.metadata.get("bound", ""), _value(values.get(item.name)),
-                   docs.get(item.name, "").replace("|", "\\|")]  # fmt: skip
+                   doc.replace("|", "\\|")]  # fmt: skip
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)

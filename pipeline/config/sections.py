@@ -8,9 +8,19 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 
-def bounded(rule: str) -> Any:
+def bounded(rule: str, *, runtime: bool = False) -> Any:
     """A numeric field's range, declared at the field: `> 0`, `>= 1`, `in [0, 1)`, `in (0, 1]`."""
-    return dataclasses.field(metadata={"bound": rule})
+    return dataclasses.field(metadata={"bound": rule, "runtime": runtime})
+
+
+def runtime() -> Any:
+    """A runtime knob: it changes how a stage runs, never what it writes, so no stage lists it in `dvc.yaml` (its
+    cache key) and changing it reruns nothing. A test keeps `dvc.yaml` from listing it."""
+    return dataclasses.field(metadata={"runtime": True})
+
+
+def is_runtime(item: dataclasses.Field) -> bool:
+    return bool(item.metadata.get("runtime"))
 
 
 
@@ -68,11 +78,14 @@ class TrainerConfig:
     compile: bool
     """`torch.compile` the model's transformer body (dynamic shapes) in every trained stage; generation still runs
     eagerly. Measured on CPU it loses (see the README's benchmark): leave it off there; try it on GPUs."""
-    checkpoint_every_n_steps: int = bounded(">= 0")
-    """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from
-    (0: none). They live in `.checkpoints/<stage>/<key>/`, outside the DVC outputs."""
-    keep_checkpoints: bool
-    """Keep a stage's checkpoints after its outputs are written (default: remove them)."""
+    checkpoint_every_n_steps: int = bounded(">= 0", runtime=True)
+    """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from,
+    plus one when training ends, so a failure in a later step resumes there (0: none). They live in
+    `.checkpoints/<stage>/<key>/`, outside the DVC outputs. Runtime knob: a resumed or checkpointed stage ends with
+    the weights and metrics of an uninterrupted one (tested), so changing it reruns nothing."""
+    keep_checkpoints: bool = runtime()
+    """Keep a stage's checkpoints after its outputs are written (default: remove them). Runtime knob: reruns
+    nothing."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ def _chat_data(tmp_path, broken_row: dict | None) -> dict:
             "n_val": 4, "n_test": 4}  # fmt: skip
 
 
+@pytest.mark.slow  # launches a stage process
 @pytest.mark.parametrize(
     ("row", "message"),
     [
@@ -59,6 +60,7 @@ def test_bad_conversation_names_file_row_column_and_writes_nothing(tmp_path, hub
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow  # launches a stage process
 def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_path, hub):
     judge = {"kind": "classifier", "path": hub["classifier"], "label": "HAPPY"}
     done = _prepare(tmp_path, model={"base": hub["model"]}, prepare=_chat_data(tmp_path, None), judge=judge)
@@ -68,6 +70,7 @@ def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
 
 
+@pytest.mark.slow  # launches a stage process
 def test_tracking_server_down_fails_before_any_work_naming_the_variable(tmp_path):
     start = time.perf_counter()
     done = _prepare(tmp_path, uri="http://127.0.0.1:9")

@@ -17,6 +17,13 @@ STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo", "ppo", 
 def test_whole_dag_then_targeted_reruns(tmp_path):
     project = Project(tmp_path / "repo")
     assert project.ran(project.dvc("repro")) == STAGES
+    # Runtime knobs are in no stage's cache key; the LoRA keys are not prepare's.
+    out = project.dvc("exp", "run", "-S", "trainer.checkpoint_every_n_steps=50", "-S", "trainer.keep_checkpoints=true")
+    assert project.ran(out) == set() and project.skipped(out) >= STAGES
+    project.set_param("model", "lora_alpha", 32)
+    status = project.dvc("status")
+    assert "sft:" in status and "prepare:" not in status
+    project.set_param("model", "lora_alpha", 16)
     assert project.report("preferences")["train/pairs_written"] > 0
     reward = project.report("reward")
     assert {"val/accuracy", "val/margin", "val/gold_spearman", "val/reward_mean", "perf/tokens_per_s"} <= set(reward)

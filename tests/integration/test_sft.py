@@ -7,12 +7,13 @@ from mlflow.tracking import MlflowClient
 from pipeline.data.batches import RowsDataModule, SFTCollator
 from pipeline.models.generation import SamplingParams, sample
 from pipeline.track.tracking import StageRun
+from pipeline.train.checkpoints import Checkpoints, ResumeCallback
 from pipeline.train.sft import SFTModule
 from pipeline.train.trainer import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, sft_loss_and_grads, tiny_model, tiny_rows
 
 
-def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6, callbacks=()):
+def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6, callbacks=(), checkpoints=None):
     model = tiny_model(model_cfg, tokenizer)
     module = SFTModule(model, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=steps)
     data = RowsDataModule(
@@ -23,6 +24,8 @@ def _fit(model_cfg, trainer_cfg, tokenizer, reviews, logger, steps=6, callbacks=
         seed=0,
     )
     throughput, history = Throughput(), History()
+    if checkpoints is not None:
+        callbacks = [*callbacks, ResumeCallback(checkpoints, data, run_id="r")]
     trainer = build_trainer(
         trainer_cfg,
         max_steps=steps,
@@ -156,3 +159,19 @@ def test_first_fit_decreasing_packs_without_splitting():
     # capacity 10: 7 + 3, 6 + 4, 5; a 12 over capacity gets a row of its own
     assert pack_sequences([5, 7, 3, 6, 4], 10) == [[1, 2], [3, 4], [0]]
     assert pack_sequences([12, 3], 10) == [[0], [1]]
+
+
+def test_checkpoint_cadence_is_a_runtime_knob_the_weights_do_not_depend_on(model_cfg, cpu_trainer_cfg, tokenizer,
+                                                                             reviews, tmp_path):  # fmt: skip
+    """Why `trainer.checkpoint_every_n_steps` is in no stage's cache key: checkpoints read the RNG, never draw."""
+    import torch
+
+    weights = []
+    for every_n in (0, 2, 5):
+        checkpoints = Checkpoints(tmp_path / f"every-{every_n}", every_n, keep=True)
+        module, *_ = _fit(model_cfg, cpu_trainer_cfg, tokenizer, reviews, logger=False, checkpoints=checkpoints)
+        weights.append(module.model.state_dict())
+        written = sorted(path.name for path in checkpoints.directory.glob("step-*.ckpt"))
+        assert written == ([] if every_n == 0 else ["step-000000006.ckpt"])  # the older ones replaced; the final one
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][key], other[key]) for key in weights[0])
