@@ -77,7 +77,7 @@ class TrainerConfig:
     """Recompute activations in the backward pass instead of storing them (less memory, ~30 % more compute)."""
     compile: bool
     """`torch.compile` the model's transformer body (dynamic shapes) in every trained stage; generation still runs
-    eagerly. Measured on CPU it loses (see the README's benchmark): leave it off there; try it on GPUs."""
+    eagerly. Measured on CPU it loses (see docs/benchmarks.md): leave it off there; try it on GPUs."""
     checkpoint_every_n_steps: int = bounded(">= 0", runtime=True)
     """sft, reward, dpo: optimizer steps (ppo: rollouts) between mid-stage checkpoints a killed stage resumes from,
     plus one when training ends, so a failure in a later step resumes there (0: none). They live in
@@ -349,7 +349,7 @@ class SamplerConfig:
     """Sample (preferences, PPO rollouts, DPO's frontier, evaluation) with a static KV cache and a compiled decode
     step: the same tokens for the same seed, one compile per batch size (CUDA graphs on GPU). After ~10-15 s of
     compiling per batch size, the benchmark samples 1.07-1.39x faster on a 2-core CPU and 1.4-1.8x on an H200 (see
-    the README's benchmark)."""
+    docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pipeline.track.tracking import TableInput
 
 def machine_tags() -> dict[str, str]:
     """What decides whether two runs can agree bit for bit: software versions, the processor, threads, and the
-    determinism switches. Same values (and params and inputs): identical outputs; see the README."""
+    determinism switches. Same values (and params and inputs): identical outputs; see docs/results.md."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -126,22 +126,38 @@ def mark_killed(client: MlflowClient, experiment_id: str, group: str, stage: str
     return stale
 
 
+# MLflow 3 opens an experiment on its GenAI (traces) view unless its kind says it holds training runs.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "RLHF / DPO pipeline runs. Each **pipeline run** (a `dvc repro` or `dvc exp run`; tag `align.role = group`) "
+        "is a parent whose children are its stages (prepare, sft, preferences, reward, reference, dpo, ppo, "
+        "evaluate); the parent holds every param and the headline metrics (`dpo/gold_score`, `ppo/kl`, ...).\n\n"
+        "Compare pipeline runs: filter `tags.align.role = 'group'`, select runs, *Compare*. Compare one stage "
+        "across runs: `tags.align.stage = 'dpo'`. From a shell: `dvc exp show`, `make frontier`."
+    ),
+}
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> str:
-    """Get or create the experiment (absolute artifact location); tolerate a concurrent create."""
+    """Get or create the experiment (absolute artifact location, `EXPERIMENT_TAGS`); tolerate a concurrent create."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root)
-    except MlflowException:
+    if experiment is None:
+        with contextlib.suppress(MlflowException):  # a concurrent stage may create it first
+            client.create_experiment(name, artifact_location=artifact_root, tags=EXPERIMENT_TAGS)
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            raise
-        return experiment.experiment_id
+            raise MlflowException(f"MLflow experiment {name!r} could not be created")
+    for key, value in EXPERIMENT_TAGS.items():  # an experiment created by an earlier version has none
+        if experiment.tags.get(key) != value:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def ensure_parent_run(client: MlflowClient, experiment_id: str, ctx: TrackingContext, params: Mapping[str, Any]) -> str:
-    """Find the pipeline run of `ctx.run_group`, or create it (FINISHED at once) with all params."""
+    """Find the pipeline run of `ctx.run_group`, or create it with all params. It spans its stages: it starts with
+    the first one, each stage sets it RUNNING, and each stage's end ends it FINISHED (FAILED when the stage failed),
+    so it ends with the last stage."""
     query = f"tags.`{GROUP_TAG}` = '{ctx.run_group}' and tags.`{ROLE_TAG}` = 'group'"
     found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
@@ -152,7 +168,6 @@ def ensure_parent_run(client: MlflowClient, experiment_id: str, ctx: TrackingCon
         tags={ROLE_TAG: "group", GROUP_TAG: ctx.run_group, "git.sha": ctx.git_sha, **source_tags(ctx, "dvc.yaml")},
     )
     _log_params(client, run.info.run_id, params)
-    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
     return run.info.run_id
 
 
@@ -237,6 +252,7 @@ class StageRun:
         check_reachable(self.ctx.tracking_uri)
         experiment_id = ensure_experiment(self.client, self.ctx.experiment_name, self.ctx.artifact_root)
         parent_id = ensure_parent_run(self.client, experiment_id, self.ctx, self._all_params)
+        self.client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
         if self._resume_run_id and self._resumable(self._resume_run_id):
             self.run_id, self.parent_run_id = self._resume_run_id, parent_id
             self.client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -290,8 +306,9 @@ class StageRun:
         if self._monitor is not None:
             self._stop_monitor()
         if self._owner:
-            status = RunStatus.FINISHED if kind is None else RunStatus.FAILED
-            self.client.set_terminated(self.run_id, RunStatus.to_string(status))
+            status = RunStatus.to_string(RunStatus.FINISHED if kind is None else RunStatus.FAILED)
+            self.client.set_terminated(self.run_id, status)
+            self.client.set_terminated(self.parent_run_id, status)  # the pipeline run ends with its latest stage
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None) -> None:
         """Log numeric metrics (non-numbers are skipped) to this run, or to `run_id` (the parent, say)."""
@@ -342,6 +359,7 @@ class StageRun:
         ]  # fmt: skip
         if inputs:
             self.client.log_inputs(self.run_id, datasets=inputs)
+            self.client.log_inputs(self.parent_run_id, datasets=inputs)  # the pipeline's inputs, on its run
 
     def lightning_logger(self) -> Any:
         """A Lightning `MLFlowLogger` bound to this run (URI passed explicitly; it only logs from rank 0)."""

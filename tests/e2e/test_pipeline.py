@@ -59,6 +59,10 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
     assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == sorted(STAGES)
     parent = next(r for r in runs if r.data.tags["align.role"] == "group")
+    stage_runs = [r.info for r in runs if r.data.tags["align.role"] == "stage"]
+    assert parent.info.status == "FINISHED"  # spans its stages: from the first one's start to the last one's end
+    assert parent.info.start_time <= min(r.start_time for r in stage_runs)
+    assert parent.info.end_time >= max(r.end_time for r in stage_runs)
     assert parent.data.metrics["dpo/gold_score"] == pytest.approx(metrics["dpo/gold_score"])
     assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"

@@ -92,3 +92,35 @@ def test_stage_run_carries_source_tags_extra_tags_and_input_tables(tracking):
     assert logged.data.tags["mlflow.source.git.commit"] == "0" * 40 and logged.data.tags["sys.threads"] == "2"
     (dataset,) = logged.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("prepared/train", "0123456789abcdef0123456789abcdef")
+
+
+def test_experiment_opens_on_training_runs_and_the_parent_run_spans_its_stages(tracking):
+    import time
+
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.track.tracking import StageRun, TableInput
+
+    table = TableInput(name="prepared/train", digest="0" * 32, source="data/t.parquet", columns={"prompt": "string"},
+                       num_rows=3, context="training")  # fmt: skip
+    with StageRun(tracking, "prepare", {}, {"seed": 1}) as first:
+        time.sleep(0.3)
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(tracking.experiment_name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # not the GenAI overview
+    assert "tags.align.role = 'group'" in experiment.tags["mlflow.note.content"]
+    with pytest.raises(RuntimeError), StageRun(tracking, "sft", {}, {"seed": 1}) as second:
+        assert client.get_run(second.parent_run_id).info.status == "RUNNING"
+        second.log_tables([table])
+        time.sleep(0.3)
+        raise RuntimeError("sampling failed")
+    parent = client.get_run(first.parent_run_id)
+    assert second.parent_run_id == first.parent_run_id and parent.info.status == "FAILED"
+    stages = [client.get_run(run.run_id).info for run in (first, second)]
+    assert parent.info.start_time <= stages[0].start_time and parent.info.end_time >= stages[1].end_time
+    assert parent.info.end_time - parent.info.start_time >= 600  # the two stages' span, not a created-finished 0 ms
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["prepared/train"]
+    with StageRun(tracking, "sft", {}, {"seed": 1}):  # the stage rerun succeeds: so does the pipeline run
+        pass
+    assert client.get_run(first.parent_run_id).info.status == "FINISHED"
