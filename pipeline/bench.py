@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedModel
 
-from pipeline.config import ModelConfig, PPOConfig, TrainerConfig
-from pipeline.data.batches import PairCollator, RowsDataModule, SFTCollator, tokenize_pairs, tokenize_rows
+from pipeline.config import DPOConfig, ModelConfig, PPOConfig, RewardConfig, SFTConfig, TrainerConfig
+from pipeline.data.batches import PairCollator, tokenize_pairs, tokenize_rows
 from pipeline.data.tokenization import train_bpe_tokenizer
 from pipeline.models.build import (
     build_causal_lm,
@@ -41,11 +40,11 @@ from pipeline.models.build import (
 from pipeline.models.generation import SamplingParams, sample_ids
 from pipeline.models.judges import VaderJudge
 from pipeline.tasks.synthetic import generate_reviews
-from pipeline.train.dpo import DPOModule, attach_reference, reference_logps
-from pipeline.train.ppo import PPOModule, PromptBatches
-from pipeline.train.reward import RewardModule
-from pipeline.train.sft import SFTModule
-from pipeline.train.trainer import Throughput, build_trainer, peak_rss_mb
+from pipeline.train.dpo import attach_reference, fit_dpo, reference_logps
+from pipeline.train.ppo import fit_ppo
+from pipeline.train.reward import fit_reward
+from pipeline.train.sft import fit_sft
+from pipeline.train.trainer import FitResult, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS, PPO_PROMPTS, PPO_NEW_TOKENS = 2048, 16, 2000, 8, 16, 32
 WORKLOADS = ("scratch", "hub")
@@ -161,43 +160,47 @@ def workload(kind: str, directory: str | Path, seed: int = 0) -> Workload:
     return Workload(kind, tokenizer, rows, pairs, _hub_model_config(str(directory)))
 
 
-def _fit(module, data, steps: int) -> dict[str, float]:
-    throughput = Throughput()
-    trainer = build_trainer(TRAINER, max_steps=steps, val_every_n_steps=None, grad_clip=1.0, logger=False,
-                            callbacks=[throughput], max_epochs=1)  # fmt: skip
-    trainer.fit(module, train_dataloaders=data.train_dataloader())
-    summary = throughput.summary
+def _measured(result: FitResult) -> dict[str, float]:
+    summary = result.metrics
     return {"wall_s": summary["perf/wall_s"], "tokens": summary["perf/tokens"],
             "padding_efficiency": summary["perf/padding_efficiency"]}  # fmt: skip
 
 
+def _training(packing: bool) -> dict[str, object]:
+    """The keys every benchmark training config shares: one epoch of the workload, no validation set."""
+    steps = ROWS // BATCH
+    return {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": BATCH, "max_steps": steps,
+            "val_every_n_steps": steps, "max_length": 128, "grad_clip": 1.0, "disable_dropout": True,
+            "packing": packing}  # fmt: skip
+
+
 def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
-    """One benchmark run of `stage` (one of `STAGES`) on `work`: wall seconds, tokens, tokens/s, FLOPs and (for
+    """One benchmark run of `stage` (one of `STAGES`) on `work` through the method's own wiring (`fit_sft`,
+    `fit_reward`, `fit_dpo`, `fit_ppo`: what the DVC stages call): wall seconds, tokens, tokens/s, FLOPs and (for
     the training stages) padding efficiency; generation reports tokens/s per batch size."""
     torch.manual_seed(seed)
-    steps = ROWS // BATCH
-    optim = {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "max_steps": steps}
     pad, eos = work.tokenizer.pad_token_id, work.tokenizer.eos_token_id
     if stage in ("sft", "sft_packed", "sft_compiled"):
         model = work.causal_lm(disable_dropout=False)  # the SFT stage's default policy keeps dropout
         if stage == "sft_compiled":
             compile_backbone(model)
-        collate = SFTCollator(pad, eos, packing=stage == "sft_packed")
-        out = _fit(SFTModule(model, **optim), RowsDataModule(work.rows, [], collate, BATCH, seed), steps)
+        cfg = SFTConfig(**_training(stage == "sft_packed"), n_samples=0, max_new_tokens=1, on_invalid="fail")
+        _, result = fit_sft(model, work.tokenizer, work.rows, [], cfg, TRAINER, seed=seed)
+        out = _measured(result)
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
     elif stage in ("reward", "reward_packed"):
         model = work.reward_model()
-        module = RewardModule(model, margin=0.0, center_coef=0.0, **optim)
-        collate = PairCollator(pad, eos, packing=stage == "reward_packed")
-        out = _fit(module, RowsDataModule(work.pairs, [], collate, BATCH, seed), steps)
+        cfg = RewardConfig(**_training(stage == "reward_packed"), margin=0.0, center_coef=0.0)
+        out = _measured(fit_reward(model, work.tokenizer, work.pairs, [], cfg, TRAINER, seed=seed)[1])
         out["flops"] = 6 * count_parameters(model) * out["tokens"]
     elif stage in ("dpo", "dpo_packed"):
         policy = work.causal_lm(disable_dropout=True)
         reference = work.causal_lm(disable_dropout=True).requires_grad_(False)
         collate = PairCollator(pad, eos, packing=stage == "dpo_packed")
         cached = attach_reference(work.pairs, reference_logps(reference, work.pairs, collate, 64), "bench")
-        module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, **optim)
-        out = _fit(module, RowsDataModule(cached, [], collate, BATCH, seed), steps)
+        cfg = DPOConfig(**_training(stage == "dpo_packed"), loss="sigmoid", beta=0.1, label_smoothing=0.0,
+                        simpo_gamma=0.5, orpo_lambda=0.1, kl_prompts=1, max_new_tokens=1)  # fmt: skip
+        out = _measured(fit_dpo(policy, work.tokenizer, cached, [], cfg, TRAINER, seed=seed)[1])
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage in ("ppo", "ppo_compiled_sampling"):
         out = _run_ppo(work, seed, compiled=stage == "ppo_compiled_sampling")
@@ -228,14 +231,10 @@ def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
     cfg = ppo_config()
     policy, value = work.causal_lm(disable_dropout=True), work.reward_model()
     reference, reward = work.causal_lm(disable_dropout=True), work.reward_model()
-    module = PPOModule(policy, value, reference, reward, VaderJudge(), work.tokenizer, cfg, reward_mean=0.0,
-                       reward_std=1.0, seed=seed, compiled_sampling=compiled)  # fmt: skip
     prompts = [r.prompt_ids for r in work.rows]
-    loader = DataLoader(prompts, batch_sampler=PromptBatches(len(prompts), PPO_PROMPTS, PPO_ROLLOUTS, seed),
-                        collate_fn=list)  # fmt: skip
-    trainer = build_trainer(TRAINER, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=False)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
+    module, _ = fit_ppo(policy, value, reference, reward, VaderJudge(), work.tokenizer, prompts, cfg, TRAINER,
+                        reward_mean=0.0, reward_std=1.0, seed=seed, compiled_sampling=compiled)  # fmt: skip
     wall = time.perf_counter() - start
     n = count_parameters(policy)
     generated = sum(h["perf/generated_tokens"] for h in module.history)

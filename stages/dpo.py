@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.data.batches import PairCollator, RowsDataModule, read_pairs
+from pipeline.data.batches import read_pairs
 from pipeline.data.schemas import PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import sampled_objective
@@ -14,8 +14,7 @@ from pipeline.models.build import build_causal_lm, prepare_for_training, save_mo
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.judges import build_judge
 from pipeline.models.lora import parameter_counts
-from pipeline.train.dpo import DPOModule, attach_reference
-from pipeline.train.trainer import fit_and_validate, optim_args
+from pipeline.train.dpo import attach_reference, fit_dpo
 from stages.common import finish, inference_device, stage
 
 PATHS = {
@@ -46,13 +45,9 @@ def main() -> None:
         kl_sampling = SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0, key="dpo.max_new_tokens")
         check_room(policy, tokenizer, prompts, kl_sampling)  # before training, not after it
         counts = parameter_counts(policy)
-        module = DPOModule(policy, beta=dpo.beta, loss_type=dpo.loss, label_smoothing=dpo.label_smoothing,
-                           simpo_gamma=dpo.simpo_gamma, orpo_lambda=dpo.orpo_lambda, **optim_args(dpo))  # fmt: skip
-        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=dpo.packing)
-        data = RowsDataModule(rows["train"], rows["val"], collate, dpo.batch_size, cfg.seed,
-                              accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, dpo, ctx.run.lightning_logger(),
-                                  ctx.resume_callback(data), ctx.resume_from)
+        module, result = fit_dpo(policy, tokenizer, rows["train"], rows["val"], dpo, cfg.trainer, seed=cfg.seed,
+                                 logger=ctx.run.lightning_logger(), resume=ctx.resume_callback,
+                                 ckpt_path=ctx.resume_from)  # fmt: skip
         if not result.is_global_zero:
             return
         metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(not reference_free)}

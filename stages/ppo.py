@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
@@ -14,9 +13,8 @@ from pipeline.eval.reports import plot_overoptimization, write_curve
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.models.judges import build_judge
 from pipeline.models.lora import parameter_counts
-from pipeline.train.ppo import PPOModule, PromptBatches, summarize_history
+from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
-from pipeline.train.trainer import build_trainer
 from stages.common import finish, stage
 
 PATHS = {
@@ -44,24 +42,17 @@ def main() -> None:
         if ppo.advantage_estimator == "gae":
             value_model = prepare_for_training(build_reward_model(cfg.model, tokenizer, args.reward_dir), cfg.model,
                                                cfg.trainer, task="SEQ_CLS", **train)  # fmt: skip
-        module = PPOModule(
-            policy=policy,
-            value_model=value_model,
-            # Under LoRA the reference is the policy with its adapters disabled: no second copy.
-            reference=None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir),
-            reward_model=build_reward_model(cfg.model, tokenizer, args.reward_dir), judge=build_judge(cfg.judge),
-            tokenizer=tokenizer, cfg=ppo, reward_mean=stats.mean, reward_std=stats.std, seed=cfg.seed,
-            accumulate=cfg.trainer.accumulate_grad_batches, compiled_sampling=cfg.generation.compile,
-        )  # fmt: skip
         counts = parameter_counts(policy)
         counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0
-        batches = PromptBatches(len(prompt_ids), ppo.prompts_per_rollout, ppo.rollouts, cfg.seed + ctx.rank)
-        loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
-        resume = ctx.resume_callback(batches, unit="rollouts")
-        trainer = build_trainer(cfg.trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
-                                logger=ctx.run.lightning_logger(), callbacks=[resume] if resume else [])  # fmt: skip
-        trainer.fit(module, train_dataloaders=loader, ckpt_path=ctx.resume_from, weights_only=True)
-        if not trainer.is_global_zero:
+        # Under LoRA the reference is the policy with its adapters disabled: no second copy.
+        reference = None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=args.sft_dir)
+        module, is_global_zero = fit_ppo(
+            policy, value_model, reference, build_reward_model(cfg.model, tokenizer, args.reward_dir),
+            build_judge(cfg.judge), tokenizer, prompt_ids, ppo, cfg.trainer, reward_mean=stats.mean,
+            reward_std=stats.std, seed=cfg.seed, rank=ctx.rank, compiled_sampling=cfg.generation.compile,
+            logger=ctx.run.lightning_logger(), resume=ctx.resume_callback, ckpt_path=ctx.resume_from,
+        )  # fmt: skip
+        if not is_global_zero:
             return
         save_model(module.policy, tokenizer, args.model_dir)  # LoRA adapters merged
         write_curve(module.history, args.curve)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pipeline.data.batches import PairCollator, RowsDataModule, read_pairs
+from pipeline.data.batches import read_pairs
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.reports import write_curve
 from pipeline.models.build import build_reward_model, prepare_for_training, save_model
 from pipeline.models.lora import parameter_counts
-from pipeline.train.reward import RewardModule, RewardStats
-from pipeline.train.trainer import fit_and_validate, optim_args
+from pipeline.train.reward import RewardStats, fit_reward
 from stages.common import finish, stage
 
 PATHS = {
@@ -28,12 +27,9 @@ def main() -> None:
         model = prepare_for_training(build_reward_model(cfg.model, tokenizer, args.sft_dir), cfg.model, cfg.trainer,
                                      disable_dropout=rm.disable_dropout, task="SEQ_CLS")  # fmt: skip
         counts = parameter_counts(model)
-        module = RewardModule(model, margin=rm.margin, center_coef=rm.center_coef, **optim_args(rm))
-        collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=rm.packing)
-        data = RowsDataModule(rows["train"], rows["val"], collate, rm.batch_size, cfg.seed,
-                              accumulate=cfg.trainer.accumulate_grad_batches)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, rm, ctx.run.lightning_logger(),
-                                  ctx.resume_callback(data), ctx.resume_from)
+        module, result = fit_reward(model, tokenizer, rows["train"], rows["val"], rm, cfg.trainer, seed=cfg.seed,
+                                    logger=ctx.run.lightning_logger(), resume=ctx.resume_callback,
+                                    ckpt_path=ctx.resume_from)  # fmt: skip
         if not result.is_global_zero:
             return
         metrics = result.metrics

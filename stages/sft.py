@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.data.batches import RowsDataModule, SFTCollator, tokenize_rows
+from pipeline.data.batches import tokenize_rows
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.reports import write_curve
 from pipeline.models.build import build_causal_lm, prepare_for_training, save_model
 from pipeline.models.generation import SamplingParams, check_room, sample
 from pipeline.models.lora import parameter_counts
-from pipeline.train.sft import SFTModule
-from pipeline.train.trainer import fit_and_validate, optim_args
+from pipeline.train.sft import fit_sft
 from stages.common import finish, stage
 
 PATHS = {
@@ -41,13 +40,9 @@ def main() -> None:
         sampling = SamplingParams(sft.max_new_tokens, 1.0, 0, 1.0, key="sft.max_new_tokens")
         check_room(model, tokenizer, prompts, sampling)  # before training, not after it
         counts = parameter_counts(model)
-        module = SFTModule(model, **optim_args(sft))
-        collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=sft.packing)
-        data = RowsDataModule(rows["train"], rows["val"], collate, sft.batch_size, cfg.seed,
-                              accumulate=cfg.trainer.accumulate_grad_batches,
-                              weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
-        result = fit_and_validate(module, data, cfg.trainer, sft, ctx.run.lightning_logger(),
-                                  ctx.resume_callback(data), ctx.resume_from)
+        module, result = fit_sft(model, tokenizer, rows["train"], rows["val"], sft, cfg.trainer, seed=cfg.seed,
+                                 logger=ctx.run.lightning_logger(), resume=ctx.resume_callback,
+                                 ckpt_path=ctx.resume_from)  # fmt: skip
         if not result.is_global_zero:
             return
         model = save_model(module.model, tokenizer, args.model_dir)

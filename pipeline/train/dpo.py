@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.batches import PairCollator, PreferencePair, per_sequence
+from pipeline.config import DPOConfig, TrainerConfig
+from pipeline.data.batches import PairCollator, PreferencePair, RowsDataModule, per_sequence
 from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
 from pipeline.models.logprobs import model_token_logps
 from pipeline.train.optim import build_optimizer
+from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,3 +143,14 @@ class DPOModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.policy, precision=str(self.trainer.precision), **self.optim_args)
 
+
+def fit_dpo(policy, tokenizer, train: Sequence, val: Sequence, cfg: DPOConfig, trainer: TrainerConfig, *, seed: int,
+            logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
+            ) -> tuple[DPOModule, FitResult]:  # fmt: skip
+    """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`dpo.attach_reference`;
+    reference-free losses read none)."""
+    module = DPOModule(policy, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                       simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda, **optim_args(cfg))  # fmt: skip
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
+    data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
+    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
-from pipeline.config import PPOConfig
+from pipeline.config import PPOConfig, TrainerConfig
 from pipeline.data.batches import response_batch
 from pipeline.losses.rl import (
     GROUP_ESTIMATORS,
@@ -43,6 +44,7 @@ from pipeline.models.judges import Judge
 from pipeline.models.logprobs import model_token_logps
 from pipeline.models.lora import as_reference, backbone, unwrapped
 from pipeline.train.optim import build_optimizer
+from pipeline.train.trainer import ResumeFactory, build_trainer, resume_callback
 
 
 class PPOHealthError(RuntimeError):
@@ -343,3 +345,27 @@ class PPOModule(pl.LightningModule):
         if self.value_model is not None:
             optimizers.append(build_optimizer(self.value_model, lr=self.cfg.value_lr, **args))
         return optimizers
+
+
+def fit_ppo(policy, value_model, reference, reward_model, judge, tokenizer, prompt_ids: Sequence[list[int]],
+            cfg: PPOConfig, trainer: TrainerConfig, *, reward_mean: float, reward_std: float, seed: int, rank: int = 0,
+            compiled_sampling: bool = False, logger: Any = False, resume: ResumeFactory | None = None,
+            ckpt_path: str | None = None) -> tuple[PPOModule, bool]:  # fmt: skip
+    """Online RL of `policy` (`cfg.advantage_estimator`: PPO with `value_model`, or a critic-free estimator with
+    None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off.
+
+    Returns:
+        (the module, whose `history` holds every rollout's metrics; whether this process is rank 0).
+    """
+    module = PPOModule(
+        policy=policy, value_model=value_model, reference=reference, reward_model=reward_model, judge=judge,
+        tokenizer=tokenizer, cfg=cfg, reward_mean=reward_mean, reward_std=reward_std, seed=seed,
+        accumulate=trainer.accumulate_grad_batches, compiled_sampling=compiled_sampling,
+    )  # fmt: skip
+    batches = PromptBatches(len(prompt_ids), cfg.prompts_per_rollout, cfg.rollouts, seed + rank)
+    loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
+    callback = resume_callback(resume, batches, unit="rollouts")
+    fitter = build_trainer(trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=logger,
+                           callbacks=[callback] if callback else [])  # fmt: skip
+    fitter.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+    return module, fitter.is_global_zero

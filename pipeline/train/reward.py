@@ -10,18 +10,22 @@ gold order and the Spearman rank correlation between reward and gold judge.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.batches import is_packed
+from pipeline.config import RewardConfig, TrainerConfig
+from pipeline.data.batches import PairCollator, RowsDataModule, is_packed
 from pipeline.files import write_json
 from pipeline.models.lora import backbone, unwrapped
 from pipeline.train.optim import build_optimizer
+from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
 @dataclass(frozen=True)
@@ -151,3 +155,13 @@ class RewardModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)
+
+
+def fit_reward(model, tokenizer, train: Sequence, val: Sequence, cfg: RewardConfig, trainer: TrainerConfig, *,
+               seed: int, logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
+               ) -> tuple[RewardModule, FitResult]:  # fmt: skip
+    """A Bradley-Terry reward model on tokenised pairs (`batches.read_pairs`)."""
+    module = RewardModule(model, margin=cfg.margin, center_coef=cfg.center_coef, **optim_args(cfg))
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
+    data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
+    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

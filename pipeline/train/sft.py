@@ -8,11 +8,17 @@ scratch GPT-2 or any hub causal LM.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytorch_lightning as pl
 import torch
 
+from pipeline.config import SFTConfig, TrainerConfig
+from pipeline.data.batches import RowsDataModule, SFTCollator
 from pipeline.models.logprobs import model_token_logps
 from pipeline.train.optim import build_optimizer
+from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
 def completion_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,3 +80,14 @@ class SFTModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)
+
+
+def fit_sft(model, tokenizer, train: Sequence, val: Sequence, cfg: SFTConfig, trainer: TrainerConfig, *, seed: int,
+            logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
+            ) -> tuple[SFTModule, FitResult]:  # fmt: skip
+    """Completion-only SFT of `model` on tokenised rows (`batches.tokenize_rows`)."""
+    module = SFTModule(model, **optim_args(cfg))
+    collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
+    data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches,
+                          weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
+    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +204,15 @@ class FitResult:
     history: list[dict[str, float]]
     step: int
     is_global_zero: bool
+
+
+ResumeFactory = Callable[..., pl.Callback | None]
+"""`(data, unit="steps") -> callback`: the mid-stage checkpointing callback for a stage's data (the stage's
+`StageContext.resume_callback`), or None for no checkpoints."""
+
+
+def resume_callback(resume: ResumeFactory | None, data: Any, **unit: str) -> pl.Callback | None:
+    return resume(data, **unit) if resume is not None else None
 
 
 def fit_and_validate(
