@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset docs clean-stores
+.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset docs plots clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ sweep: install
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-rloo -S ppo.advantage_estimator=rloo $(SWEEP_GROUP); \
 	done
 	dvc queue start -j 1
+
+# Every dvc plots definition on one self-contained page that draws offline: reports/plots.html.
+plots: install
+	python -m stages.plots
 
 # docs/params.md from the config fields (a test fails when it is stale).
 docs: install

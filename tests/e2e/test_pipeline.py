@@ -67,6 +67,10 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"
     _check_mlflow_conventions(project, client, runs)
+    drawn = int(project.run(sys.executable, "-m", "stages.plots").split("reports/plots.html: ")[1].split()[0])
+    page = (project.path / "reports/plots.html").read_text()  # every plot drawn offline: SVG or an embedded PNG
+    assert drawn >= 10 and page.count("<svg") + page.count("data:image/png;base64,") == drawn
+    assert "<script" not in page
 
     ppo = project.report("ppo")
     assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
