@@ -26,8 +26,7 @@ from pipeline.train.checkpoints import Checkpoints, Resumable, ResumeCallback, c
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
 CHECKPOINTS_BUSY_ENV = "ALIGN_CHECKPOINTS_BUSY"  # rank 0 tells DDP ranks > 0 it runs without checkpoints
 # A tracking server that dies mid-stage: MLflow's client retries 7 times with backoff (minutes) by default.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+MLFLOW_CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @dataclass
@@ -85,6 +84,8 @@ def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Ite
             tags; the parquet tables among them as datasets).
     """
     args = parse_args(name, paths)
+    for key, value in MLFLOW_CLIENT_ENV.items():  # set when a stage starts, not when this module is imported
+        os.environ.setdefault(key, value)
     params_text = Path(args.params).read_text() if Path(args.params).exists() else ""
     config = load_config(read_params(args.params))
     pl.seed_everything(config.seed, workers=True, verbose=False)

@@ -10,7 +10,7 @@ from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import sampled_objective
 from pipeline.eval.reports import write_curve
 from pipeline.losses.dpo import REFERENCE_FREE_LOSSES
-from pipeline.models.build import build_causal_lm, prepare_for_training, save_model
+from pipeline.models.build import build_causal_lm, frozen, prepare_for_training, save_model
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.judges import build_judge
 from pipeline.models.lora import parameter_counts
@@ -57,7 +57,7 @@ def main() -> None:
         device = inference_device()
         reference = None
         if not cfg.model.lora_r:
-            reference = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(device)
+            reference = frozen(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), device)
         objective, samples = sampled_objective(
             module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
             max_new_tokens=dpo.max_new_tokens, seed=cfg.seed, compiled=cfg.generation.compile,

@@ -11,7 +11,7 @@ from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import evaluate_policies, samples_table
 from pipeline.eval.reports import HEADLINE, eval_markdown, plot_gold_vs_kl
 from pipeline.files import write_text
-from pipeline.models.build import build_causal_lm, build_reward_model
+from pipeline.models.build import build_causal_lm, build_reward_model, frozen
 from pipeline.models.judges import build_judge
 from stages.common import finish, inference_device, stage
 
@@ -32,8 +32,8 @@ def main() -> None:
     with stage("evaluate", PATHS, inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
         cfg, args, device = ctx.config, ctx.args, inference_device()
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        load = lambda path: build_causal_lm(cfg.model, tokenizer, path=path).requires_grad_(False).to(device)  # noqa: E731
-        reward_model = build_reward_model(cfg.model, tokenizer, args.reward_dir).requires_grad_(False).to(device)
+        load = lambda path: frozen(build_causal_lm(cfg.model, tokenizer, path=path), device)  # noqa: E731
+        reward_model = frozen(build_reward_model(cfg.model, tokenizer, args.reward_dir), device)
         prompts = read_table(f"{args.data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"].tolist()
         results, metrics = evaluate_policies(
             {"ppo": load(args.ppo_dir), "dpo": load(args.dpo_dir)}, load(args.sft_dir), reward_model,

@@ -8,7 +8,7 @@ from pipeline.data.batches import PairCollator, read_pairs
 from pipeline.data.schemas import REFERENCE_LOGPS, validate_frame
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.files import atomic_path, write_parquet
-from pipeline.models.build import build_causal_lm
+from pipeline.models.build import build_causal_lm, frozen
 from pipeline.train.dpo import reference_logps
 from stages.common import finish, inference_device, stage
 
@@ -24,7 +24,7 @@ def main() -> None:
     with stage("reference", PATHS, inputs=("pairs_dir", "sft_dir")) as ctx:
         cfg, ref, args = ctx.config, ctx.config.reference, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        model = build_causal_lm(cfg.model, tokenizer, path=args.sft_dir).requires_grad_(False).to(inference_device())
+        model = frozen(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), inference_device())
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=ref.packing)
         metrics: dict[str, float] = {}
         with atomic_path(args.out_dir) as tmp:

@@ -27,6 +27,12 @@ from pipeline.models.generation import stop_ids
 from pipeline.models.lora import backbone, merged, with_lora
 
 
+def frozen(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """`model` with no gradients, on `device`: how the sampling and scoring stages hold a reference, a judge-free
+    policy or a reward model."""
+    return model.requires_grad_(False).to(device)
+
+
 def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str | None = None) -> PreTrainedModel:
     """A causal LM: from `path` if given, else a fresh scratch GPT-2 or the hub/local `cfg.base`."""
     if path is None and cfg.base == "scratch":
