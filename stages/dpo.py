@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.data.batches import read_pairs
-from pipeline.data.schemas import PROMPT_COMPLETION, REFERENCE_LOGPS, read_table
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import sampled_objective
 from pipeline.eval.reports import write_curve
-from pipeline.losses.dpo import REFERENCE_FREE_LOSSES
 from pipeline.models.build import build_causal_lm, frozen, prepare_for_training, save_model
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.judges import build_judge
 from pipeline.models.lora import parameter_counts
-from pipeline.train.dpo import attach_reference, fit_dpo
+from pipeline.train.dpo import dpo_rows, fit_dpo, reads_reference
 from stages.common import finish, inference_device, stage
 
 PATHS = {
@@ -32,13 +30,7 @@ def main() -> None:
     with stage("dpo", PATHS, inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         cfg, dpo, args = ctx.config, ctx.config.dpo, ctx.args
         tokenizer = load_tokenizer(args.sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-        reference_free = dpo.loss in REFERENCE_FREE_LOSSES  # SimPO / ORPO: the cached log-probs are not read
-        rows = {}
-        for split in ("train", "val"):
-            rows[split] = read_pairs(args.pairs_dir, split, tokenizer, dpo.max_length)
-            if not reference_free:
-                cached = read_table(f"{args.reference_dir}/{split}.parquet", REFERENCE_LOGPS)
-                rows[split] = attach_reference(rows[split], cached, f"{args.reference_dir}/{split}.parquet")
+        rows = {s: dpo_rows(args.pairs_dir, args.reference_dir, s, tokenizer, dpo) for s in ("train", "val")}
         policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=args.sft_dir), cfg.model, cfg.trainer,
                                       disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
         prompts = read_table(f"{args.data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
@@ -50,7 +42,7 @@ def main() -> None:
                                  ckpt_path=ctx.resume_from)  # fmt: skip
         if not result.is_global_zero:
             return
-        metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(not reference_free)}
+        metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(reads_reference(dpo))}
 
         # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under
         # LoRA the reference is the policy with its adapters off (no second copy), so this runs before the merge.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 
-from pipeline.data.schemas import PREFERENCE_PAIRS, PROMPT_COMPLETION, read_table, validate_frame
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.files import atomic_path, write_parquet
 from pipeline.models.build import build_causal_lm
 from pipeline.models.judges import build_judge
-from pipeline.tasks.preferences import dataset_pairs, generate_pairs, screen_pairs
+from pipeline.tasks.preferences import checked_pairs, dataset_pairs, generate_pairs
 from stages.common import finish, inference_device, stage
 
 PATHS = {
@@ -44,21 +44,9 @@ def main() -> None:
         with atomic_path(args.out_dir) as tmp:
             tmp.mkdir()
             for name, frame in splits.items():
-                kept, counts = screen_pairs(
-                    frame,
-                    tokenizer,
-                    max_length=prefs.max_length,
-                    on_invalid=prefs.on_invalid,
-                    source=f"preferences {name} pairs",
-                    held_out=held_out,
-                    dedupe=prefs.mode == "dataset",
-                )
-                kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {name} pairs")
-                if kept.empty:
-                    raise ValueError(f"preferences: no valid {name} pairs were left; see the invalid/* counts {counts}")
+                kept, counts = checked_pairs(frame, tokenizer, prefs, name, held_out)
                 write_parquet(kept, tmp / f"{name}.parquet")
                 metrics.update({f"{name}/{key}": value for key, value in counts.items()})
-                metrics[f"{name}/pairs_written"] = float(len(kept))
                 ctx.run.log_table(kept.head(30), f"samples/{name}_pairs.json")
         finish(ctx, metrics, args.report, [args.out_dir])
         print(f"preferences: {metrics}")

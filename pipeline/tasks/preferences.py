@@ -35,6 +35,7 @@ from pipeline.data.chat import (
     split_last_assistant,
 )
 from pipeline.data.loading import load_table, require_columns
+from pipeline.data.schemas import PREFERENCE_PAIRS, validate_frame
 from pipeline.data.tokenization import encode
 from pipeline.models.generation import SamplingParams, sample
 from pipeline.models.judges import Judge
@@ -204,6 +205,20 @@ def screen_pairs(
             + "\nfix the data, or set preferences.on_invalid: drop to drop them"
         )
     return frame[~bad].reset_index(drop=True), counts
+
+
+def checked_pairs(
+    frame: pd.DataFrame, tokenizer, cfg: PreferencesConfig, split: str, held_out: frozenset[str]
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """One split's pairs as the stage writes them: screened (`screen_pairs`, by `cfg.on_invalid`), validated against
+    the `PREFERENCE_PAIRS` schema, and never empty; with their counts (`invalid/*`, `pairs_written`)."""
+    kept, counts = screen_pairs(frame, tokenizer, max_length=cfg.max_length, on_invalid=cfg.on_invalid,
+                                source=f"preferences {split} pairs", held_out=held_out,
+                                dedupe=cfg.mode == "dataset")  # fmt: skip
+    kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {split} pairs")
+    if kept.empty:
+        raise ValueError(f"preferences: no valid {split} pairs were left; see the invalid/* counts {counts}")
+    return kept, {**counts, "pairs_written": float(len(kept))}
 
 
 def generate_pairs(

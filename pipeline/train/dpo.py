@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import DPOConfig, TrainerConfig
-from pipeline.data.batches import PairCollator, PreferencePair, RowsDataModule, per_sequence
+from pipeline.data.batches import PairCollator, PreferencePair, RowsDataModule, per_sequence, read_pairs
+from pipeline.data.schemas import REFERENCE_LOGPS, read_table
 from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
 from pipeline.models.logprobs import model_token_logps
 from pipeline.train.optim import build_optimizer
@@ -75,6 +76,21 @@ def attach_reference(rows: Sequence[PreferencePair], cached: pd.DataFrame, sourc
         dataclasses.replace(row, reference_chosen_logps=float(c), reference_rejected_logps=float(r))
         for row, c, r in zip(rows, cached["reference_chosen_logps"], cached["reference_rejected_logps"], strict=True)
     ]
+
+
+def reads_reference(cfg: DPOConfig) -> bool:
+    """Whether `cfg.loss` reads the cached reference log-probs (SimPO and ORPO are reference-free)."""
+    return cfg.loss not in REFERENCE_FREE_LOSSES
+
+
+def dpo_rows(pairs_dir: str, reference_dir: str, split: str, tokenizer, cfg: DPOConfig) -> list[PreferencePair]:
+    """One split's pairs as DPO trains on them: tokenised, with the `reference` stage's cached log-probs attached,
+    unless `cfg.loss` is reference-free (SimPO, ORPO read none)."""
+    rows = read_pairs(pairs_dir, split, tokenizer, cfg.max_length)
+    if not reads_reference(cfg):
+        return rows
+    source = f"{reference_dir}/{split}.parquet"
+    return attach_reference(rows, read_table(source, REFERENCE_LOGPS), source)
 
 
 class DPOModule(pl.LightningModule):
