@@ -85,11 +85,15 @@ class Checkpoints:
 
     def save(self, trainer: pl.Trainer, done: int, run_id: str, *, final: bool = False) -> Path:
         """Write `step-<done>.ckpt` atomically (and its run id; `final`: written when training ended), then drop the
-        older ones."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        older ones. Every process calls it: Lightning's save is collective (a sharded strategy gathers the state, and
+        every rank waits at its barrier); rank 0 writes the files."""
         path = self.directory / f"step-{done:09d}.ckpt"
         tmp = self.directory / f".tmp-{path.name}"
+        if trainer.is_global_zero:
+            self.directory.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp)
+        if not trainer.is_global_zero:
+            return path
         path.with_suffix(".json").write_text(json.dumps({"run_id": run_id, "done": done, "final": final}))
         tmp.replace(path)  # the checkpoint appears under its name only once it is whole
         for older in self.directory.glob(PATTERN):
@@ -187,9 +191,8 @@ class ResumeCallback(pl.Callback):
 
     def _save(self, trainer: pl.Trainer, done: int, *, final: bool = False) -> None:
         self._position = (trainer.current_epoch, self._consumed(trainer, done))
-        if trainer.is_global_zero:
-            self.checkpoints.save(trainer, done, self.run_id, final=final)
-        trainer.strategy.barrier()
+        self.checkpoints.save(trainer, done, self.run_id, final=final)  # on every rank: the save is collective
+        trainer.strategy.barrier()  # no rank goes on before rank 0 renamed the file
 
     def _consumed(self, trainer: pl.Trainer, done: int) -> int:
         """Training batches of the current epoch already used."""

@@ -9,10 +9,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_sft_stage_under_ddp_logs_one_run_and_writes_once(tmp_path):
-    ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "log_every_n_steps": 2}
+    # Checkpoints every 3 of the 8 steps and at the end: Lightning's save is collective, so every rank must call it.
+    ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "log_every_n_steps": 2, "checkpoint_every_n_steps": 3,
+           "keep_checkpoints": True}  # fmt: skip
     project = Project(tmp_path / "repo", overrides={"trainer": ddp})
     out = project.dvc("repro", "sft")
     assert "Starting with 2 processes" in out and project.ran(out) == {"prepare", "sft"}
+    (kept,) = (project.path / ".checkpoints/sft").glob("*/step-*.ckpt")  # the older ones replaced by the last
+    assert kept.name == "step-000000008.ckpt" and '"final": true' in kept.with_suffix(".json").read_text()
     assert (project.path / "models/sft/model.safetensors").exists()
     assert {"val/loss", "perf/tokens"} <= set(project.report("sft"))
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
