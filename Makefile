@@ -33,17 +33,20 @@ lint: install
 MLFLOW_STORE ?= $(CURDIR)
 MLFLOW_PIDFILE := $(MLFLOW_STORE)/.mlflow-server.pid
 HEALTH := import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)
+# The experiment's training-runs table (MLflow 3's UI opens on its GenAI view unless the URL asks for this one).
+EXPERIMENT ?= $(or $(MLFLOW_EXPERIMENT_NAME),alignment)
+UI_URL := from pipeline.track.tracking import training_runs_url as u; import sys; print(u(*sys.argv[1:3]))
 
 ui: install
 	@if [ -f $(MLFLOW_PIDFILE) ] && kill -0 $$(cat $(MLFLOW_PIDFILE)) 2>/dev/null; then \
-		echo "MLflow UI already running (PID $$(cat $(MLFLOW_PIDFILE))): http://127.0.0.1:$(MLFLOW_PORT)"; exit 0; fi
+		echo "MLflow UI already running (PID $$(cat $(MLFLOW_PIDFILE))): $$(python -c '$(UI_URL)' http://127.0.0.1:$(MLFLOW_PORT) $(EXPERIMENT))"; exit 0; fi
 	@nohup $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
 		--backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
 		--artifacts-destination $(MLFLOW_STORE)/mlartifacts > $(MLFLOW_STORE)/.mlflow-server.log 2>&1 & \
 		echo $$! > $(MLFLOW_PIDFILE)
 	@for i in $$(seq 1 180); do \
 		if python -c "$(HEALTH)" http://127.0.0.1:$(MLFLOW_PORT)/health 2>/dev/null; then \
-			echo "MLflow UI: http://127.0.0.1:$(MLFLOW_PORT) (PID $$(cat $(MLFLOW_PIDFILE)); make ui-stop)"; exit 0; fi; \
+			echo "MLflow UI: $$(python -c '$(UI_URL)' http://127.0.0.1:$(MLFLOW_PORT) $(EXPERIMENT)) (PID $$(cat $(MLFLOW_PIDFILE)); make ui-stop)"; exit 0; fi; \
 		if ! kill -0 $$(cat $(MLFLOW_PIDFILE)) 2>/dev/null; then \
 			echo "mlflow server exited:"; tail -20 $(MLFLOW_STORE)/.mlflow-server.log; rm -f $(MLFLOW_PIDFILE); exit 1; fi; \
 		sleep 1; done; echo "mlflow server not healthy after 180 s; see $(MLFLOW_STORE)/.mlflow-server.log"; exit 1

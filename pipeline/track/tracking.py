@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +104,18 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
             "http://127.0.0.1:5000), fix the URI, or unset MLFLOW_TRACKING_URI to log to the project's "
             "sqlite:///<repo>/mlflow.db"
         ) from None
+
+
+def training_runs_url(base: str, experiment_name: str) -> str:
+    """The MLflow UI's page of the experiment's training runs (`base`: the server's URL). MLflow 3's UI opens an
+    experiment on its GenAI view (traces) unless the URL asks for the training view; an unknown or unreachable
+    experiment gives the experiments list in that view."""
+    path = "experiments"
+    query = urllib.parse.urlencode({"experiment_name": experiment_name})
+    url = f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    with contextlib.suppress(OSError, ValueError, KeyError), urllib.request.urlopen(url, timeout=5) as answer:
+        path = f"experiments/{json.load(answer)['experiment']['experiment_id']}"
+    return f"{base}/#/{path}?workflowType=machine_learning"
 
 
 def open_store(uri: str) -> MlflowClient:

@@ -7,6 +7,7 @@ import urllib.request
 
 import pytest
 
+from pipeline.track.tracking import training_runs_url
 from tests.e2e.project import ROOT, Project
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,10 @@ def test_pipeline_logs_through_a_local_mlflow_server(tmp_path):
         project.env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{port}"
         project.dvc("repro", "sft")
         experiment = _api(port, "experiments/get-by-name?experiment_name=alignment")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+        # `make ui` names the page users want: the training-runs table, not MLflow 3's GenAI overview.
+        url = training_runs_url(f"http://127.0.0.1:{port}", "alignment")
+        assert url == f"http://127.0.0.1:{port}/#/experiments/{experiment['experiment_id']}?workflowType=machine_learning"
         runs = _api(port, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 50})["runs"]
         tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
         parents = [run for run, t in zip(runs, tags, strict=True) if t["align.role"] == "group"]
