@@ -69,8 +69,12 @@ def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def tracked_params(name: str, dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """The params sections and keys `dvc.yaml` lists for stage `name`: its cache key, and what its MLflow run logs."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where dvc.yaml lives beside this stages/ package
+
+
+def tracked_params(name: str, dvc_yaml: str | Path = PROJECT_ROOT / "dvc.yaml") -> list[str]:
+    """The params sections and keys `dvc.yaml` lists for stage `name`: its cache key, and what its MLflow run logs.
+    Read from the `dvc.yaml` beside this code (a stage may run from another directory: `--params` points there)."""
     return list(yaml.safe_load(Path(dvc_yaml).read_text())["stages"][name]["params"])
 
 
