@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_gpu_preset_whole_dag_at_bf16_mixed_on_cpu(tmp_path):
     project = Project(tmp_path / "repo", preset="gpu")  # the tiny sizes replace the preset's model and batches
     assert project.ran(project.dvc("repro")) == STAGES
-    assert project.lock()["sft"]["params"]["params.yaml"]["trainer"]["precision"] == "bf16-mixed"
+    assert project.lock()["sft"]["params"]["params.yaml"]["trainer.precision"] == "bf16-mixed"  # tracked per key
     for stage in ("sft", "reward", "dpo"):
         assert math.isfinite(project.report(stage)["train/loss"]), stage
     metrics = project.report("metrics")
