@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset docs plots clean-stores
+.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset docs deps plots clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,10 @@ sweep: install
 # Every dvc plots definition on one self-contained page that draws offline: reports/plots.html.
 plots: install
 	python -m stages.plots
+
+# dvc.yaml's code deps from each stage's imports (a test fails when they are stale).
+deps: install
+	python -m stages.deps
 
 # docs/params.md from the config fields (a test fails when it is stale).
 docs: install

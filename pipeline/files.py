@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,14 @@ def write_parquet(frame: pd.DataFrame, path: str | Path) -> None:
     """Write a DataFrame as parquet atomically (no index)."""
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_splits(splits: Mapping[str, pd.DataFrame], directory: str | Path) -> None:
+    """Write `<directory>/<split>.parquet` for every split, the directory as a whole atomically."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        for name, frame in splits.items():
+            frame.to_parquet(tmp / f"{name}.parquet", index=False)
 
 
 def _file_md5(path: Path) -> str:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 import yaml
 
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.files import dvc_md5, write_json
+from pipeline.methods.outcome import Hooks, Outcome
 from pipeline.track.provenance import input_tables, machine_tags
 from pipeline.track.tracking import StageRun, resolve_context
 from pipeline.train.checkpoints import Checkpoints, Resumable, ResumeCallback, checkpoint_key
@@ -43,6 +43,10 @@ class StageContext:
     def rank(self) -> int:
         return _rank()
 
+    def hooks(self) -> Hooks:
+        """What a training method gets from this stage: its MLflow logger, checkpoints, resume point and rank."""
+        return Hooks(self.run.lightning_logger(), self.resume_callback, self.resume_from, self.rank)
+
     def resume_callback(self, data: Resumable, *, unit: str = "steps") -> ResumeCallback | None:
         """The mid-stage checkpointing callback for this stage's Trainer (None when checkpoints are off)."""
         if not self.checkpoints.every_n:
@@ -53,11 +57,6 @@ class StageContext:
 
 def _rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
-def inference_device() -> torch.device:
-    """Where the no-grad stages (sampling, scoring, judging) run: the GPU when there is one."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_args(stage: str, paths: dict[str, str]) -> argparse.Namespace:
@@ -144,10 +143,14 @@ def _checkpoints(name: str, config: Config, stage_params: dict, hashes: dict[str
     return Checkpoints(root / ".checkpoints" / name / key, trainer.checkpoint_every_n_steps, trainer.keep_checkpoints)
 
 
-def finish(ctx: StageContext, metrics: dict[str, float], report: str, outputs: list[str], step: int = 0) -> None:
-    """Write the stage's DVC metrics file; log metrics (at the last step) and its outputs' DVC hashes to MLflow."""
-    write_json(metrics, report)
-    ctx.run.log_metrics(metrics, step=step)
+def finish(ctx: StageContext, outcome: Outcome, report: str, outputs: list[str]) -> None:
+    """Write the stage's DVC metrics file; log its metrics (at the last step), tables, and its outputs' DVC hashes to
+    MLflow; clear the checkpoints (the outputs are written: nothing is left to resume)."""
+    write_json(outcome.metrics, report)
+    ctx.run.log_metrics(outcome.metrics, step=outcome.step)
+    for artifact_file, table in outcome.tables.items():
+        ctx.run.log_table(table, artifact_file)
     ctx.run.set_tags({f"dvc.out.{path}": dvc_md5(path) for path in outputs if Path(path).exists()})
     ctx.run.log_artifact(report)
-    ctx.checkpoints.clear()  # the outputs are written: nothing left to resume
+    ctx.checkpoints.clear()
+    print(f"{ctx.name}: {outcome.metrics}")

@@ -27,6 +27,11 @@ from pipeline.models.generation import stop_ids
 from pipeline.models.lora import backbone, merged, with_lora
 
 
+def inference_device() -> torch.device:
+    """Where the no-grad work (sampling, scoring, judging) runs: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def frozen(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
     """`model` with no gradients, on `device`: how the sampling and scoring stages hold a reference, a judge-free
     policy or a reward model."""

@@ -11,51 +11,10 @@ import yaml
 
 from pipeline.config import Config, is_runtime
 from stages.common import tracked_params
+from stages.deps import closure, code_deps, imports, rewrite
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
-
-
-def _files(name: str) -> list[Path]:
-    """The project files importing `name` (`pipeline.data.batches`) runs: the module, or the package's `__init__`,
-    and the `__init__` of every package above it."""
-    parts = name.split(".")
-    found = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))]
-    module = ROOT.joinpath(*parts)
-    found.append(module.with_suffix(".py") if module.with_suffix(".py").exists() else module / "__init__.py")
-    return [path for path in found if path.exists() and not _docstring_only(path)]
-
-
-def _docstring_only(path: Path) -> bool:
-    """A package `__init__` holding only its docstring runs nothing a stage depends on."""
-    body = ast.parse(path.read_text()).body
-    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
-
-
-def _closure(path: Path) -> set[str]:
-    """Project files a module pulls in, transitively."""
-    seen, todo = set(), [path]
-    while todo:
-        current = todo.pop()
-        for name in _imports(current):
-            if name.split(".")[0] not in ("pipeline", "stages"):
-                continue
-            for target in _files(name):
-                rel = target.relative_to(ROOT).as_posix()
-                if rel not in seen:
-                    seen.add(rel)
-                    todo.append(target)
-    return seen
 
 
 MODULES = sorted((ROOT / "pipeline").rglob("*.py"))
@@ -71,7 +30,8 @@ ALLOWED = {
     "train": FOUNDATION | {"data", "models", "losses"},
     "eval": FOUNDATION | {"data", "models"},
     "track": FOUNDATION,
-    "bench": FOUNDATION | {"data", "models", "tasks", "losses", "train", "eval", "track"},
+    "methods": FOUNDATION | {"data", "models", "tasks", "train", "eval"},
+    "bench": FOUNDATION | {"data", "models", "tasks", "losses", "train", "eval", "methods"},
 }
 
 
@@ -83,7 +43,7 @@ def _package(path: Path) -> str:
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_pipeline_never_imports_stages_nor_reads_argv_or_env(module):
-    assert not any(name.split(".")[0] == "stages" for name in _imports(module))
+    assert not any(name.split(".")[0] == "stages" for name in imports(module))
     source = module.read_text()
     assert "os.environ" not in source and "sys.argv" not in source and "getenv" not in source
 
@@ -92,7 +52,7 @@ def test_pipeline_never_imports_stages_nor_reads_argv_or_env(module):
 def test_pipeline_packages_import_only_the_packages_below_them(module):
     own = _package(module)
     assert own in ALLOWED or own == "", f"{module}: package {own!r} has no entry in ALLOWED"
-    used = {name.split(".")[1] for name in _imports(module) if name.startswith("pipeline.")}
+    used = {name.split(".")[1] for name in imports(module) if name.startswith("pipeline.")}
     forbidden = used - ALLOWED.get(own, set()) - {own}
     assert not forbidden, f"{module.relative_to(ROOT)} ({own}) imports {sorted(forbidden)}; allowed: {ALLOWED[own]}"
 
@@ -105,9 +65,18 @@ def test_every_module_is_in_a_package_and_no_file_escapes_the_layout_check():
 @pytest.mark.parametrize("name", sorted(DVC))
 def test_stage_deps_list_every_project_module_it_imports(name):
     script = ROOT / "stages" / f"{name}.py"
-    needed = _closure(script) | {f"stages/{name}.py"}
+    needed = closure(script) | {f"stages/{name}.py"}
     missing = needed - set(DVC[name]["deps"])
-    assert not missing, f"dvc.yaml stage {name} misses deps {sorted(missing)}"
+    assert not missing, f"dvc.yaml stage {name} misses deps {sorted(missing)}: run `make deps`"
+    listed = [dep for dep in DVC[name]["deps"] if dep.endswith(".py")]
+    assert listed == code_deps(name), f"dvc.yaml stage {name} lists code it does not run: run `make deps`"
+
+
+def test_make_deps_leaves_an_up_to_date_dvc_yaml_unchanged():
+    text = (ROOT / "dvc.yaml").read_text()
+    assert rewrite(text) == text
+    stale = text.replace("      - stages/sft.py\n", "", 1)
+    assert rewrite(stale) == text  # and it puts a missing dep back
 
 
 def _keys() -> dict[str, dataclasses.Field]:

@@ -1,0 +1,47 @@
+"""`dpo`: Direct Preference Optimization (and its family, `dpo.loss_type`) of the SFT policy against the reference
+log-probs the `reference` stage cached, then the sampled KL and gold score on held-out prompts."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.policies import sampled_objective
+from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.models.build import build_causal_lm, frozen, inference_device, prepare_for_training
+from pipeline.models.generation import SamplingParams, check_room
+from pipeline.models.judges import build_judge
+from pipeline.models.lora import merged, parameter_counts
+from pipeline.train.dpo import dpo_rows, fit_dpo, reads_reference
+
+
+def run_dpo(cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, sft_dir: str,
+            hooks: Hooks = NO_HOOKS) -> Outcome | None:  # fmt: skip
+    """Train on the train pairs, validate on val, then measure on `dpo.kl_prompts` val prompts. None on ranks > 0."""
+    dpo = cfg.dpo
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    rows = {s: dpo_rows(pairs_dir, reference_dir, s, tokenizer, dpo) for s in ("train", "val")}
+    policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
+                                  disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+    prompts = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
+    check_room(policy, tokenizer, prompts, SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0, key="dpo.max_new_tokens"))
+    counts = parameter_counts(policy)
+    module, result = fit_dpo(policy, tokenizer, rows["train"], rows["val"], dpo, cfg.trainer, seed=cfg.seed,
+                             logger=hooks.logger, resume=hooks.resume, ckpt_path=hooks.ckpt_path)  # fmt: skip
+    if not result.is_global_zero:
+        return None
+    metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(reads_reference(dpo))}
+    # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under LoRA
+    # the reference is the policy with its adapters off (no second copy), so this runs before the merge.
+    device = inference_device()
+    reference = None if cfg.model.lora_r else frozen(build_causal_lm(cfg.model, tokenizer, path=sft_dir), device)
+    objective, samples = sampled_objective(
+        module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
+        max_new_tokens=dpo.max_new_tokens, seed=cfg.seed, compiled=cfg.generation.compile,
+    )  # fmt: skip
+    metrics.update(objective)
+    table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
+    return Outcome(metrics, result.step, merged(module.policy), tokenizer, result.history,
+                   {"samples/dpo_val_samples.json": table})  # fmt: skip

@@ -1,0 +1,49 @@
+"""`evaluate`: SFT, PPO, DPO and Best-of-N on the held-out test prompts, against the gold judge and SFT."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.policies import evaluate_policies, samples_table
+from pipeline.eval.reports import HEADLINE, eval_markdown
+from pipeline.methods.outcome import Outcome
+from pipeline.models.build import build_causal_lm, build_reward_model, frozen, inference_device
+from pipeline.models.judges import build_judge
+
+
+@dataclass
+class Evaluation(Outcome):
+    points: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Each policy's (KL to SFT, gold score): the frontier plot and its CSV."""
+    markdown: str = ""
+    """reports/eval.md."""
+    headline: dict[str, float] = field(default_factory=dict)
+    """The metrics the pipeline's parent MLflow run carries, so the runs table compares experiments row by row."""
+
+    def points_table(self) -> pd.DataFrame:
+        return pd.DataFrame([{"policy": n, "kl": kl, "gold_score": g} for n, (kl, g) in self.points.items()])
+
+
+def run_evaluate(cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_dir: str,
+                 reward_dir: str) -> Evaluation:  # fmt: skip
+    device = inference_device()
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    load = lambda path: frozen(build_causal_lm(cfg.model, tokenizer, path=path), device)  # noqa: E731
+    reward_model = frozen(build_reward_model(cfg.model, tokenizer, reward_dir), device)
+    prompts = read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"].tolist()
+    results, metrics = evaluate_policies(
+        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)}, load(sft_dir), reward_model, build_judge(cfg.judge).to(device),
+        tokenizer, prompts, cfg.evaluate, seed=cfg.seed, compiled=cfg.generation.compile,
+    )  # fmt: skip
+    return Evaluation(
+        metrics,
+        tables={"samples/evaluate.json": samples_table(results, prompts)},
+        points={name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results},
+        markdown=eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples),
+        headline={k: v for k, v in metrics.items() if k.split("/")[1] in HEADLINE},
+    )

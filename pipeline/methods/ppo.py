@@ -1,0 +1,47 @@
+"""`ppo`: online RL of the SFT policy against the reward model with a KL penalty to the SFT reference, by PPO (GAE
+with a value model) or a critic-free estimator (`ppo.advantage_estimator`)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import encode, load_tokenizer
+from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training
+from pipeline.models.judges import build_judge
+from pipeline.models.lora import merged, parameter_counts
+from pipeline.train.ppo import fit_ppo, summarize_history
+from pipeline.train.reward import RewardStats
+
+
+def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks: Hooks = NO_HOOKS) -> Outcome | None:
+    """`ppo.rollouts` rollout batches on the train prompts; `Outcome.history` holds every rollout's metrics. None on
+    DDP ranks > 0."""
+    ppo = cfg.ppo
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    prompts = read_table(f"{data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
+    stats = RewardStats.read(reward_dir)
+    train = {"disable_dropout": ppo.disable_dropout}
+    policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
+                                  task="CAUSAL_LM", **train)  # fmt: skip
+    value_model = None  # critic-free estimators never load one
+    if ppo.advantage_estimator == "gae":
+        value_model = prepare_for_training(build_reward_model(cfg.model, tokenizer, reward_dir), cfg.model,
+                                           cfg.trainer, task="SEQ_CLS", **train)  # fmt: skip
+    counts = parameter_counts(policy)
+    counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0
+    # Under LoRA the reference is the policy with its adapters disabled: no second copy.
+    reference = None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=sft_dir)
+    module, is_global_zero = fit_ppo(
+        policy, value_model, reference, build_reward_model(cfg.model, tokenizer, reward_dir), build_judge(cfg.judge),
+        tokenizer, encode(tokenizer, prompts), ppo, cfg.trainer, reward_mean=stats.mean, reward_std=stats.std,
+        seed=cfg.seed, rank=hooks.rank, compiled_sampling=cfg.generation.compile, logger=hooks.logger,
+        resume=hooks.resume, ckpt_path=hooks.ckpt_path,
+    )  # fmt: skip
+    if not is_global_zero:
+        return None
+    rollouts = pd.DataFrame(module.last_samples[: ppo.n_logged_samples])
+    return Outcome({**summarize_history(module.history), **counts}, len(module.history), merged(module.policy),
+                   tokenizer, module.history, {"samples/ppo_rollouts.json": rollouts})  # fmt: skip

@@ -1,0 +1,41 @@
+"""`preferences`: preference pairs from SFT samples labelled by the simulated annotator, or from a dataset; screened
+(lengths, held-out prompts) before any stage trains on them."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.config import Config
+from pipeline.data.schemas import PROMPT_COMPLETION, read_table
+from pipeline.data.tokenization import load_tokenizer
+from pipeline.methods.outcome import Outcome
+from pipeline.models.build import build_causal_lm, inference_device
+from pipeline.models.judges import build_judge
+from pipeline.tasks.preferences import checked_pairs, dataset_pairs, generate_pairs
+
+
+def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
+    """The kept pairs per split (`Outcome.splits`), with what was generated, kept and dropped as metrics."""
+    prefs = cfg.preferences
+    tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
+    metrics: dict[str, float] = {}
+    start = time.perf_counter()
+    if prefs.mode == "generate":
+        model = build_causal_lm(cfg.model, tokenizer, path=sft_dir).to(inference_device())
+        judge = build_judge(cfg.judge).to(inference_device())
+        splits = {}
+        for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
+            prompts = read_table(f"{data_dir}/{name}.parquet", PROMPT_COMPLETION)["prompt"].unique()
+            splits[name], stats = generate_pairs(model, tokenizer, list(prompts[:count]), prefs, judge,
+                                                 seed=cfg.seed + offset, compiled=cfg.generation.compile)  # fmt: skip
+            metrics.update({f"{name}/{key}": value for key, value in stats.items()})
+    else:
+        splits = dataset_pairs(prefs, cfg.seed, tokenizer)
+    metrics["perf/wall_s"] = time.perf_counter() - start
+    held_out = frozenset(read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"])
+    kept, tables = {}, {}
+    for name, frame in splits.items():
+        kept[name], counts = checked_pairs(frame, tokenizer, prefs, name, held_out)
+        metrics.update({f"{name}/{key}": value for key, value in counts.items()})
+        tables[f"samples/{name}_pairs.json"] = kept[name].head(30)
+    return Outcome(metrics, tables=tables, splits=kept)
