@@ -41,6 +41,23 @@ TINY = {
 }
 
 
+def _environment() -> dict[str, str]:
+    """The environment every command of a test project runs in: this venv first, offline, no outside store."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # tiny stages last seconds
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("DVC_ROOT", None)
+    return env
+
+
 class Project:
     """`preset` is applied with the documented command (`python -m stages.preset NAME`) before the tiny sizes and
     `overrides` (section -> keys, e.g. local stand-in paths), which win over both."""
@@ -51,18 +68,7 @@ class Project:
             shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml"):
             shutil.copy(ROOT / name, path / name)
-        self.env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-            "HF_HUB_OFFLINE": "1",
-            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # tiny stages last seconds
-            "GIT_AUTHOR_NAME": "t",
-            "GIT_AUTHOR_EMAIL": "t@t",
-            "GIT_COMMITTER_NAME": "t",
-            "GIT_COMMITTER_EMAIL": "t@t",
-        }
-        self.env.pop("MLFLOW_TRACKING_URI", None)
-        self.env.pop("DVC_ROOT", None)
+        self.env = _environment()
         if preset is not None:
             self.run(sys.executable, "-m", "stages.preset", preset)
         params = yaml.safe_load((path / "params.yaml").read_text())
@@ -75,6 +81,16 @@ class Project:
         self.run("dvc", "init", "-q")
         self.run("dvc", "config", "core.analytics", "false")
         self.commit("project")
+
+    @classmethod
+    def copy_of(cls, source: Path, path: Path) -> Project:
+        """A copy of the project at `source` (its git history, DVC cache, outputs and lock) with a fresh MLflow store:
+        a test that starts from stages another run already reproduced, without running them again."""
+        skip = shutil.ignore_patterns("mlflow.db", "mlartifacts", "tmp", ".checkpoints")
+        shutil.copytree(source, path, symlinks=True, ignore=skip)
+        project = cls.__new__(cls)
+        project.path, project.env = path, _environment()
+        return project
 
     def run(self, *args: str, timeout: float = 900, check: bool = True) -> str:
         try:

@@ -17,10 +17,9 @@ pytestmark = pytest.mark.slow
 ATTEMPTS = 3
 
 
-def test_two_queue_workers_both_land_every_stage_run(tmp_path):
-    project = Project(tmp_path / "repo")
-    project.dvc("repro", "reference")  # the shared upstream, so the two points differ only from dpo on
-    project.commit("baseline")
+@pytest.mark.xdist_group("upstream")
+def test_two_queue_workers_both_land_every_stage_run(tmp_path, upstream):
+    project = Project.copy_of(upstream.path, tmp_path / "repo")  # the shared upstream: the points differ from dpo on
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     dvc_failures = []
     for attempt in range(1, ATTEMPTS + 1):

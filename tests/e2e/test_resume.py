@@ -43,8 +43,9 @@ def _runs(project: Project, stage: str):
     return client.search_runs([experiment], filter_string=f"tags.`align.stage` = '{stage}'")
 
 
+@pytest.mark.xdist_group("upstream")  # the tests copying the session's `upstream` project run on one worker
 @pytest.mark.parametrize(
-    ("stage", "upstream", "overrides"),
+    ("stage", "before", "overrides"),
     [
         ("sft", "prepare", {"sft": {"max_steps": 60, "val_every_n_steps": 20},
                             "trainer": {"checkpoint_every_n_steps": 10}}),
@@ -55,9 +56,12 @@ def _runs(project: Project, stage: str):
         ("ppo", "reward", {"ppo": {"rollouts": 10}, "trainer": {"checkpoint_every_n_steps": 2}}),
     ],
 )  # fmt: skip
-def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, stage, upstream, overrides):
-    project = Project(tmp_path / "repo", overrides=overrides)
-    project.dvc("repro", upstream)
+def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, upstream, stage, before, overrides):
+    project = Project.copy_of(upstream.path, tmp_path / "repo")  # the stages before `stage` already reproduced
+    for section, values in overrides.items():
+        for key, value in values.items():
+            project.set_param(section, key, value)
+    assert before not in project.dvc("status", before)  # the stage before it is up to date: only `stage` runs
     killed_at = _kill_mid_stage(project, stage)
     total = overrides[stage].get("max_steps") or overrides[stage]["rollouts"]
     assert 0 < killed_at < total
@@ -106,6 +110,7 @@ def short_context(tmp_path_factory):
     return project, failed, trained_weights, rerun
 
 
+@pytest.mark.xdist_group("short_context")  # one worker builds the module's shared DAG once
 def test_a_stage_that_fails_after_training_resumes_at_its_end_and_trains_no_step_again(short_context):
     project, failed, trained_weights, rerun = short_context
     assert "FileExistsError: [Errno 17] File exists: 'blocker'" in failed  # the curve's folder is a file
@@ -122,6 +127,7 @@ def test_a_stage_that_fails_after_training_resumes_at_its_end_and_trains_no_step
     assert not list((project.path / ".checkpoints").glob("sft/*/step-*.ckpt"))  # cleared once the outputs exist
 
 
+@pytest.mark.xdist_group("short_context")
 def test_every_sampling_stage_stays_within_a_short_context_and_counts_the_rows_it_cut(short_context):
     project, _, _, rerun = short_context
     assert Project.ran(rerun) == {"sft", "preferences", "reward", "reference", "dpo", "ppo", "evaluate"}
