@@ -221,9 +221,10 @@ def ppo_config() -> PPOConfig:
         lr=1e-5, value_lr=1e-5, warmup_rollouts=1, rollouts=PPO_ROLLOUTS, prompts_per_rollout=PPO_PROMPTS,
         minibatch_size=PPO_PROMPTS, ppo_epochs=2, max_new_tokens=PPO_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
         gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.05, kl_estimator="k1",
-        kl_control="fixed", kl_target=6.0, kl_horizon=10000, whiten_rewards=False, reward_clip=10.0,
-        missing_eos_penalty=1.0, grad_clip=1.0, max_ratio=1e9, min_eos_rate=0.0, n_logged_samples=1,
-        disable_dropout=True, num_generations=1, advantage_estimator="gae", kl_in="reward", kl_loss_coef=0.05,
+        kl_control="fixed", kl_target=6.0, kl_horizon=10000, whiten_rewards=False, reward_model_weight=1.0,
+        judge_weight=0.0, reward_clip=10.0, missing_eos_penalty=1.0, grad_clip=1.0, max_ratio=1e9, min_eos_rate=0.0,
+        n_logged_samples=1, disable_dropout=True, num_generations=1, advantage_estimator="gae", kl_in="reward",
+        kl_loss_coef=0.05,
     )  # fmt: skip
 
 

@@ -79,11 +79,29 @@ def _scratch_context(config: Config) -> list[str]:
 @rule("judge.kind", "judge.path", "judge.label")
 def _judge(config: Config) -> list[str]:
     judge, errors = config.judge, []
-    if judge.kind != "vader" and not judge.path:
+    if judge.kind not in ("vader", "verifier") and not judge.path:
         errors.append(f"judge.path: required for judge.kind {judge.kind!r} (a hub id or a save_pretrained directory)")
     if judge.kind == "classifier" and not judge.label:
         errors.append("judge.label: required for judge.kind 'classifier' (the label to score, e.g. POSITIVE)")
     return errors
+
+
+@rule("judge.kind", "prepare.source", "prepare.answer_column")
+def _verifier_answers(config: Config) -> list[str]:
+    prepare = config.prepare
+    if config.judge.kind != "verifier" or prepare.source == "arithmetic" or prepare.answer_column:
+        return []
+    return [f"prepare.answer_column: judge.kind 'verifier' checks responses against reference answers, and "
+            f"prepare.source {prepare.source!r} has none; name the dataset's answer column (GSM8K: answer) or use "
+            "prepare.source: arithmetic"]  # fmt: skip
+
+
+@rule("ppo.reward_model_weight", "ppo.judge_weight")
+def _ppo_reward(config: Config) -> list[str]:
+    if config.ppo.reward_model_weight or config.ppo.judge_weight:
+        return []
+    return ["ppo.reward_model_weight + ppo.judge_weight: both are 0, so RL has no reward; set reward_model_weight: 1 "
+            "(RLHF), judge_weight: 1 (RLVR with a verifier judge), or both"]
 
 
 @rule("ppo.minibatch_size", "trainer.accumulate_grad_batches", "ppo.prompts_per_rollout", "ppo.num_generations")

@@ -90,8 +90,9 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: Literal["synthetic", "dataset"]
-    """`synthetic`: the embedded movie-review task. `dataset`: `datasets.load_dataset` on the keys below."""
+    source: Literal["synthetic", "dataset", "arithmetic"]
+    """`synthetic`: the embedded movie-review task. `dataset`: `datasets.load_dataset` on the keys below.
+    `arithmetic`: the embedded verifiable task (sums with reference answers, `pipeline.tasks.arithmetic`)."""
     n_train: int = bounded(">= 1")
     """Synthetic: training reviews (the split is by prompt, so prompts never cross splits)."""
     n_val: int = bounded(">= 1")
@@ -121,6 +122,11 @@ class PrepareConfig:
     completion_words: int | None = bounded(">= 1")
     """When `completion_column` is null: keep at most this many words after the prompt (whole IMDb reviews run to
     hundreds of tokens; null keeps the rest of the text)."""
+    answer_column: str | None
+    """Dataset: the column holding each row's reference answer (kept as `answer`; a verifier judge checks responses
+    against its final answer, e.g. GSM8K's `answer`, which ends in `#### 72`). null: no answers."""
+    frac_wrong: float = bounded("in [0, 1]")
+    """Arithmetic: share of SFT demonstrations whose stated sum is wrong (the imperfect data RL then fixes)."""
     messages_column: str | None
     """Conversational data: a column of `{role, content}` turn lists. The prompt is every turn before the last
     assistant turn, the completion that turn's content; `prompt_column`/`completion_column` are then not read."""
@@ -309,8 +315,14 @@ class PPOConfig:
     """Adaptive control: horizon in samples."""
     whiten_rewards: bool
     """Whiten per-token rewards (keeping their mean) before GAE."""
+    reward_model_weight: float = bounded(">= 0")
+    """The RL reward is this times the reward model's normalised score plus `judge_weight` times the gold judge's
+    score (TRL's `reward_weights`). 0: no reward model is loaded (RLVR: reward from a verifier judge alone)."""
+    judge_weight: float = bounded(">= 0")
+    """Weight of the gold judge's score in the RL reward (1 with `judge.kind: verifier`: RLVR). 0: the judge only
+    measures (`objective/gold_scores`), as in RLHF against a learned reward model."""
     reward_clip: float = bounded(">= 0")
-    """Clip normalised scores to +-this (0 disables)."""
+    """Clip normalised reward-model scores to +-this (0 disables)."""
     missing_eos_penalty: float = bounded(">= 0")
     """Subtracted from the normalised score of responses that never produced EOS."""
     grad_clip: float = bounded(">= 0")
@@ -341,6 +353,9 @@ class EvaluateConfig:
     """Sequences per generate / scoring call."""
     n_shown_samples: int = bounded(">= 0")
     """Test prompts whose completions by every policy appear in reports/eval.md."""
+    pass_k: int = bounded(">= 0")
+    """Verifier judge: responses sampled per test prompt and policy for `pass_at_1`, `pass_at_<k>` (the unbiased
+    estimator), `mean_at_<k>` and `maj_at_<k>` (majority vote over final answers). 0: not measured."""
 
 
 @dataclass(frozen=True)
@@ -354,9 +369,10 @@ class SamplerConfig:
 
 @dataclass(frozen=True)
 class JudgeConfig:
-    kind: Literal["vader", "classifier", "reward_model"]
+    kind: Literal["vader", "classifier", "reward_model", "verifier"]
     """The gold judge: `vader` (the embedded task's sentiment lexicon), `classifier` (a Hugging Face
-    sequence-classification model, scored on `label`), `reward_model` (a one-logit `save_pretrained` model)."""
+    sequence-classification model, scored on `label`), `reward_model` (a one-logit `save_pretrained` model),
+    `verifier` (the response's final answer checked against the row's reference answer: `prepare.answer_column`)."""
     path: str | None
     """classifier / reward_model: a hub id (`lvwerra/distilbert-imdb`) or a local `save_pretrained` directory."""
     label: str | None
@@ -371,6 +387,18 @@ class JudgeConfig:
     """Judge tokens per text; longer inputs are truncated (hub classifiers stop at 512)."""
     trust_remote_code: bool
     """Passed to the judge's `from_pretrained`; keep false unless you trust the repository's code."""
+    verifier: str
+    """verifier: `exact` (normalized final answers equal: the last `\\boxed{}`, else the text after `####`, else the
+    last number), `math` (symbolic equivalence by math-verify), or `python:<module>:<function>` (your
+    `function(prompt, response, answer) -> float`, imported from the project root only when named)."""
+    timeout_s: float = bounded("> 0")
+    """verifier: seconds one check may take; a check still running then scores 0 and is counted
+    (`*/verifier_timeouts`)."""
+    format_pattern: str | None
+    """verifier: a regex the response should contain (searched anywhere, e.g. `#### -?\\d+`); null: no format
+    reward."""
+    format_weight: float = bounded(">= 0")
+    """verifier: added to the score of a response that matches `format_pattern`."""
 
 
 @dataclass(frozen=True)

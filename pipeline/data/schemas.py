@@ -22,6 +22,8 @@ PROMPT_COMPLETION = pa.DataFrameSchema(
         "prompt": pa.Column(str, [_non_empty, _non_blank]),
         "completion": pa.Column(str, [_non_empty, _non_blank]),
         "gold": pa.Column(float, nullable=True),
+        # the reference answer a verifier judge checks responses against (`prepare.answer_column`), when there is one
+        "answer": pa.Column(str, [_non_empty, _non_blank], required=False),
     },
     strict=True,
     name="prompt_completion",

@@ -23,6 +23,7 @@ from pipeline.models.generation import Samples, SamplingParams, sample
 from pipeline.models.judges import Judge
 from pipeline.models.logprobs import sequence_kl
 from pipeline.models.lora import as_reference
+from pipeline.models.verifiers import final_answer, lookup_answers, normalize
 
 
 def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
@@ -69,6 +70,41 @@ def length_controlled_win_rate(
         if np.abs(step).max() < 1e-10:
             break
     return float(1 / (1 + np.exp(-coef[0])))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), the chance that k of the n drawn without replacement include a correct one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_vote(responses: Sequence[str]) -> str | None:
+    """The most frequent normalized final answer among `responses` (the first seen wins a tie); None if none has one."""
+    answers = [normalize(a) for a in map(final_answer, responses) if a is not None]
+    return max(answers, key=answers.count) if answers else None
+
+
+def accuracy_metrics(
+    correct: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]],
+    responses: Sequence[Sequence[str]],
+    answers: Sequence[str],
+    k: int,
+) -> dict[str, float]:
+    """Per prompt, `k` responses: their correctness (> 0 counts as correct), judge scores and texts, and the
+    reference answers. Returns `pass_at_1`, `pass_at_<k>`, `mean_at_<k>` (the mean judge score) and `maj_at_<k>`
+    (the majority-vote answer equals the reference's final answer), each a mean over prompts."""
+    counts = [sum(value > 0 for value in row) for row in correct]
+    votes = [majority_vote(row) for row in responses]
+    wanted = [normalize(final_answer(answer) or answer) for answer in answers]
+    return {
+        "pass_at_1": statistics.fmean(pass_at_k(k, c, 1) for c in counts),
+        f"pass_at_{k}": statistics.fmean(pass_at_k(k, c, k) for c in counts),
+        f"mean_at_{k}": statistics.fmean(statistics.fmean(row) for row in scores),
+        f"maj_at_{k}": statistics.fmean(float(v is not None and v == w) for v, w in zip(votes, wanted, strict=True)),
+    }
 
 
 def best_of_n_kl(n: int) -> float:
@@ -169,7 +205,15 @@ def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, b
 
 
 def evaluate_policies(
-    policies: dict, sft, reward_model, judge: Judge, tokenizer, prompts: list[str], cfg: EvaluateConfig, *, seed: int,
+    policies: dict,
+    sft,
+    reward_model,
+    judge: Judge,
+    tokenizer,
+    prompts: list[str],
+    cfg: EvaluateConfig,
+    *,
+    seed: int,
     compiled: bool = False,
 ):
     """Sample every policy (and Best-of-N from SFT) on `prompts` and measure it against SFT.
@@ -184,8 +228,9 @@ def evaluate_policies(
     Returns:
         (results by policy name, flat metrics `<policy>/<metric>`).
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled,
-                            key="evaluate.max_new_tokens")
+    params = SamplingParams(
+        cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled, key="evaluate.max_new_tokens"
+    )
     ids = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "batch_size": cfg.batch_size}
 
     def result(name: str, samples: Samples, kl: float) -> PolicyResult:
@@ -216,6 +261,18 @@ def evaluate_policies(
                                 best_of_n_kl(n_max))  # fmt: skip
     metrics = {f"{name}/{key}": value for name, res in results.items()
                for key, value in summarize(res, results["sft"]).items()}  # fmt: skip
+    if cfg.pass_k and hasattr(judge, "last_correct"):  # a verifier: accuracy over k samples per prompt
+        answers = lookup_answers(judge.answers, prompts)
+        repeated = [p for p in prompts for _ in range(cfg.pass_k)]
+        for name, model in {"sft": sft, **policies}.items():
+            samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed + 2)
+            scores = judge.score(repeated, samples.texts)
+            rows = lambda values: [values[i : i + cfg.pass_k] for i in range(0, len(values), cfg.pass_k)]  # noqa: E731
+            accuracy = accuracy_metrics(
+                rows(judge.last_correct), rows(scores), rows(samples.texts), answers, cfg.pass_k
+            )
+            metrics.update({f"{name}/{key}": value for key, value in accuracy.items()})
+        metrics["judge/verifier_timeouts"] = float(judge.timeouts)
     return results, metrics
 
 
@@ -240,8 +297,9 @@ def sampled_objective(
         (`objective/kl`, `objective/gold_scores`, `reference/gold_scores`, `objective/eos_rate`,
         `objective/stopped_by_context`; the policy's samples).
     """
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled,
-                            key="dpo.max_new_tokens")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, compiled=compiled, key="dpo.max_new_tokens"
+    )
     samples = sample(policy, tokenizer, prompts, params, batch_size=batch_size, seed=seed)
     with as_reference(policy, reference) as frozen:
         reference_samples = sample(frozen, tokenizer, prompts, params, batch_size=batch_size, seed=seed)

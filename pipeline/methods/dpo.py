@@ -9,10 +9,10 @@ from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import sampled_objective
+from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
 from pipeline.models.build import build_causal_lm, frozen, inference_device, prepare_for_training
 from pipeline.models.generation import SamplingParams, check_room
-from pipeline.models.judges import build_judge
 from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.dpo import dpo_rows, fit_dpo, reads_reference
 
@@ -25,7 +25,8 @@ def run_dpo(cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, s
     rows = {s: dpo_rows(pairs_dir, reference_dir, s, tokenizer, dpo) for s in ("train", "val")}
     policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
                                   disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
-    prompts = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].head(dpo.kl_prompts).tolist()
+    val = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION).head(dpo.kl_prompts)
+    prompts = val["prompt"].tolist()
     check_room(policy, tokenizer, prompts, SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0, key="dpo.max_new_tokens"))
     counts = parameter_counts(policy)
     module, result = fit_dpo(policy, tokenizer, rows["train"], rows["val"], dpo, cfg.trainer, seed=cfg.seed,
@@ -38,7 +39,7 @@ def run_dpo(cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, s
     device = inference_device()
     reference = None if cfg.model.lora_r else frozen(build_causal_lm(cfg.model, tokenizer, path=sft_dir), device)
     objective, samples = sampled_objective(
-        module.policy.to(device), reference, tokenizer, prompts, build_judge(cfg.judge).to(device),
+        module.policy.to(device), reference, tokenizer, prompts, gold_judge(cfg, [(f"{data_dir}/val.parquet", val)]),
         max_new_tokens=dpo.max_new_tokens, seed=cfg.seed, compiled=cfg.generation.compile,
     )  # fmt: skip
     metrics.update(objective)

@@ -11,9 +11,9 @@ from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import evaluate_policies, samples_table
 from pipeline.eval.reports import HEADLINE, eval_markdown
+from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, frozen, inference_device
-from pipeline.models.judges import build_judge
 
 
 @dataclass
@@ -35,10 +35,12 @@ def run_evaluate(cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     load = lambda path: frozen(build_causal_lm(cfg.model, tokenizer, path=path), device)  # noqa: E731
     reward_model = frozen(build_reward_model(cfg.model, tokenizer, reward_dir), device)
-    prompts = read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"].tolist()
+    test = read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)
+    prompts = test["prompt"].tolist()
+    judge = gold_judge(cfg, [(f"{data_dir}/test.parquet", test)])
     results, metrics = evaluate_policies(
-        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)}, load(sft_dir), reward_model, build_judge(cfg.judge).to(device),
-        tokenizer, prompts, cfg.evaluate, seed=cfg.seed, compiled=cfg.generation.compile,
+        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)}, load(sft_dir), reward_model, judge, tokenizer, prompts,
+        cfg.evaluate, seed=cfg.seed, compiled=cfg.generation.compile,
     )  # fmt: skip
     return Evaluation(
         metrics,

@@ -8,9 +8,9 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
+from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training
-from pipeline.models.judges import build_judge
 from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
@@ -21,8 +21,8 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     DDP ranks > 0."""
     ppo = cfg.ppo
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-    prompts = read_table(f"{data_dir}/train.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
-    stats = RewardStats.read(reward_dir)
+    train_table = read_table(f"{data_dir}/train.parquet", PROMPT_COMPLETION)
+    prompts = train_table["prompt"].unique().tolist()
     train = {"disable_dropout": ppo.disable_dropout}
     policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
                                   task="CAUSAL_LM", **train)  # fmt: skip
@@ -34,8 +34,13 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0
     # Under LoRA the reference is the policy with its adapters disabled: no second copy.
     reference = None if cfg.model.lora_r else build_causal_lm(cfg.model, tokenizer, path=sft_dir)
+    # With ppo.reward_model_weight 0 (RLVR: the verifier alone) no reward model is loaded or run.
+    reward_model, stats = None, RewardStats(mean=0.0, std=1.0)
+    if ppo.reward_model_weight:
+        reward_model, stats = build_reward_model(cfg.model, tokenizer, reward_dir), RewardStats.read(reward_dir)
+    judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train_table)], tokenizer).to("cpu")
     module, is_global_zero = fit_ppo(
-        policy, value_model, reference, build_reward_model(cfg.model, tokenizer, reward_dir), build_judge(cfg.judge),
+        policy, value_model, reference, reward_model, judge,
         tokenizer, encode(tokenizer, prompts), ppo, cfg.trainer, reward_mean=stats.mean, reward_std=stats.std,
         seed=cfg.seed, rank=hooks.rank, compiled_sampling=cfg.generation.compile, logger=hooks.logger,
         resume=hooks.resume, ckpt_path=hooks.ckpt_path,

@@ -8,9 +8,9 @@ import time
 from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
+from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, inference_device
-from pipeline.models.judges import build_judge
 from pipeline.tasks.preferences import checked_pairs, dataset_pairs, generate_pairs
 
 
@@ -22,10 +22,11 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
     start = time.perf_counter()
     if prefs.mode == "generate":
         model = build_causal_lm(cfg.model, tokenizer, path=sft_dir).to(inference_device())
-        judge = build_judge(cfg.judge).to(inference_device())
+        frames = {name: read_table(f"{data_dir}/{name}.parquet", PROMPT_COMPLETION) for name in ("train", "val")}
+        judge = gold_judge(cfg, [(f"{data_dir}/{name}.parquet", frame) for name, frame in frames.items()])
         splits = {}
         for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
-            prompts = read_table(f"{data_dir}/{name}.parquet", PROMPT_COMPLETION)["prompt"].unique()
+            prompts = frames[name]["prompt"].unique()
             splits[name], stats = generate_pairs(model, tokenizer, list(prompts[:count]), prefs, judge,
                                                  seed=cfg.seed + offset, compiled=cfg.generation.compile)  # fmt: skip
             metrics.update({f"{name}/{key}": value for key, value in stats.items()})

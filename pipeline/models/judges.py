@@ -11,6 +11,8 @@ small interface, `Judge.score(prompts, responses) -> list[float]`, chosen by the
   the DPO paper's IMDb setting); the score is the log-odds or the probability of `judge.label`.
 - `reward_model`: a one-logit sequence classifier, e.g. a reward model this pipeline trained or
   `OpenAssistant/reward-model-deberta-v3-large-v2`, on the (prompt, response) text pair.
+- `verifier`: a verifiable reward (`pipeline.models.verifiers`): the response's final answer checked against the
+  prompt's reference answer, which the stage hands over with `VerifierJudge.with_answers`.
 
 Model judges use their own tokenizer on the decoded texts (they rarely share the policy's vocabulary), run without
 gradients on the device they are moved to, and take one forward pass per batch of rows.
@@ -18,7 +20,7 @@ gradients on the device they are moved to, and take one forward pass per batch o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Protocol
 
@@ -28,6 +30,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 from pipeline.config import JudgeConfig
 from pipeline.data.batches import length_sorted_batches, pad_right
+from pipeline.models.verifiers import Verifier, lookup_answers
 
 
 class Judge(Protocol):
@@ -166,13 +169,44 @@ class RewardModelJudge(_ModelJudge):
         return logits[:, 0]
 
 
+class VerifierJudge:
+    """Scores each response 1 when its final answer checks against the prompt's reference answer, else 0 (plus
+    the format reward, if any). Answers are looked up by prompt text: give them with `with_answers` first."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.answers: dict[str, str] = {}
+
+    def with_answers(self, answers: Mapping[str, str]) -> VerifierJudge:
+        self.answers.update(answers)
+        return self
+
+    @property
+    def timeouts(self) -> int:
+        """Checks that ran past `judge.timeout_s` so far (each scored 0)."""
+        return self.verifier.timeouts
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """Correctness (0 or 1, or the user's function's score) plus the format reward; `last_correct` keeps the
+        correctness part of the last call."""
+        answers = lookup_answers(self.answers, prompts)
+        self.last_correct = [self.verifier.check(p, r, a) for p, r, a in zip(prompts, responses, answers, strict=True)]
+        return self.verifier.with_format(self.last_correct, responses)
+
+    def to(self, device: torch.device | str) -> VerifierJudge:
+        return self
+
+
 _MODEL_JUDGES = {"classifier": ClassifierJudge, "reward_model": RewardModelJudge}
 
 
 def build_judge(cfg: JudgeConfig) -> Judge:
-    """The judge `cfg` names, on the CPU (move it with `.to(device)`)."""
+    """The judge `cfg` names, on the CPU (move it with `.to(device)`). A verifier's worker runs in this process's
+    directory (the project root, from where `python:` verifiers are imported)."""
     if cfg.kind == "vader":
         return VaderJudge()
+    if cfg.kind == "verifier":
+        return VerifierJudge(Verifier(cfg.verifier, cfg.timeout_s, cfg.format_pattern, cfg.format_weight))
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -22,6 +22,7 @@ from pipeline.data.chat import conversation_prompts, render_prompt
 from pipeline.data.loading import load_table, require_columns, require_text
 from pipeline.data.schemas import PROMPT_COMPLETION, validate_frame
 from pipeline.models.judges import Judge
+from pipeline.tasks.arithmetic import arithmetic_splits
 from pipeline.tasks.synthetic import class_fractions, generate_reviews
 
 SPLITS = ("train", "val", "test")
@@ -82,17 +83,24 @@ def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     wanted = {"prepare.prompt_column": cfg.prompt_column}
     if cfg.completion_column is not None:
         wanted["prepare.completion_column"] = cfg.completion_column
+    if cfg.answer_column is not None:
+        wanted["prepare.answer_column"] = cfg.answer_column
     require_columns(table, wanted, str(cfg.dataset_path))
+    keys_of: dict[str, list[str]] = {}  # a column may serve two keys (GSM8K's `answer`: completion and answer)
     for key, column in wanted.items():
-        require_text(table, column, key, str(cfg.data_files or cfg.dataset_path))
+        keys_of.setdefault(column, []).append(key)
+    for column, keys in keys_of.items():
+        require_text(table, column, ", ".join(keys), str(cfg.data_files or cfg.dataset_path))
+    answers = {} if cfg.answer_column is None else {"answer": table[cfg.answer_column]}
     if cfg.completion_column is not None:
-        return pd.DataFrame({"prompt": table[cfg.prompt_column], "completion": table[cfg.completion_column]})
+        return pd.DataFrame({"prompt": table[cfg.prompt_column], "completion": table[cfg.completion_column], **answers})
     words = table[cfg.prompt_column].astype(str).str.split()
     end = None if cfg.completion_words is None else cfg.prompt_words + cfg.completion_words
     return pd.DataFrame(
         {
             "prompt": words.str[: cfg.prompt_words].str.join(" "),
             "completion": " " + words.str[cfg.prompt_words : end].str.join(" "),
+            **answers,
         }
     )
 
@@ -106,8 +114,14 @@ def prepare_splits(
         tokenizer: the model's tokenizer, whose chat template (if any) renders the prompts; None for a scratch
             model, whose tokenizer is trained on these splits afterwards.
     """
-    build = synthetic_splits if cfg.source == "synthetic" else dataset_splits
-    splits = build(cfg, seed, tokenizer)
+    if cfg.source == "arithmetic":
+        splits = arithmetic_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.frac_wrong, seed)
+        splits = {name: _render_prompts(split, tokenizer) for name, split in splits.items()} if tokenizer else splits
+    else:
+        splits = (synthetic_splits if cfg.source == "synthetic" else dataset_splits)(cfg, seed, tokenizer)
+    if hasattr(judge, "with_answers"):  # a verifier checks each completion against its row's answer
+        for split in splits.values():
+            judge.with_answers(dict(zip(split["prompt"], split["answer"], strict=True)))
     splits = {
         name: split.assign(gold=judge.score(split["prompt"].tolist(), split["completion"].tolist()))
         for name, split in splits.items()

@@ -123,7 +123,7 @@ class PPOModule(pl.LightningModule):
         policy: torch.nn.Module,
         value_model: torch.nn.Module | None,
         reference: torch.nn.Module | None,
-        reward_model: torch.nn.Module,
+        reward_model: torch.nn.Module | None,
         judge: Judge,
         tokenizer,
         cfg: PPOConfig,
@@ -138,7 +138,7 @@ class PPOModule(pl.LightningModule):
         self.automatic_optimization = False
         self.policy, self.value_model = policy, value_model
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
-        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.reward_model = reward_model.requires_grad_(False).eval() if reward_model is not None else None
         self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
         self.reward_mean, self.reward_std = reward_mean, reward_std
         self.accumulate, self.compiled_sampling = accumulate, compiled_sampling
@@ -182,12 +182,20 @@ class PPOModule(pl.LightningModule):
         values = None
         if self.value_model is not None:
             values = token_values(self.value_model, input_ids, attention_mask)[:, :-1]
-        raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-
+        prompts = self.tokenizer.batch_decode(samples.prompt_ids)
+        golds = self.judge.score(prompts, samples.texts)
         ended = torch.tensor(samples.ended, device=self.device)
-        scores = (raw_scores - self.reward_mean) / self.reward_std
-        if cfg.reward_clip:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        scores = torch.zeros(len(golds), device=self.device)
+        raw_scores = scores
+        if self.reward_model is not None:
+            raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+            scores = (raw_scores - self.reward_mean) / self.reward_std
+            if cfg.reward_clip:
+                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+            if cfg.reward_model_weight != 1:
+                scores = cfg.reward_model_weight * scores
+        if cfg.judge_weight:
+            scores = scores + cfg.judge_weight * torch.tensor(golds, device=self.device, dtype=scores.dtype)
         scores = scores - cfg.missing_eos_penalty * (~ended).float()
         kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
         non_score = -self.kl_ctl.value * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)
@@ -203,8 +211,6 @@ class PPOModule(pl.LightningModule):
                 f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
                 "reward model's saved mean/std (models/reward/reward_stats.json), ppo.reward_clip and ppo.lr"
             )
-        prompts = self.tokenizer.batch_decode(samples.prompt_ids)
-        golds = self.judge.score(prompts, samples.texts)
         stats = {
             "objective/kl": float(kl.sum(1).mean()),
             "objective/entropy": float((-logps * mask).sum(1).mean()),
@@ -218,6 +224,10 @@ class PPOModule(pl.LightningModule):
             "val/stopped_by_context": float(sum(samples.stopped_by_context)),
             "val/response_length": float(mask.sum(1).mean()),
         }
+        correct = getattr(self.judge, "last_correct", None)
+        if correct is not None:  # a verifier: the share of rollout responses whose answer checks, and hung checks
+            stats["objective/accuracy"] = sum(correct) / len(correct)
+            stats["objective/verifier_timeouts"] = float(self.judge.timeouts)
         if cfg.advantage_estimator in GROUP_ESTIMATORS:  # the spread the group baseline works with, as TRL logs it
             spread = (scores + non_score.sum(1)).view(-1, group).std(1)
             stats["objective/reward_std"] = float(spread.mean())

@@ -105,3 +105,37 @@ def test_bad_data_file_names_the_file_and_line_and_writes_nothing(tmp_path, cont
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
     assert not (tmp_path / "reports").exists()
+
+
+GSM8K_LINES = [
+    {"question": f"Tom has {i} apples and buys 2 more. How many now?",
+     "answer": f"He has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}"}
+    for i in range(30)
+]  # fmt: skip
+GSM8K = {"source": "dataset", "dataset_path": "json", "prompt_column": "question", "completion_column": "answer",
+         "answer_column": "answer", "n_val": 2, "n_test": 2}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("prepare", "judge", "message"),
+    [
+        ({"answer_column": "answer"}, {"verifier": "exact"},
+         "column 'answer' (prepare.completion_column, prepare.answer_column): 1 cell(s) are not text: row 7 (nan)"),
+        ({}, {"verifier": "python:no_such_module:check"},
+         "judge.verifier: cannot import 'check' from module 'no_such_module'"),
+        ({"answer_column": None}, {"verifier": "exact"},
+         "prepare.answer_column: judge.kind 'verifier' checks responses against reference answers"),
+    ],
+    ids=["row-without-answer", "python-verifier-not-importable", "no-answer-column"],
+)  # fmt: skip
+def test_bad_verifier_input_names_the_key_or_row_and_writes_nothing(tmp_path, prepare, judge, message):
+    rows = [dict(row) for row in GSM8K_LINES]
+    rows[7]["answer"] = None
+    if "answer_column" not in prepare:  # the other cases have every answer
+        rows[7]["answer"] = GSM8K_LINES[7]["answer"]
+    data = {**GSM8K, "data_files": write_jsonl(tmp_path / "gsm8k.jsonl", rows), **prepare}
+    done = _prepare(tmp_path, prepare=data, judge={"kind": "verifier", **judge})
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
+    assert not (tmp_path / "reports").exists()

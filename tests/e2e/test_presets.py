@@ -5,6 +5,7 @@ The preset is applied with its documented command; the test then points the hub 
 """
 
 import json
+import random
 
 import pandas as pd
 import pytest
@@ -115,3 +116,45 @@ def test_hh_preset_pythia_dialogues_reward_model_judge(tmp_path):
     pairs = pd.read_parquet(project.path / "data/preferences/train.parquet")
     assert pairs["prompt"].str.endswith("\n\nHuman: And then?\n\nAssistant:").all()
     assert pairs["chosen"].str.startswith(" ").all()
+
+
+def gsm8k_rows(n: int, seed: int = 0) -> list[dict]:
+    """`openai/gsm8k` rows: a word problem in `question`, a worked solution ending in `#### <answer>` in `answer`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(2, 40), rng.randint(2, 40)
+        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                     "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})  # fmt: skip
+    return rows
+
+
+def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
+    """GSM8K's exact format (JSON lines of question / `#### answer`) on a tiny chat-template model: the `math`
+    verifier labels prepare's demonstrations and the preference pairs, rewards GRPO (no reward model loaded) and
+    scores pass@k in evaluate."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    rows = gsm8k_rows(300)
+    project = Project(tmp_path / "repo", preset="gsm8k", overrides={
+        "model": {"base": chat_llama(hub / "chat-llama")},
+        "trainer": CPU,
+        "prepare": {"dataset_path": "json", "dataset_name": None, "data_files": write_jsonl(hub / "gsm8k.jsonl", rows)},
+        "sft": {"max_length": 96}, "preferences": {"max_length": 96}, "reward": {"max_length": 96},
+        "reference": {"max_length": 96}, "dpo": {"max_length": 96},
+        "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
+        "evaluate": {"pass_k": 4},
+    })  # fmt: skip
+    assert project.ran(project.dvc("repro")) == STAGES
+    prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
+    assert prepared["answer"].str.contains("#### ").all()  # the reference answer travels with each row
+    assert prepared["gold"].eq(1.0).all()  # every demonstration's final answer checks against its own answer
+    assert prepared["prompt"].str.startswith("<|im_start|>user\nTom has").all()
+    metrics = project.report("metrics")
+    for policy in ("sft", "ppo", "dpo"):
+        assert {f"{policy}/pass_at_1", f"{policy}/pass_at_4", f"{policy}/mean_at_4", f"{policy}/maj_at_4"} <= set(
+            metrics), policy  # fmt: skip
+        assert 0.0 <= metrics[f"{policy}/pass_at_1"] <= metrics[f"{policy}/pass_at_4"] <= 1.0
+    assert metrics["judge/verifier_timeouts"] == 0.0
+    ppo = project.report("ppo")
+    assert "final/objective/accuracy" in ppo and ppo["model/value_parameters"] == 0.0  # GRPO: no value model

@@ -25,6 +25,8 @@ def _cfg(**overrides) -> PrepareConfig:
         prompt_words=8,
         messages_column=None,
         completion_words=None,
+        answer_column=None,
+        frac_wrong=0.0,
     )
     values.update(overrides)
     return PrepareConfig(**values)
