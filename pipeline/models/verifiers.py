@@ -27,6 +27,7 @@ never stalls a stage.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -183,7 +184,8 @@ class Verifier:
             self._worker = None
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit the subprocess machinery may be gone already
+            self.close()
 
 
 def lookup_answers(answers: Mapping[str, str], prompts: Sequence[str]) -> list[str]:

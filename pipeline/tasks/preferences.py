@@ -215,9 +215,12 @@ def checked_pairs(
     kept, counts = screen_pairs(frame, tokenizer, max_length=cfg.max_length, on_invalid=cfg.on_invalid,
                                 source=f"preferences {split} pairs", held_out=held_out,
                                 dedupe=cfg.mode == "dataset")  # fmt: skip
+    if kept.empty:  # before validation, whose dtype checks an empty table fails less clearly
+        raise ValueError(f"preferences: no valid {split} pairs were left; see the invalid/* counts {counts}. With "
+                         "generated pairs, all samples of each prompt may have scored the same (a verifier judge on "
+                         "a model that is never right): train SFT longer, raise preferences.k, or add a format "
+                         "reward (judge.format_pattern)")  # fmt: skip
     kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {split} pairs")
-    if kept.empty:
-        raise ValueError(f"preferences: no valid {split} pairs were left; see the invalid/* counts {counts}")
     return kept, {**counts, "pairs_written": float(len(kept))}
 
 

@@ -83,14 +83,19 @@ class Project:
         self.commit("project")
 
     @classmethod
+    def at(cls, path: Path) -> Project:
+        """A handle on a project already made at `path` (by another worker or fixture)."""
+        project = cls.__new__(cls)
+        project.path, project.env = path, _environment()
+        return project
+
+    @classmethod
     def copy_of(cls, source: Path, path: Path) -> Project:
         """A copy of the project at `source` (its git history, DVC cache, outputs and lock) with a fresh MLflow store:
         a test that starts from stages another run already reproduced, without running them again."""
         skip = shutil.ignore_patterns("mlflow.db", "mlartifacts", "tmp", ".checkpoints")
         shutil.copytree(source, path, symlinks=True, ignore=skip)
-        project = cls.__new__(cls)
-        project.path, project.env = path, _environment()
-        return project
+        return cls.at(path)
 
     def run(self, *args: str, timeout: float = 900, check: bool = True) -> str:
         try:

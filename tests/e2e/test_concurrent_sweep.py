@@ -17,7 +17,6 @@ pytestmark = pytest.mark.slow
 ATTEMPTS = 3
 
 
-@pytest.mark.xdist_group("upstream")
 def test_two_queue_workers_both_land_every_stage_run(tmp_path, upstream):
     project = Project.copy_of(upstream.path, tmp_path / "repo")  # the shared upstream: the points differ from dpo on
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")

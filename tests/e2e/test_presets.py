@@ -140,10 +140,14 @@ def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
         "model": {"base": chat_llama(hub / "chat-llama")},
         "trainer": CPU,
         "prepare": {"dataset_path": "json", "dataset_name": None, "data_files": write_jsonl(hub / "gsm8k.jsonl", rows)},
-        "sft": {"max_length": 96}, "preferences": {"max_length": 96}, "reward": {"max_length": 96},
-        "reference": {"max_length": 96}, "dpo": {"max_length": 96},
+        # the stand-in's small vocabulary spells the numbers out in several tokens each; its context is 256
+        "sft": {"max_length": 200, "max_new_tokens": 16}, "preferences": {"max_length": 200},
+        "reward": {"max_length": 200}, "reference": {"max_length": 200}, "dpo": {"max_length": 200},
         "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
         "evaluate": {"pass_k": 4},
+        # an untrained stand-in is never right, so every sample would tie at 0 and leave no pairs: a format reward
+        # (a pattern random text matches now and then) separates them, and is exercised on the way
+        "judge": {"format_pattern": "[aeiou]{2}", "format_weight": 0.5},
     })  # fmt: skip
     assert project.ran(project.dvc("repro")) == STAGES
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")

@@ -10,6 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.e2e.conftest import built_once
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
@@ -43,7 +44,6 @@ def _runs(project: Project, stage: str):
     return client.search_runs([experiment], filter_string=f"tags.`align.stage` = '{stage}'")
 
 
-@pytest.mark.xdist_group("upstream")  # the tests copying the session's `upstream` project run on one worker
 @pytest.mark.parametrize(
     ("stage", "before", "overrides"),
     [
@@ -97,20 +97,25 @@ SHORT_CONTEXT = {
 }
 
 
-@pytest.fixture(scope="module")
-def short_context(tmp_path_factory):
+@pytest.fixture(scope="session")
+def short_context(tmp_path_factory, worker_id):
     """The DAG on a 32-position model, whose sft stage first fails in a step after training (its loss curve's path
-    is under a regular file) and is then rerun with the whole DAG by `dvc repro`."""
-    project = Project(tmp_path_factory.mktemp("short-context") / "repo", overrides=SHORT_CONTEXT)
-    project.dvc("repro", "prepare")
-    (project.path / "blocker").write_text("a file, not a folder")
-    failed = project.run(sys.executable, "-m", "stages.sft", "--curve", "blocker/sft_loss.csv", check=False)
-    trained_weights = (project.path / "models/sft/model.safetensors").read_bytes()  # written before the curve
-    rerun = project.dvc("repro")
-    return project, failed, trained_weights, rerun
+    is under a regular file) and is then rerun with the whole DAG by `dvc repro`. Built once per test run."""
+
+    def build(path):
+        project = Project(path / "repo", overrides=SHORT_CONTEXT)
+        project.dvc("repro", "prepare")
+        (project.path / "blocker").write_text("a file, not a folder")
+        failed = project.run(sys.executable, "-m", "stages.sft", "--curve", "blocker/sft_loss.csv", check=False)
+        (path / "failed.txt").write_text(failed)
+        (path / "trained.safetensors").write_bytes((project.path / "models/sft/model.safetensors").read_bytes())
+        (path / "rerun.txt").write_text(project.dvc("repro"))
+
+    path = built_once(tmp_path_factory, worker_id, "short-context", build)
+    failed, rerun = (path / "failed.txt").read_text(), (path / "rerun.txt").read_text()
+    return Project.at(path / "repo"), failed, (path / "trained.safetensors").read_bytes(), rerun
 
 
-@pytest.mark.xdist_group("short_context")  # one worker builds the module's shared DAG once
 def test_a_stage_that_fails_after_training_resumes_at_its_end_and_trains_no_step_again(short_context):
     project, failed, trained_weights, rerun = short_context
     assert "FileExistsError: [Errno 17] File exists: 'blocker'" in failed  # the curve's folder is a file
@@ -127,7 +132,6 @@ def test_a_stage_that_fails_after_training_resumes_at_its_end_and_trains_no_step
     assert not list((project.path / ".checkpoints").glob("sft/*/step-*.ckpt"))  # cleared once the outputs exist
 
 
-@pytest.mark.xdist_group("short_context")
 def test_every_sampling_stage_stays_within_a_short_context_and_counts_the_rows_it_cut(short_context):
     project, _, _, rerun = short_context
     assert Project.ran(rerun) == {"sft", "preferences", "reward", "reference", "dpo", "ppo", "evaluate"}

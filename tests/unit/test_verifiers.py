@@ -1,6 +1,7 @@
 """Verifiable rewards: the answer rule, normalisation, the checkers, their time bound, and the accuracy metrics."""
 
 import math
+import re
 import time
 from pathlib import Path
 
@@ -135,7 +136,7 @@ def test_arithmetic_task_splits_by_prompt_keeps_answers_and_states_the_wrong_sha
     assert not prompts["train"] & (prompts["val"] | prompts["test"]) and not prompts["val"] & prompts["test"]
     for name, frame in splits.items():
         right = [final_answer(c) == a for c, a in zip(frame["completion"], frame["answer"], strict=True)]
-        a, b = zip(*(map(int, p.removeprefix("Q: ").split(" = ")[0].split(" + ")) for p in frame["prompt"]))
+        a, b = zip(*(map(int, re.findall(r"\d+", p)) for p in frame["prompt"]), strict=True)
         assert frame["answer"].tolist() == [str(x + y) for x, y in zip(a, b, strict=True)], name  # the true sums
         if name == "train":
             assert 0.25 < 1 - sum(right) / len(right) < 0.35  # prepare.frac_wrong of the demonstrations are wrong
