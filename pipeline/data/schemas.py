@@ -67,6 +67,7 @@ PREFERENCE_PAIRS = pa.DataFrameSchema(
         "rejected": pa.Column(str, [_non_empty, _non_blank]),
         "chosen_gold": pa.Column(float, nullable=True),
         "rejected_gold": pa.Column(float, nullable=True),
+        "answer": pa.Column(str, [_non_empty, _non_blank], required=False),  # the prompt's, with a verifier judge
     },
     checks=pa.Check(lambda f: f["chosen"] != f["rejected"], error="chosen must differ from rejected"),
     strict=True,

@@ -35,7 +35,10 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
     metrics["perf/wall_s"] = time.perf_counter() - start
     held_out = frozenset(read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"])
     kept, tables = {}, {}
+    answers = getattr(judge, "answers", None) if prefs.mode == "generate" else None
     for name, frame in splits.items():
+        if answers:  # a verifier labelled these pairs: each carries its prompt's reference answer
+            frame = frame.assign(answer=frame["prompt"].map(answers))
         kept[name], counts = checked_pairs(frame, tokenizer, prefs, name, held_out)
         metrics.update({f"{name}/{key}": value for key, value in counts.items()})
         tables[f"samples/{name}_pairs.json"] = kept[name].head(30)

@@ -154,6 +154,8 @@ def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
     assert prepared["answer"].str.contains("#### ").all()  # the reference answer travels with each row
     assert prepared["gold"].eq(1.0).all()  # every demonstration's final answer checks against its own answer
     assert prepared["prompt"].str.startswith("<|im_start|>user\nTom has").all()
+    pairs = pd.read_parquet(project.path / "data/preferences/train.parquet")
+    assert len(pairs) and pairs["answer"].str.contains("#### ").all()  # and with every verifier-labelled pair
     metrics = project.report("metrics")
     for policy in ("sft", "ppo", "dpo"):
         assert {f"{policy}/pass_at_1", f"{policy}/pass_at_4", f"{policy}/mean_at_4", f"{policy}/maj_at_4"} <= set(
