@@ -21,10 +21,10 @@ run: install
 
 test: install
 	ruff check pipeline stages tests
-	HF_HUB_OFFLINE=1 python -m pytest -n auto -m "slow or not slow" --durations=25
+	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "slow or not slow" --durations=25
 
 test-fast: install
-	HF_HUB_OFFLINE=1 python -m pytest -n auto -m "not slow" --durations=10
+	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "not slow" --durations=10
 
 lint: install
 	ruff check pipeline stages tests
