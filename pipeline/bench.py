@@ -39,8 +39,9 @@ from pipeline.models.build import (
 )
 from pipeline.models.generation import SamplingParams, sample_ids
 from pipeline.models.judges import VaderJudge
+from pipeline.models.reference import attach_reference, reference_logps
 from pipeline.tasks.synthetic import generate_reviews
-from pipeline.train.dpo import attach_reference, fit_dpo, reference_logps
+from pipeline.train.dpo import fit_dpo
 from pipeline.train.ppo import fit_ppo
 from pipeline.train.reward import fit_reward
 from pipeline.train.sft import fit_sft
@@ -286,7 +287,8 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
     tokens on a 2-layer, 128-wide Llama (39 M parameters, nearly all in the embeddings and head).
 
     `lean` False is the path before the memory work (full logits, a float32 log-softmax of them); True is
-    `pipeline.train.dpo.pair_logps` (chunked selective log-softmax under checkpointing). Run each in its own process:
+    `pipeline.models.reference.pair_logps` (chunked selective log-softmax under checkpointing). Run each in its own
+    process:
     the figure is the peak RSS above the process's size just before the step (on CUDA, peak allocated memory).
     """
     import psutil
@@ -294,7 +296,7 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
 
     from pipeline.losses.dpo import dpo_loss
     from pipeline.models.logprobs import sequence_logps
-    from pipeline.train.dpo import pair_logps
+    from pipeline.models.reference import pair_logps
 
     torch.manual_seed(seed)
     device = _device()

@@ -10,7 +10,7 @@ from pipeline.data.schemas import REFERENCE_LOGPS, validate_frame
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, frozen, inference_device
-from pipeline.train.dpo import reference_logps
+from pipeline.models.reference import reference_logps
 
 
 def run_reference(cfg: Config, *, pairs_dir: str, sft_dir: str) -> Outcome:

@@ -29,12 +29,14 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from filelock import FileLock, Timeout
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 PATTERN = "step-*.ckpt"
 
@@ -145,71 +147,3 @@ def set_rng_states(state: Mapping[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ResumeCallback(pl.Callback):
-    """Checkpoints every `checkpoints.every_n` steps (or rollouts) and when training ends; restores RNG states and the
-    data position.
-
-    Args:
-        data: the datamodule or sampler to tell where to restart.
-        accumulate: micro-batches per optimizer step (steps count optimizer steps).
-        unit: `steps` (optimizer steps, automatic optimisation) or `rollouts` (one training batch each: PPO).
-        run_id: the MLflow run the checkpoint belongs to.
-    """
-
-    def __init__(
-        self, checkpoints: Checkpoints, data: Resumable, *, accumulate: int = 1, unit: str = "steps", run_id: str = ""
-    ) -> None:
-        self.checkpoints, self.data, self.accumulate = checkpoints, data, accumulate
-        self.unit, self.run_id = unit, run_id
-        self._saved = self._last = 0
-        self._pending_rng: dict[str, Any] | None = None
-        self._trainer: pl.Trainer | None = None
-
-    @property
-    def state_key(self) -> str:
-        return "ResumeCallback"
-
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._trainer = trainer
-
-    def _done(self, trainer: pl.Trainer, batch_idx: int) -> int:
-        return batch_idx + 1 if self.unit == "rollouts" else trainer.global_step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, idx) -> None:
-        done = self._last = self._done(trainer, idx)
-        if not self.checkpoints.every_n or not done or done % self.checkpoints.every_n or done == self._saved:
-            return
-        self._saved = done
-        self._save(trainer, done)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After the fit's last validation too: a rerun after a later step failed restores everything and trains nothing.
-        if self.checkpoints.every_n and self._last:
-            self._save(trainer, self._last, final=True)
-
-    def _save(self, trainer: pl.Trainer, done: int, *, final: bool = False) -> None:
-        self._position = (trainer.current_epoch, self._consumed(trainer, done))
-        self.checkpoints.save(trainer, done, self.run_id, final=final)  # on every rank: the save is collective
-        trainer.strategy.barrier()  # no rank goes on before rank 0 renamed the file
-
-    def _consumed(self, trainer: pl.Trainer, done: int) -> int:
-        """Training batches of the current epoch already used."""
-        if self.unit == "rollouts":
-            return done
-        return done * self.accumulate - trainer.current_epoch * int(trainer.num_training_batches)
-
-    def state_dict(self) -> dict[str, Any]:
-        epoch, consumed = getattr(self, "_position", (0, 0))
-        return {"rng": rng_states(), "epoch": epoch, "consumed": consumed}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict["rng"]
-        self.data.resume_from(state_dict["epoch"], state_dict["consumed"])
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
-        # Restored here, not at load: creating the data iterator draws from the torch RNG in between.
-        if self._pending_rng is not None:
-            set_rng_states(self._pending_rng)
-            self._pending_rng = None

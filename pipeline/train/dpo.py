@@ -1,81 +1,26 @@
 """DPO training with cached reference log-probs.
 
-`reference_logps` runs the frozen reference (the SFT model) once over every pair, with exactly the tokenisation
-and collation DPO uses, so the `reference` stage can cache the result and a sweep over beta or the loss variant
-never repeats it. `DPOModule` trains the injected policy on pairs that carry those cached values: no reference
-model is held or run during training.
+`DPOModule` trains the injected policy on pairs that carry the reference's log-probs, cached by the `reference`
+stage (`pipeline.models.reference`): no reference model is held or run during training, and a sweep over beta or
+the loss variant never repeats them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
 from pipeline.config import DPOConfig, TrainerConfig
-from pipeline.data.batches import PairCollator, PreferencePair, RowsDataModule, per_sequence, read_pairs
+from pipeline.data.batches import PairCollator, PreferencePair, read_pairs
 from pipeline.data.schemas import REFERENCE_LOGPS, read_table
 from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
-from pipeline.models.logprobs import model_token_logps
+from pipeline.models.reference import attach_reference, pair_lengths, pair_logps
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
-
-
-def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over the 2B sequences
-    (padded, or packed: `PairCollator(packing=True)`)."""
-    logps, _ = model_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                 position_ids=batch.get("position_ids"))  # fmt: skip
-    return per_sequence(logps * batch["loss_mask"][:, 1:], batch).chunk(2)
-
-
-def pair_lengths(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scored (response + EOS) tokens of chosen and rejected, each (B,)."""
-    return per_sequence(batch["loss_mask"][:, 1:], batch).chunk(2)
-
-
-@torch.no_grad()
-def reference_logps(
-    model: torch.nn.Module, rows: Sequence[PreferencePair], collate: PairCollator, batch_size: int
-) -> pd.DataFrame:
-    """The reference's chosen/rejected log-probs for every pair, in row order (`index` = the row)."""
-    device = next(model.parameters()).device
-    model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    loader = DataLoader([rows[i] for i in order], batch_size=batch_size, collate_fn=collate)
-    chosen, rejected, index = [], [], []
-    for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        c, r = pair_logps(model, batch)
-        chosen.append(c.float().cpu())
-        rejected.append(r.float().cpu())
-        index.append(batch["index"].cpu())
-    frame = pd.DataFrame(
-        {
-            "index": torch.cat(index).numpy().astype("int64"),
-            "reference_chosen_logps": torch.cat(chosen).double().numpy(),
-            "reference_rejected_logps": torch.cat(rejected).double().numpy(),
-        }
-    )
-    return frame.sort_values("index").reset_index(drop=True)
-
-
-def attach_reference(rows: Sequence[PreferencePair], cached: pd.DataFrame, source: str) -> list[PreferencePair]:
-    """Give each pair its cached reference log-probs; the cache must cover exactly these rows."""
-    if len(cached) != len(rows) or cached["index"].tolist() != list(range(len(rows))):
-        raise ValueError(
-            f"{source}: cached reference log-probs cover {len(cached)} rows but the pairs table has {len(rows)}; "
-            "rerun the reference stage (dvc repro reference)"
-        )
-    return [
-        dataclasses.replace(row, reference_chosen_logps=float(c), reference_rejected_logps=float(r))
-        for row, c, r in zip(rows, cached["reference_chosen_logps"], cached["reference_rejected_logps"], strict=True)
-    ]
 
 
 def reads_reference(cfg: DPOConfig) -> bool:
@@ -163,7 +108,7 @@ class DPOModule(pl.LightningModule):
 def fit_dpo(policy, tokenizer, train: Sequence, val: Sequence, cfg: DPOConfig, trainer: TrainerConfig, *, seed: int,
             logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
             ) -> tuple[DPOModule, FitResult]:  # fmt: skip
-    """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`dpo.attach_reference`;
+    """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`attach_reference`;
     reference-free losses read none)."""
     module = DPOModule(policy, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
                        simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda, **optim_args(cfg))  # fmt: skip

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import RewardConfig, TrainerConfig
-from pipeline.data.batches import PairCollator, RowsDataModule, is_packed
+from pipeline.data.batches import PairCollator, is_packed
 from pipeline.files import write_json
 from pipeline.models.lora import backbone, unwrapped
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 

@@ -15,8 +15,9 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.config import SFTConfig, TrainerConfig
-from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.data.batches import SFTCollator
 from pipeline.models.logprobs import model_token_logps
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
@@ -50,8 +51,9 @@ class SFTModule(pl.LightningModule):
         }
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        logps, _ = model_token_logps(self.model, batch["input_ids"], batch["attention_mask"],
-                                     position_ids=batch.get("position_ids"))  # set by a packed batch
+        logps, _ = model_token_logps(
+            self.model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids")
+        )  # set by a packed batch
         return completion_nll(logps, batch["loss_mask"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

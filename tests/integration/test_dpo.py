@@ -1,12 +1,14 @@
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.data.batches import PairCollator, RowsDataModule
+from pipeline.data.batches import PairCollator
 from pipeline.models.build import build_causal_lm
 from pipeline.models.generation import SamplingParams, sample
 from pipeline.models.logprobs import sequence_kl
+from pipeline.models.reference import attach_reference, pair_logps, reference_logps
 from pipeline.track.tracking import StageRun
-from pipeline.train.dpo import DPOModule, attach_reference, pair_logps, reference_logps
+from pipeline.train.datamodule import RowsDataModule
+from pipeline.train.dpo import DPOModule
 from pipeline.train.trainer import Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 

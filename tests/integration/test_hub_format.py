@@ -5,9 +5,10 @@ import dataclasses
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.data.batches import SFTCollator
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.build import build_causal_lm, build_reward_model, save_model
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.sft import SFTModule
 from pipeline.train.trainer import build_trainer
 from tests.integration.helpers import tiny_rows

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from pipeline.data.batches import RowsDataModule, SFTCollator
+from pipeline.data.batches import SFTCollator
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model, zero_dropout
 from pipeline.models.lora import as_reference, parameter_counts
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.sft import SFTModule
 from pipeline.train.trainer import build_trainer
 from tests.integration.helpers import tiny_model, tiny_rows
@@ -84,8 +85,9 @@ def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(llama_dir, mod
         torch.testing.assert_close(reference(input_ids=ids).logits, base(input_ids=ids).logits)
     with torch.no_grad():
         assert not torch.allclose(policy(input_ids=ids).logits, base(input_ids=ids).logits)
-    with pytest.raises(ValueError, match=r"no reference model given and the policy has no adapters"), as_reference(
-        base, None
+    with (
+        pytest.raises(ValueError, match=r"no reference model given and the policy has no adapters"),
+        as_reference(base, None),
     ):
         pass
 

@@ -10,7 +10,8 @@ import torch
 from pipeline.data.batches import PairCollator
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.build import build_causal_lm, build_reward_model, zero_dropout
-from pipeline.train.dpo import DPOModule, pair_lengths, pair_logps
+from pipeline.models.reference import pair_lengths, pair_logps
+from pipeline.train.dpo import DPOModule
 from pipeline.train.reward import RewardModule, bradley_terry_loss
 from tests.integration.helpers import saved_tiny_model, tiny_pairs
 from tests.standins import chat_llama

@@ -1,9 +1,10 @@
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.data.batches import PairCollator, RowsDataModule
+from pipeline.data.batches import PairCollator
 from pipeline.models.build import build_reward_model
 from pipeline.track.tracking import StageRun
+from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.reward import RewardModule
 from pipeline.train.trainer import History, Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs

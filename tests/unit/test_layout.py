@@ -3,6 +3,8 @@ dvc.yaml in step with the code."""
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import get_type_hints
 
@@ -115,3 +117,12 @@ def test_stage_logs_exactly_the_params_dvc_tracks(name):
     assert len(calls) == 1
     assert ast.literal_eval(calls[0].args[0]) == name
     assert tracked_params(name, ROOT / "dvc.yaml") == DVC[name]["params"]  # read from dvc.yaml itself
+
+
+def test_the_stages_that_train_nothing_never_import_lightning():
+    # Importing Lightning costs a stage process seconds; these four stages run no Trainer.
+    lightning = "{'pytorch_lightning', 'lightning_fabric'}"
+    code = ("import sys; import stages.prepare, stages.preferences, stages.reference, stages.evaluate; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lightning}))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
