@@ -20,7 +20,7 @@ import torch
 from pipeline.config import EvaluateConfig
 from pipeline.data.batches import length_sorted_batches, response_batch
 from pipeline.models.generation import Samples, SamplingParams, sample
-from pipeline.models.judges import Judge
+from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.models.logprobs import sequence_kl
 from pipeline.models.lora import as_reference
 from pipeline.models.verifiers import final_answer, lookup_answers, normalize
@@ -261,7 +261,7 @@ def evaluate_policies(
                                 best_of_n_kl(n_max))  # fmt: skip
     metrics = {f"{name}/{key}": value for name, res in results.items()
                for key, value in summarize(res, results["sft"]).items()}  # fmt: skip
-    if cfg.pass_k and hasattr(judge, "last_correct"):  # a verifier: accuracy over k samples per prompt
+    if cfg.pass_k and isinstance(judge, VerifierJudge):  # a verifier: accuracy over k samples per prompt
         answers = lookup_answers(judge.answers, prompts)
         repeated = [p for p in prompts for _ in range(cfg.pass_k)]
         for name, model in {"sft": sft, **policies}.items():

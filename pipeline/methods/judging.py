@@ -9,7 +9,7 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.data.tokenization import encode
 from pipeline.models.build import inference_device
-from pipeline.models.judges import Judge, build_judge
+from pipeline.models.judges import Judge, VerifierJudge, build_judge
 
 
 def gold_judge(cfg: Config, frames: Sequence[tuple[str, pd.DataFrame]], tokenizer=None) -> Judge:
@@ -20,7 +20,7 @@ def gold_judge(cfg: Config, frames: Sequence[tuple[str, pd.DataFrame]], tokenize
         tokenizer: also key each answer by its prompt as decoded from its tokens (how PPO's rollouts see prompts).
     """
     judge = build_judge(cfg.judge).to(inference_device())
-    if not hasattr(judge, "with_answers"):
+    if not isinstance(judge, VerifierJudge):
         return judge
     for source, frame in frames:
         if "answer" not in frame:

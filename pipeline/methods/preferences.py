@@ -11,6 +11,7 @@ from pipeline.data.tokenization import load_tokenizer
 from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, inference_device
+from pipeline.models.judges import VerifierJudge
 from pipeline.tasks.preferences import checked_pairs, dataset_pairs, generate_pairs
 
 
@@ -35,7 +36,7 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
     metrics["perf/wall_s"] = time.perf_counter() - start
     held_out = frozenset(read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"])
     kept, tables = {}, {}
-    answers = getattr(judge, "answers", None) if prefs.mode == "generate" else None
+    answers = judge.answers if isinstance(judge, VerifierJudge) and prefs.mode == "generate" else None
     for name, frame in splits.items():
         if answers:  # a verifier labelled these pairs: each carries its prompt's reference answer
             frame = frame.assign(answer=frame["prompt"].map(answers))

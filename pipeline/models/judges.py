@@ -176,6 +176,7 @@ class VerifierJudge:
     def __init__(self, verifier: Verifier) -> None:
         self.verifier = verifier
         self.answers: dict[str, str] = {}
+        self.last_correct: list[float] = []
 
     def with_answers(self, answers: Mapping[str, str]) -> VerifierJudge:
         self.answers.update(answers)

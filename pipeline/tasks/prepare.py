@@ -21,7 +21,7 @@ from pipeline.config import PrepareConfig
 from pipeline.data.chat import conversation_prompts, render_prompt
 from pipeline.data.loading import load_table, require_columns, require_text
 from pipeline.data.schemas import PROMPT_COMPLETION, validate_frame
-from pipeline.models.judges import Judge
+from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.tasks.arithmetic import arithmetic_splits
 from pipeline.tasks.synthetic import class_fractions, generate_reviews
 
@@ -119,7 +119,7 @@ def prepare_splits(
         splits = {name: _render_prompts(split, tokenizer) for name, split in splits.items()} if tokenizer else splits
     else:
         splits = (synthetic_splits if cfg.source == "synthetic" else dataset_splits)(cfg, seed, tokenizer)
-    if hasattr(judge, "with_answers"):  # a verifier checks each completion against its row's answer
+    if isinstance(judge, VerifierJudge):  # a verifier checks each completion against its row's answer
         for split in splits.values():
             judge.with_answers(dict(zip(split["prompt"], split["answer"], strict=True)))
     splits = {

@@ -40,7 +40,7 @@ from pipeline.losses.rl import (
     masked_whiten,
 )
 from pipeline.models.generation import Samples, SamplingParams, sample_ids
-from pipeline.models.judges import Judge
+from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.models.logprobs import model_token_logps
 from pipeline.models.lora import as_reference, backbone, unwrapped
 from pipeline.train.optim import build_optimizer
@@ -224,8 +224,8 @@ class PPOModule(pl.LightningModule):
             "val/stopped_by_context": float(sum(samples.stopped_by_context)),
             "val/response_length": float(mask.sum(1).mean()),
         }
-        correct = getattr(self.judge, "last_correct", None)
-        if correct is not None:  # a verifier: the share of rollout responses whose answer checks, and hung checks
+        if isinstance(self.judge, VerifierJudge):  # the share of rollout responses whose answer checks; hung checks
+            correct = self.judge.last_correct
             stats["objective/accuracy"] = sum(correct) / len(correct)
             stats["objective/verifier_timeouts"] = float(self.judge.timeouts)
         if cfg.advantage_estimator in GROUP_ESTIMATORS:  # the spread the group baseline works with, as TRL logs it
