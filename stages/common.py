@@ -119,7 +119,9 @@ def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Ite
     hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}
     with _held(_checkpoints(name, config, stage_params, hashes)) as checkpoints:
         resume_from = checkpoints.latest() if checkpoints.every_n else None
-        run_id = os.environ.get(RUN_ID_ENV) if _rank() != 0 else None
+        # Ranks > 0 never create a run: under Lightning's launcher they join rank 0's; under torchrun (started
+        # apart, on other nodes) they have no id and log nothing.
+        run_id = os.environ.get(RUN_ID_ENV, "") if _rank() != 0 else None
         resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
         system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
         with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id,

@@ -63,7 +63,8 @@ class TrainerConfig:
     devices: int | str = bounded(">= 1")
     """Devices per node (`auto` or a count)."""
     strategy: str
-    """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, `fsdp`, `deepspeed_stage_2`, ..."""
+    """Lightning strategy: `auto`, `ddp`, `ddp_spawn`, `fsdp` (FSDP2 for sft, reward and dpo; ppo needs `ddp`),
+    `deepspeed_stage_2`, ... With `fsdp`, `devices` is a number."""
     precision: str
     """Lightning precision: `32-true`, `bf16-mixed`, `16-mixed`, `bf16-true`."""
     num_nodes: int = bounded(">= 1")

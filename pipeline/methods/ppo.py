@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
 from pipeline.methods.judging import gold_judge
@@ -14,11 +14,18 @@ from pipeline.models.build import build_causal_lm, build_reward_model, prepare_f
 from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
+from pipeline.train.sharding import FSDP
 
 
 def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks: Hooks = NO_HOOKS) -> Outcome | None:
     """`ppo.rollouts` rollout batches on the train prompts; `Outcome.history` holds every rollout's metrics. None on
     DDP ranks > 0."""
+    if cfg.trainer.strategy == FSDP:
+        raise ConfigError(
+            "trainer.strategy: fsdp is not supported by the ppo stage: each rank samples its own rollouts, and under "
+            "FSDP every decoding step is a collective that all ranks must join in lockstep, which rollouts ending at "
+            "different lengths break. Run ppo under DDP (trainer.strategy: ddp); sft, reward and dpo run under fsdp"
+        )
     ppo = cfg.ppo
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     train_table = read_table(f"{data_dir}/train.parquet", PROMPT_COMPLETION)

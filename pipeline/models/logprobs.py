@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.data.batches import length_sorted_batches, response_batch
-from pipeline.models.lora import as_reference, backbone, unwrapped
+from pipeline.models.lora import as_reference, backbone, root_call, unwrapped
 
 LEAN_MIN_VOCAB = 32_768
 CHUNK_TOKENS = 1024
@@ -82,8 +82,13 @@ def model_token_logps(
             logits = logits / temperature
         entropy = entropy_from_logits(logits[:, :-1].detach()) if with_entropy else None
         return token_logps(logits, input_ids), entropy
+    return root_call(model, _lean_model_logps, head, inputs, temperature, with_entropy)
+
+
+def _lean_model_logps(model, head, inputs, temperature: float, with_entropy: bool):
     hidden = backbone(model)(**inputs).last_hidden_state[:, :-1]  # (B, T-1, H)
-    return lean_token_logps(hidden, head, input_ids[:, 1:], temperature=temperature, with_entropy=with_entropy)
+    targets = inputs["input_ids"][:, 1:]
+    return lean_token_logps(hidden, head, targets, temperature=temperature, with_entropy=with_entropy)
 
 
 def lean_token_logps(

@@ -61,6 +61,18 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if has_adapters(model) else model
 
 
+ROOT_CALL = "align_root_call"
+"""Where `pipeline.train.sharding` puts a sharded model's entry point for `root_call`."""
+
+
+def root_call(model: torch.nn.Module, fn, *args, **kwargs):
+    """`fn(model, *args, **kwargs)`, run as a forward of `model`. For code that calls parts of a model (its
+    `backbone`, a head) instead of the model: under FSDP the root's parameters (embeddings, heads) are sharded and are
+    gathered, and their gradients reduced, only around a forward of the root."""
+    call = model.__dict__.get(ROOT_CALL)
+    return call(fn, *args, **kwargs) if call is not None else fn(model, *args, **kwargs)
+
+
 def backbone(model: torch.nn.Module) -> torch.nn.Module:
     """The transformer body (`transformer`, `model`, `gpt_neox`: the model's `base_model_prefix`) of a causal LM or
     sequence classifier, under LoRA too: its hidden states without the output or score head."""

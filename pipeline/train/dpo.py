@@ -20,6 +20,7 @@ from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_
 from pipeline.models.reference import attach_reference, pair_lengths, pair_logps
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
+from pipeline.train.sharding import shard
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
@@ -100,6 +101,9 @@ class DPOModule(pl.LightningModule):
         size = batch["index"].numel()
         self.log("val/loss", out["loss"], batch_size=size, sync_dist=True, prog_bar=True)
         self.log_dict({f"val/{k}": v for k, v in out.items() if k != "loss"}, batch_size=size, sync_dist=True)
+
+    def configure_model(self) -> None:
+        shard(self)  # under trainer.strategy: fsdp
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.policy, precision=str(self.trainer.precision), **self.optim_args)

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from pipeline.config import RewardConfig, TrainerConfig
 from pipeline.data.batches import PairCollator, is_packed
 from pipeline.files import write_json
-from pipeline.models.lora import backbone, unwrapped
+from pipeline.models.lora import backbone, root_call, unwrapped
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
+from pipeline.train.sharding import shard
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
@@ -81,6 +82,10 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
             f"reward.packing: {type(base).__name__} has no `score` head to read packed sequences with; "
             "set reward.packing: false"
         )
+    return root_call(model, _packed_scores, head, batch)
+
+
+def _packed_scores(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"]).last_hidden_state  # (R, L, H)  # fmt: skip
     return head(hidden.flatten(0, 1)[batch["last_token"]])[:, 0]
@@ -153,6 +158,9 @@ class RewardModule(pl.LightningModule):
                 spearman(torch.cat([chosen_k, rejected_k]), torch.cat([gold_c, gold_r]))
             )
         self.log_dict(metrics)
+
+    def configure_model(self) -> None:
+        shard(self)  # under trainer.strategy: fsdp
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)

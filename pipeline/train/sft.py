@@ -19,6 +19,7 @@ from pipeline.data.batches import SFTCollator
 from pipeline.models.logprobs import model_token_logps
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
+from pipeline.train.sharding import shard
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
@@ -79,6 +80,9 @@ class SFTModule(pl.LightningModule):
         loss = nll_sum / n_tokens.clamp(min=1)
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/perplexity", torch.exp(loss.clamp(max=50.0)))
+
+    def configure_model(self) -> None:
+        shard(self)  # under trainer.strategy: fsdp
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)

@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 
 from pipeline.config import TrainerConfig, TrainingConfig
 from pipeline.data.batches import is_packed
+from pipeline.train.sharding import build_strategy, gather
 
 
 def build_trainer(
@@ -42,7 +43,7 @@ def build_trainer(
     return pl.Trainer(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
-        strategy=cfg.strategy,
+        strategy=build_strategy(cfg),
         precision=cfg.precision,
         num_nodes=cfg.num_nodes,
         max_steps=max_steps,
@@ -237,6 +238,7 @@ def fit_and_validate(
                             accumulate_grad_batches=trainer_cfg.accumulate_grad_batches)  # fmt: skip
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
+    gather(module)  # under FSDP: rank 0's module holds plain, trained models again
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}
     metrics.update(throughput.summary)
     metrics["train/loss"] = next((r["train/loss"] for r in reversed(history.rows) if "train/loss" in r), float("nan"))
