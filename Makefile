@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench ui ui-stop frontier sweep preset docs deps plots clean-stores
+.PHONY: install run test test-fast lint bench gpu-check pg-installed ui ui-stop ui-postgres postgres postgres-stop frontier sweep preset docs deps plots clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ install: $(STAMP)
 run: install
 	dvc repro
 
-test: install
+test: install pg-installed
 	ruff check pipeline stages tests
 	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "slow or not slow" --durations=25
 
@@ -37,11 +37,14 @@ HEALTH := import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeou
 EXPERIMENT ?= $(or $(MLFLOW_EXPERIMENT_NAME),alignment)
 UI_URL := from pipeline.track.tracking import training_runs_url as u; import sys; print(u(*sys.argv[1:3]))
 
+# The server's store: SQLite in MLFLOW_STORE by default; any SQLAlchemy URL (e.g. `make ui-postgres`'s) instead.
+MLFLOW_BACKEND_URI ?= sqlite:///$(MLFLOW_STORE)/mlflow.db
+
 ui: install
 	@if [ -f $(MLFLOW_PIDFILE) ] && kill -0 $$(cat $(MLFLOW_PIDFILE)) 2>/dev/null; then \
 		echo "MLflow UI already running (PID $$(cat $(MLFLOW_PIDFILE))): $$(python -c '$(UI_URL)' http://127.0.0.1:$(MLFLOW_PORT) $(EXPERIMENT))"; exit 0; fi
 	@nohup $(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
-		--backend-store-uri sqlite:///$(MLFLOW_STORE)/mlflow.db \
+		--backend-store-uri $(MLFLOW_BACKEND_URI) \
 		--artifacts-destination $(MLFLOW_STORE)/mlartifacts > $(MLFLOW_STORE)/.mlflow-server.log 2>&1 & \
 		echo $$! > $(MLFLOW_PIDFILE)
 	@for i in $$(seq 1 180); do \
@@ -57,8 +60,60 @@ ui-stop:
 		for i in $$(seq 1 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
 		kill -0 $$pid 2>/dev/null && kill -KILL $$pid; rm -f $(MLFLOW_PIDFILE); echo "MLflow UI stopped"
 
+# The same UI over PostgreSQL, the store for many writers (large `-j` sweeps, several machines): `make ui-postgres`
+# starts a local PostgreSQL (`make postgres`: a cluster in PG_DIR, on 127.0.0.1:PG_PORT only, trust auth, a `mlflow`
+# database) and the MLflow server over it. Stop both with `make ui-stop postgres-stop`. A team server points
+# MLFLOW_BACKEND_URI at its own database instead: `make ui MLFLOW_BACKEND_URI=postgresql+psycopg://user:pw@host/db`.
+PG_PORT ?= 5432
+PG_DIR ?= $(MLFLOW_STORE)/.postgres
+PG_PIDFILE := $(PG_DIR)/data/postmaster.pid
+PG_URI = postgresql+psycopg://mlflow@127.0.0.1:$(PG_PORT)/mlflow
+# PostgreSQL refuses to run as root: as root (CI, containers) its programs run as the `postgres` system user.
+PG_AS := $(if $(filter 0,$(shell id -u)),runuser -u postgres --,)
+PG_BIN ?= $(or $(wildcard /usr/lib/postgresql/*/bin),$(dir $(shell command -v pg_ctl)))
+
+# The tests start a PostgreSQL of their own: its server programs (Debian's package) are installed when missing.
+pg-installed:
+	@test -x "$(PG_BIN)/pg_ctl" || { [ "$$(id -u)" = 0 ] && command -v apt-get > /dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null; } \
+		|| { echo "PostgreSQL's server programs are missing: install them (Debian: apt-get install postgresql)"; \
+		exit 1; }
+
+ui-postgres: postgres
+	@$(MAKE) --no-print-directory ui MLFLOW_BACKEND_URI=$(PG_URI)
+
+postgres:
+	@if [ -f $(PG_PIDFILE) ] && kill -0 $$(head -1 $(PG_PIDFILE)) 2>/dev/null; then \
+		echo "PostgreSQL already running (PID $$(head -1 $(PG_PIDFILE))): $(PG_URI)"; exit 0; fi; \
+	test -x $(PG_BIN)/pg_ctl || { echo "no PostgreSQL server programs (pg_ctl) in PG_BIN=$(PG_BIN): install" \
+		"them (Debian: apt-get install postgresql) or set PG_BIN"; exit 1; }; \
+	mkdir -p $(PG_DIR) $(if $(PG_AS),&& chown postgres: $(PG_DIR)) || exit 1; \
+	$(PG_AS) test -w $(PG_DIR) || { echo "PG_DIR=$(PG_DIR): the postgres user cannot write there (a folder" \
+		"above it is private to root?): set PG_DIR to one it can reach, e.g. PG_DIR=/var/tmp/align-postgres"; exit 1; }; \
+	if [ ! -f $(PG_DIR)/data/PG_VERSION ]; then $(PG_AS) $(PG_BIN)/initdb -D $(PG_DIR)/data -U mlflow \
+		--auth=trust -E UTF8 > $(PG_DIR)/initdb.log 2>&1 || { tail -20 $(PG_DIR)/initdb.log; exit 1; }; fi; \
+	$(PG_AS) $(PG_BIN)/pg_ctl -D $(PG_DIR)/data -l $(PG_DIR)/server.log -w -t 60 \
+		-o "-c listen_addresses=127.0.0.1 -p $(PG_PORT) -k $(PG_DIR)" start > /dev/null \
+		|| { echo "PostgreSQL did not start:"; tail -20 $(PG_DIR)/server.log; exit 1; }; \
+	$(PG_AS) psql -h 127.0.0.1 -p $(PG_PORT) -U mlflow -d postgres -tAc \
+		"SELECT 1 FROM pg_database WHERE datname = 'mlflow'" | grep -q 1 \
+		|| $(PG_AS) $(PG_BIN)/createdb -h 127.0.0.1 -p $(PG_PORT) -U mlflow mlflow || exit 1; \
+	echo "PostgreSQL: $(PG_URI) (PID $$(head -1 $(PG_PIDFILE)); make postgres-stop)"
+
+postgres-stop:
+	@if [ ! -f $(PG_PIDFILE) ]; then echo "no PostgreSQL PID file ($(PG_PIDFILE))"; exit 0; fi
+	@pid=$$(head -1 $(PG_PIDFILE)); kill -INT $$pid 2>/dev/null || true; \
+		for i in $$(seq 1 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+		kill -0 $$pid 2>/dev/null && kill -KILL $$pid; echo "PostgreSQL stopped"
+
 bench: install
 	python -m stages.bench
+
+# On a CUDA machine: the `gpu` preset's DAG at reduced steps in bf16-mixed -> reports/gpu-check.json. It installs
+# nothing: GPU_PYTHON must already have a CUDA build of torch and this project's dependencies.
+GPU_PYTHON ?= python3
+gpu-check:
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m stages.gpu_check
 
 frontier: install
 	python -m stages.frontier $(FRONTIER_ARGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -39,6 +40,13 @@ TINY = {
     },
     "evaluate": {"max_new_tokens": 12, "best_of_n": 4, "batch_size": 64, "n_shown_samples": 2},
 }
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's own server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _environment() -> dict[str, str]:

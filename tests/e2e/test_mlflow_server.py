@@ -1,22 +1,15 @@
 """A real `mlflow server` (started by `make ui`) receives a tiny pipeline run; checked through its REST API."""
 
 import json
-import socket
 import subprocess
 import urllib.request
 
 import pytest
 
 from pipeline.track.tracking import training_runs_url
-from tests.e2e.project import ROOT, Project
+from tests.e2e.project import ROOT, Project, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _api(port: int, path: str, body: dict | None = None) -> dict:
@@ -29,7 +22,7 @@ def _api(port: int, path: str, body: dict | None = None) -> dict:
 
 def test_pipeline_logs_through_a_local_mlflow_server(tmp_path):
     project = Project(tmp_path / "repo")
-    store, port = tmp_path / "server", _free_port()
+    store, port = tmp_path / "server", free_port()
     store.mkdir()
     make = ["make", "-C", str(ROOT), f"MLFLOW_PORT={port}", f"MLFLOW_STORE={store}"]
     started = subprocess.run([*make, "ui"], capture_output=True, text=True, timeout=300)
