@@ -36,7 +36,7 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
     metrics["perf/wall_s"] = time.perf_counter() - start
     held_out = frozenset(read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)["prompt"])
     kept, tables = {}, {}
-    answers = judge.answers if isinstance(judge, VerifierJudge) and prefs.mode == "generate" else None
+    answers = judge.answers if prefs.mode == "generate" and isinstance(judge, VerifierJudge) else None
     for name, frame in splits.items():
         if answers:  # a verifier labelled these pairs: each carries its prompt's reference answer
             frame = frame.assign(answer=frame["prompt"].map(answers))

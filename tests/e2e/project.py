@@ -135,7 +135,7 @@ class Project:
         deadline = time.monotonic() + timeout
         status = self.dvc("queue", "status")
         while ("Queued" in status or "Running" in status) and time.monotonic() < deadline:
-            time.sleep(3)
+            time.sleep(10)  # each `dvc queue status` costs a second or two of CPU that the queued stages need
             status = self.dvc("queue", "status")
         if "Queued" in status or "Running" in status:
             logs = self.worker_logs()
