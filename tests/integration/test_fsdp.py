@@ -3,7 +3,7 @@ with the same effective batch: sft and dpo, with LoRA, through the chunked log-p
 
 Each run is `python -m tests.sharded_fit` in its own process (Lightning's launcher re-runs the script per rank).
 Tolerance: every step's loss within 1e-5 relative, every final weight within 1e-5 absolute (measured on this
-machine: losses within 2e-7 relative, weights within 7e-8 for sft and 4e-7 for dpo); what differs is only the order
+machine: losses within 3e-7 relative, weights within 7e-8 for sft and 4e-7 for dpo); what differs is only the order
 of floating-point reductions across the two ranks.
 """
 
