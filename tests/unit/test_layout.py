@@ -120,7 +120,7 @@ def test_stage_logs_exactly_the_params_dvc_tracks(name):
 
 
 def test_the_stages_that_train_nothing_never_import_lightning():
-    # Importing Lightning costs a stage process seconds; these four stages run no Trainer.
+    # These four stages run no Trainer: importing Lightning would only slow their start.
     lightning = "{'pytorch_lightning', 'lightning_fabric'}"
     code = ("import sys; import stages.prepare, stages.preferences, stages.reference, stages.evaluate; "
             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lightning}))")  # fmt: skip
