@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from pipeline.bench import GPU_CHECK_OVERRIDES, stage_figures
-from pipeline.config import load_config, read_params
+from pipeline.config import load_config
+from stages.preset import apply_preset
 from tests.e2e.project import ROOT
 
 
@@ -22,9 +23,8 @@ def test_training_stages_get_mfu_from_six_flops_per_parameter_per_token():
 def test_the_overrides_make_a_valid_config_over_the_gpu_preset():
     import yaml
 
-    params = read_params(ROOT / "params.yaml")
-    for section, values in yaml.safe_load((ROOT / "presets/gpu.yaml").read_text()).items():
-        params[section].update(values)
+    text, _ = apply_preset((ROOT / "params.yaml").read_text(), ROOT / "presets/gpu.yaml")  # what gpu-check applies
+    params = yaml.safe_load(text)
     for section, values in GPU_CHECK_OVERRIDES.items():
         params[section].update(values)
     cfg = load_config(params)
