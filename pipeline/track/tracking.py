@@ -168,6 +168,25 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_root: str) -> st
     return experiment.experiment_id
 
 
+# What a store says when two writers insert the same row at once: PostgreSQL, SQLite, MySQL.
+DUPLICATE_ROW = ("duplicate key value violates unique constraint", "UNIQUE constraint failed", "Duplicate entry")
+LOG_INPUTS_ATTEMPTS = 3
+
+
+def log_inputs(client: MlflowClient, run_id: str, inputs: Sequence[Any]) -> None:
+    """`client.log_inputs`, safe when several runs log the same new dataset at once (a `-j N` sweep's stages share
+    their inputs). MLflow's store looks a dataset up by (experiment, name, digest) and inserts it when missing; two
+    concurrent writers both miss it and one insert fails on the primary key (PostgreSQL, seen at `-j 2`). That
+    transaction is rolled back whole, and a retry finds the dataset the other writer committed."""
+    for attempt in range(LOG_INPUTS_ATTEMPTS):
+        try:
+            client.log_inputs(run_id, datasets=list(inputs))
+            return
+        except MlflowException as error:
+            if attempt + 1 == LOG_INPUTS_ATTEMPTS or not any(m in str(error) for m in DUPLICATE_ROW):
+                raise
+
+
 def ensure_parent_run(client: MlflowClient, experiment_id: str, ctx: TrackingContext, params: Mapping[str, Any]) -> str:
     """Find the pipeline run of `ctx.run_group`, or create it with all params. It spans its stages: it starts with
     the first one, each stage sets it RUNNING, and each stage's end ends it FINISHED (FAILED when the stage failed),
@@ -372,8 +391,8 @@ class StageRun:
             for t in tables
         ]  # fmt: skip
         if inputs:
-            self.client.log_inputs(self.run_id, datasets=inputs)
-            self.client.log_inputs(self.parent_run_id, datasets=inputs)  # the pipeline's inputs, on its run
+            log_inputs(self.client, self.run_id, inputs)
+            log_inputs(self.client, self.parent_run_id, inputs)  # the pipeline's inputs, on its run
 
     def lightning_logger(self) -> Any:
         """A Lightning `MLFlowLogger` bound to this run (URI passed explicitly; it only logs from rank 0)."""

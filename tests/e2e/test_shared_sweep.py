@@ -19,15 +19,19 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.entities import Dataset, DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 
+from pipeline.track.tracking import log_inputs
 from tests.e2e.conftest import UPSTREAM
 from tests.e2e.project import ROOT, Project, free_port
 
@@ -114,6 +118,33 @@ def _run_share(project: Project, names: list[str], jobs: int, client: MlflowClie
     return log
 
 
+def _one_dataset_from_many_writers(client: MlflowClient, writers: int = 8) -> None:
+    """Stages of a `-j N` sweep log the same input table at the same moment. MLflow's store inserts a dataset it
+    does not find, so on PostgreSQL all but one of such writers used to fail on its primary key (a dpo stage of
+    this sweep did, in CI); `log_inputs` retries them. Each run lists the dataset; the experiment holds it once."""
+    experiment = client.create_experiment(f"datasets-{uuid.uuid4().hex[:8]}")
+    table = Dataset(name="preferences/train", digest=uuid.uuid4().hex[:36], source_type="local", source="{}")
+    inputs = [DatasetInput(table, tags=[InputTag("mlflow.data.context", "train")])]
+    runs = [client.create_run(experiment).info.run_id for _ in range(writers)]
+    together, errors = threading.Barrier(writers), []
+
+    def write(run_id: str) -> None:
+        together.wait()
+        try:
+            log_inputs(client, run_id, inputs)
+        except Exception as error:  # reported below, with every writer's
+            errors.append(repr(error)[:300])
+
+    threads = [threading.Thread(target=write, args=(run_id,)) for run_id in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for run_id in runs:
+        assert [d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs] == [table.digest]
+
+
 def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, upstream):
     git_remote, dvc_remote = tmp_path / "team.git", tmp_path / "dvc-remote"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(git_remote)], check=True)
@@ -126,6 +157,7 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
 
     with postgres_backed_mlflow() as servers:
         client = MlflowClient(servers.uri)
+        _one_dataset_from_many_writers(client)
         workers = {name: _clone(git_remote, tmp_path / f"worker-{name}", servers.uri) for name in JOBS}
         for worker in workers.values():
             worker.dvc("pull", "--run-cache", "--with-deps", *UPSTREAM)  # what origin reproduced
