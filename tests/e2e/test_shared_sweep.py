@@ -120,8 +120,8 @@ def _run_share(project: Project, names: list[str], jobs: int, client: MlflowClie
 
 def _one_dataset_from_many_writers(client: MlflowClient, writers: int = 8) -> None:
     """Stages of a `-j N` sweep log the same input table at the same moment. MLflow's store inserts a dataset it
-    does not find, so on PostgreSQL all but one of such writers used to fail on its primary key (a dpo stage of
-    this sweep did, in CI); `log_inputs` retries them. Each run lists the dataset; the experiment holds it once."""
+    does not find, so on PostgreSQL some of such writers failed on its primary key (1 to 6 of 8 here; a dpo stage of
+    this sweep did, in CI); `log_inputs` retries them. Every writer succeeds and every run lists the dataset."""
     experiment = client.create_experiment(f"datasets-{uuid.uuid4().hex[:8]}")
     table = Dataset(name="preferences/train", digest=uuid.uuid4().hex[:36], source_type="local", source="{}")
     inputs = [DatasetInput(table, tags=[InputTag("mlflow.data.context", "train")])]
