@@ -99,24 +99,31 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert project.ran(exp) == {"dpo", "evaluate"}
     assert {"reference", "reward", "sft", "ppo"} <= project.skipped(exp)
 
-    # A queued sweep point runs in DVC's temp dir and still logs to this repo's MLflow store.
-    project.dvc("exp", "run", "--queue", "-S", "dpo.beta=1.0", "-n", "beta1")
-    status = project.run_queue(jobs=1)
-    assert "Success" in status, status
+    # Two queued sweep points run at once (`dvc queue start -j 2`) in DVC's temp dirs, both logging to this repo's
+    # SQLite store (its file lock serialises their writes; tests/integration/test_concurrent_tracking.py without DVC).
+    points = {"beta1": {"dpo.beta": "1.0"}, "beta0.5": {"dpo.beta": "0.5"}}
+    rounds = project.run_points(points, jobs=2, client=client)
     shown = json.loads(project.dvc("exp", "show", "--json"))
-    queued = next(rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]
-                  if rev["name"] == "beta1")  # fmt: skip
-    assert "dpo/kl" in queued["data"]["metrics"]["reports/metrics.json"]["data"]
-    groups = {r.data.tags["align.run_group"] for r in client.search_runs([client.get_experiment_by_name("alignment")
-                                                                           .experiment_id])}  # fmt: skip
-    assert "beta1" in groups
+    revs = {rev["name"]: rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]}
+    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id], max_results=1000)
+    spans = []
+    for name in points:
+        assert "dpo/kl" in revs[name]["data"]["metrics"]["reports/metrics.json"]["data"], name
+        mine = [r for r in runs if r.data.tags.get("align.run_group") == name]
+        stages = [r for r in mine if r.data.tags["align.role"] == "stage"]
+        assert {r.data.tags["align.stage"] for r in stages} == {"dpo", "evaluate"}, name  # the rest cached
+        assert all(r.info.status == "FINISHED" for r in mine), name
+        spans.append((min(r.info.start_time for r in stages), max(r.info.end_time for r in stages)))
+    if len(rounds) == 1:  # they did run at once, unless DVC's race made one rerun alone
+        (start_one, end_one), (start_two, end_two) = spans
+        assert start_one < end_two and start_two < end_one, spans
 
     # The frontier report gathers the pipeline runs of this beta sweep from MLflow.
     frontier = project.run(sys.executable, "-m", "stages.frontier")
     assert "pipeline runs" in frontier
     table = (project.path / "reports/frontier.md").read_text()
     assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
-    assert "| dpo | dpo.beta | 1 |" in table
+    assert "| dpo | dpo.beta | 1 |" in table and "| dpo | dpo.beta | 0.5 |" in table
     assert (project.path / "reports/frontier.png").exists()
 
 

@@ -88,34 +88,12 @@ def _clone(remote: Path, path: Path, uri: str) -> Project:
     return project
 
 
-def _experiments(project: Project, *remote: str) -> list[str]:
-    listed = project.dvc("exp", "list", "--all-commits", "--name-only", *remote)
-    return sorted(line.strip() for line in listed.splitlines() if line.strip())
-
-
 def _run_share(project: Project, names: list[str], jobs: int, client: MlflowClient) -> list[str]:
-    """Queue the worker's points, run them with `jobs` queue workers, re-queue (alone) any DVC lost; push. The
-    queue status of each attempt."""
-    todo, log = list(names), []
-    for attempt in range(3):
-        for name in todo:
-            overrides = [arg for key, value in POINTS[name][1].items() for arg in ("-S", f"{key}={value}")]
-            project.dvc("exp", "run", "--queue", *overrides, "-n", name)
-        status = project.run_queue(jobs=jobs if attempt == 0 else 1)
-        logs = project.failed_task_logs(status)
-        experiment = client.get_experiment_by_name("alignment")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        failed = [r.info.run_name for r in runs if r.data.tags.get("align.run_group") in names
-                  and r.info.status == "FAILED"]  # fmt: skip
-        assert not failed and "failed to run:" not in logs, f"a stage failed: {failed}\n{status}\n{logs}"
-        todo = sorted(set(names) - set(_experiments(project)))
-        log.append(f"attempt {attempt + 1} (-j {jobs if attempt == 0 else 1}):\n{status}\n{logs}")
-        if not todo:
-            break
-        project.dvc("queue", "remove", "--failed")
-    assert not todo, f"DVC lost {todo} in every attempt:\n" + "\n".join(log)
+    """Run the worker's points with `jobs` queue workers (re-queueing any DVC lost), then push them with their cache
+    and run-cache. The queue status of each round."""
+    rounds = project.run_points({name: POINTS[name][1] for name in names}, jobs, client)
     project.dvc("exp", "push", "--run-cache", "origin", *names)
-    return log
+    return rounds
 
 
 def _one_dataset_from_many_writers(client: MlflowClient, writers: int = 8) -> None:
@@ -166,9 +144,9 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
         logs = {w: _run_share(project, shares[w], JOBS[w], client) for w, project in workers.items()}
 
         analyst = _clone(git_remote, tmp_path / "analyst", servers.uri)
-        assert _experiments(analyst, "origin") == sorted(POINTS), logs  # every point pushed, each once
+        assert analyst.experiments("origin") == sorted(POINTS), logs  # every point pushed, each once
         analyst.dvc("exp", "pull", "origin", *POINTS)
-        assert _experiments(analyst) == sorted(POINTS)
+        assert analyst.experiments() == sorted(POINTS)
         analyst.dvc("exp", "apply", "shared-s7-b0.3")  # its outputs come from the DVC remote, not from a rerun
         assert yaml.safe_load((analyst.path / "params.yaml").read_text())["dpo"]["beta"] == 0.3
         analyst.dvc("checkout")
