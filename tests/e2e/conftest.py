@@ -29,11 +29,12 @@ def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Pat
 
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory, worker_id) -> Project:
-    """The tiny project with every stage DPO and PPO read reproduced. Copy it (`Project.copy_of`), never change it."""
+    """The tiny project with every stage DPO and PPO read reproduced by one `dvc repro` (its output in
+    `upstream.path.parent / "repro.txt"`). Copy it (`Project.copy_of`), never change it."""
 
     def build(path: Path) -> None:
         project = Project(path / "repo")
-        project.dvc("repro", *UPSTREAM)
+        (path / "repro.txt").write_text(project.dvc("repro", *UPSTREAM))
         project.commit("upstream reproduced")
 
     return Project.at(built_once(tmp_path_factory, worker_id, "upstream", build) / "repo")
