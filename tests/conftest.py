@@ -16,6 +16,18 @@ from pipeline.data.tokenization import train_bpe_tokenizer  # noqa: E402
 from pipeline.tasks.synthetic import generate_reviews  # noqa: E402
 from pipeline.track.tracking import TrackingContext  # noqa: E402
 
+# The longest tests (a whole DAG or more each) start first. pytest-xdist's worksteal hands a worker that ran out only
+# tests not yet started, so one of these started last would leave the other worker idle until it ends.
+LONGEST_FIRST = ("e2e/test_pipeline.py", "e2e/test_shared_sweep.py", "e2e/test_mlflow_server.py", "e2e/test_presets.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its place
+
 
 @pytest.fixture(scope="session")
 def reviews():
