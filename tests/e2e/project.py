@@ -188,7 +188,7 @@ class Project:
             if not todo:
                 break
             self.dvc("queue", "remove", "--failed")
-        assert not todo, f"DVC lost {todo} in every round:\n" + "\n".join(rounds)
+        assert not todo, f"DVC lost {todo} in every round:\n" + "\n".join(rounds) + "\n" + self.worker_logs()
         return rounds
 
     def commit(self, message: str) -> None:
