@@ -31,7 +31,7 @@ def test_prepare_and_sft_under_dvc(tmp_path, upstream):
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags["align.role"] == "group"]
     children = [r for r in runs if r.data.tags["align.role"] == "stage"]
-    assert len(parents) == 1 and {r.info.run_name for r in children} == REPRODUCED and len(children) == 5
+    assert len(parents) == 1 and sorted(r.info.run_name for r in children) == sorted(REPRODUCED)
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     assert parents[0].data.params["sft.lr"] == str(float(sft and 1e-3))
     sft_run = next(r for r in children if r.info.run_name == "sft")
