@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.eval.reports import write_curve
 from pipeline.methods.dpo import run_dpo
 from pipeline.models.build import save_model
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {
     "pairs_dir": "data/preferences",
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pipeline.eval.reports import plot_gold_vs_kl
 from pipeline.files import write_text
 from pipeline.methods.evaluate import run_evaluate
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {
     "data_dir": "data/prepared",
@@ -36,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pipeline.eval.reports import plot_overoptimization, write_curve
 from pipeline.methods.ppo import run_ppo
 from pipeline.models.build import save_model
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {
     "data_dir": "data/prepared",
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

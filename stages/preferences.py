@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.files import write_splits
 from pipeline.methods.preferences import run_preferences
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {
     "data_dir": "data/prepared",
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

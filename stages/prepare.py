@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.files import atomic_path, write_splits
 from pipeline.methods.prepare import run_prepare
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {"data_dir": "data/prepared", "tokenizer_dir": "models/tokenizer", "report": "reports/prepare.json"}
 
@@ -19,4 +19,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pipeline.files import write_splits
 from pipeline.methods.reference import run_reference
-from stages.common import finish, stage
+from stages.common import finish, run_main, stage
 
 PATHS = {
     "pairs_dir": "data/preferences",
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
