@@ -69,12 +69,12 @@ class StageContext:
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage's `main` and, once it has returned, end the process without tearing the interpreter down.
 
-    A stage that returned has written its outputs (atomically) and ended its MLflow run. What the interpreter does at
-    exit after that is the normal shutdown's own steps (join the non-daemon threads, run the `atexit` handlers:
-    MLflow's and Lightning's flushes among them, flush stdout/stderr), which this runs in the same order, and then the
-    teardown of every module and object torch, transformers, MLflow and Lightning created: 1.6-1.9 s of each stage
-    process (measured; docs/benchmarks.md), spent freeing memory the OS reclaims anyway. `os._exit` skips that part
-    only. A stage that raises (or calls `sys.exit`) leaves the normal way, with its traceback and exit status."""
+    A stage that returned has written its outputs (atomically) and ended its MLflow run. This runs the normal
+    shutdown's own steps, in its order: join the non-daemon threads, run the `atexit` handlers (MLflow's flushes,
+    Lightning's NCCL teardown on GPUs), flush stdout and stderr. `os._exit` then skips only the teardown of every
+    module and object torch, transformers, MLflow and Lightning created: 1.6-1.9 s of each stage process (measured;
+    docs/benchmarks.md), spent freeing memory the OS reclaims anyway. A stage that raises (or calls `sys.exit`)
+    leaves the normal way, with its traceback and exit status."""
     main()
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
