@@ -80,12 +80,10 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert project.ran(out) == {"reward", "ppo", "evaluate"}  # ppo and evaluate read the reward model
     assert {"prepare", "sft", "preferences", "reference", "dpo"} <= project.skipped(out)
 
-    project.set_param("ppo", "kl_coef", 0.1)
-    out = project.dvc("repro")
-    assert project.ran(out) == {"ppo", "evaluate"}
-
-    # A critic-free estimator: GRPO over groups of 2 samples per prompt; the stage builds no value model.
-    for key, value in {"advantage_estimator": "grpo", "num_generations": 2, "prompts_per_rollout": 4}.items():
+    # ppo's own keys rerun ppo and evaluate only (a stage that tracked any of them would rerun too). Among them a
+    # critic-free estimator: GRPO over groups of 2 samples per prompt; the stage builds no value model.
+    ppo_keys = {"kl_coef": 0.1, "advantage_estimator": "grpo", "num_generations": 2, "prompts_per_rollout": 4}
+    for key, value in ppo_keys.items():
         project.set_param("ppo", key, value)
     out = project.dvc("repro")
     assert project.ran(out) == {"ppo", "evaluate"}
