@@ -10,6 +10,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = ROOT / "stages" / "__init__.py"
+"""Hands a stage's process to a warm server when one is set (stages/warm.py): it decides how the process starts,
+never what the stage computes, so it is no stage's dep (a change to it reruns nothing)."""
 
 
 def imports(path: Path) -> set[str]:
@@ -30,7 +33,7 @@ def _files(name: str) -> list[Path]:
     found = [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(1, len(parts))]
     module = ROOT.joinpath(*parts)
     found.append(module.with_suffix(".py") if module.with_suffix(".py").exists() else module / "__init__.py")
-    return [path for path in found if path.exists() and not _docstring_only(path)]
+    return [path for path in found if path.exists() and path != LAUNCHER and not _docstring_only(path)]
 
 
 def _docstring_only(path: Path) -> bool:

@@ -13,11 +13,15 @@ UPSTREAM = ("reward", "reference")
 """The tiny DAG's stages up to these (prepare, sft, preferences, reward, reference): what DPO and PPO train from."""
 
 
+def run_root(tmp_path_factory, worker_id: str) -> Path:
+    """The folder of this test run that every worker's base temp sits in (the base temp itself without xdist)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if worker_id != "master" else root
+
+
 def built_once(tmp_path_factory, worker_id: str, name: str, build: Callable[[Path], None]) -> Path:
     """`<run's temp root>/<name>`, filled by `build(path)` the first time any worker asks for it in this run."""
-    root = tmp_path_factory.getbasetemp()
-    if worker_id != "master":  # every worker's base temp sits in one folder for the run
-        root = root.parent
+    root = run_root(tmp_path_factory, worker_id)
     path = root / name
     with FileLock(str(root / f"{name}.lock")):
         if not (root / f"{name}.done").exists():

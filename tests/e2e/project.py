@@ -14,6 +14,8 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.environment import launch_environment
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128},
@@ -53,7 +55,7 @@ def free_port() -> int:
 def _environment() -> dict[str, str]:
     """The environment every command of a test project runs in: this venv first, offline, no outside store."""
     env = {
-        **os.environ,
+        **launch_environment(),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # tiny stages last seconds

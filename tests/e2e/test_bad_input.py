@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.environment import launch_environment
 from tests.standins import chat_llama, sentiment_classifier, ultrafeedback_rows, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +96,7 @@ def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_
 @pytest.mark.slow  # launches a stage process
 def test_tracking_server_down_fails_before_any_work_naming_the_variable(tmp_path):
     _params(tmp_path)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    env = launch_environment(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     env.pop("DVC_ROOT", None)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True,

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.files import dvc_md5
+from tests.e2e.conftest import run_root
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
@@ -14,9 +15,13 @@ DETERMINISTIC = ("val/loss", "val/perplexity", "train/loss", "perf/tokens", "mod
 REPRODUCED = {"prepare", "sft", "preferences", "reward", "reference"}  # the upstream's stages and theirs
 
 
-def test_prepare_and_sft_under_dvc(tmp_path, upstream):
+def test_prepare_and_sft_under_dvc(tmp_path, upstream, tmp_path_factory, worker_id):
     first = (upstream.path.parent / "repro.txt").read_text()  # a new project's first `dvc repro`: every stage ran
     assert upstream.ran(first) == REPRODUCED
+    # Each stage process was a warm server's child (tests/conftest.py), whichever worker built the upstream.
+    root = run_root(tmp_path_factory, worker_id)
+    served = "".join(log.read_text() for log in [*root.glob("*/warm-server.log"), *root.glob("warm-server.log")])
+    assert {stage for stage in REPRODUCED if f"stages.{stage} in {upstream.path}: process" in served} == REPRODUCED
     sft = upstream.report("sft")
     assert {"val/loss", "val/perplexity", "perf/tokens_per_s", "perf/wall_s", "perf/peak_rss_mb"} <= set(sft)
     assert (upstream.path / "models/sft/model.safetensors").exists()

@@ -10,6 +10,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
+from stages.warm import SOCKET_ENV
 from tests.e2e.conftest import built_once
 from tests.e2e.project import Project
 
@@ -22,9 +23,11 @@ def _comparable(report: dict) -> dict:
 
 
 def _kill_mid_stage(project: Project, stage: str) -> int:
-    """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written."""
+    """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written. The stage
+    starts cold (no warm server, tests/conftest.py): the process killed is the stage itself, as for a user."""
+    cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=project.path,
-                               env=project.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=cold, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     folder = project.path / ".checkpoints" / stage
     deadline = time.time() + 300
