@@ -56,15 +56,19 @@ IMPORT_TIME_ENV = (
 _HEADER = struct.Struct("!I")
 
 
-def _import_time_state(env: dict[str, str]) -> dict:
+def _interpreter() -> dict:
+    """What this interpreter was started with, that imports can read."""
     return {
         "executable": sys.executable,
         "version": sys.version,
         "flags": list(sys.flags),
         "warnoptions": sys.warnoptions,
         "xoptions": {key: str(value) for key, value in sys._xoptions.items()},
-        "import_env": {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV)},
     }
+
+
+def _import_time_env(env: dict[str, str]) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key.startswith(IMPORT_TIME_ENV)}
 
 
 # The client: the process DVC starts, `python -m stages.<stage>`, from `stages/__init__.py`.
@@ -87,7 +91,7 @@ def hand_over() -> None:
             "env": dict(os.environ),
             "path": sys.path,
             "streams": [_buffering(stream) for stream in (sys.stdout, sys.stderr)],
-            **_import_time_state(dict(os.environ)),
+            "interpreter": _interpreter(),
         }
         payload = json.dumps(request).encode()
         socket.send_fds(client, [_HEADER.pack(len(payload))], [0, 1, 2])
@@ -125,14 +129,17 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     """Import `preload`, then fork a child for each client on the Unix socket `path` until SIGTERM/SIGINT (or the
     process that started the server ends)."""
     before = dict(os.environ)
-    state = _import_time_state(before)
     for name in preload:
         importlib.import_module(name)
     for name in [name for name in sys.modules if name.split(".")[0] in ("pipeline", "stages")]:
         del sys.modules[name]  # a child imports them from its own working copy
-    # Variables the imports set (Lightning's PYTORCH_NVML_BASED_CUDA_CHECK, MLflow's SPARK_LOCAL_IP, ...), which
-    # a cold stage process would have too: a child sets them where its client has not.
-    state["imported_env"] = {key: value for key, value in os.environ.items() if before.get(key) != value}
+    state = {
+        "interpreter": _interpreter(),
+        "env": _import_time_env(before),
+        # Lightning's PYTORCH_NVML_BASED_CUDA_CHECK, MLflow's SPARK_LOCAL_IP, ...: a cold stage process sets them
+        # while it imports, so a child sets them where its client has not.
+        "set_by_imports": {key: value for key, value in os.environ.items() if before.get(key) != value},
+    }
     parent = os.getppid()
     if os.path.exists(path):  # left by a server that was killed
         os.unlink(path)
@@ -192,7 +199,7 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
                 os.close(fd)
             for other in waiting.values():
                 other.close()
-            _run_child(connection, fds, request, state["imported_env"])
+            _run_child(connection, fds, request, state["set_by_imports"])
         finally:
             os._exit(1)
     for fd in fds:
@@ -204,9 +211,10 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
 
 def _differences(request: dict, state: dict) -> list[str]:
     """What the client would have read at import differently from the server, as `key: client's != server's`."""
-    differences = [f"{key}: {request.get(key)!r} != {state[key]!r}" for key in state
-                   if key not in ("import_env", "imported_env") and request.get(key) != state[key]]  # fmt: skip
-    client, server = request.get("import_env", {}), state["import_env"]
+    theirs = request.get("interpreter", {})
+    differences = [f"{key}: {theirs.get(key)!r} != {ours!r}" for key, ours in state["interpreter"].items()
+                   if theirs.get(key) != ours]  # fmt: skip
+    client, server = _import_time_env(request.get("env", {})), state["env"]
     differences += [f"${key}: {client.get(key)!r} != {server.get(key)!r}" for key in sorted({*client, *server})
                     if client.get(key) != server.get(key)]  # fmt: skip
     return differences
@@ -238,7 +246,7 @@ def _eof() -> bytes:
 # The child: becomes the client's stage process.
 
 
-def _run_child(connection: socket.socket, fds: list[int], request: dict, imported_env: dict[str, str]) -> None:
+def _run_child(connection: socket.socket, fds: list[int], request: dict, set_by_imports: dict[str, str]) -> None:
     signal.set_wakeup_fd(-1)
     for number in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(number, signal.SIG_DFL)
@@ -251,7 +259,7 @@ def _run_child(connection: socket.socket, fds: list[int], request: dict, importe
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    for key, value in imported_env.items():
+    for key, value in set_by_imports.items():
         os.environ.setdefault(key, value)
     sys.path[:] = request["path"]
     sys.argv[:] = request["argv"]
