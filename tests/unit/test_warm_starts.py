@@ -1,7 +1,7 @@
 """Warm stage starts (stages/warm.py): `python -m stages.prepare` run as a fork of a server, with the caller's
 directory, argv, environment, streams, exit status and signals, and the code of the caller's copy; cold where the
 server is absent or the environment read at import differs. The stage here is a stand-in that reports what it sees
-(the real stages run warm in every end-to-end test, tests/conftest.py)."""
+(the real stages run warm in every end-to-end test, tests/conftest.py); and the hand-over imports nothing heavy."""
 
 import json
 import os
@@ -142,3 +142,12 @@ def test_a_stage_starts_cold_without_a_server(tmp_path):
     stage = _stage(_project(tmp_path / "caller", "caller's"), tmp_path / "no-server.sock", STAND_IN_MODE="exit")
     out, err = stage.communicate(timeout=60)
     assert stage.returncode == 3 and json.loads(out)["pid"] == stage.pid and err == "to stderr\n"
+
+
+def test_the_hand_over_imports_only_the_standard_library():
+    """It runs in every stage process before anything else: a library imported here would be loaded cold again."""
+    from stages.deps import imports
+
+    for path in (ROOT / "stages" / "__init__.py", ROOT / "stages" / "warm.py"):
+        outside = {name for name in imports(path) if name.split(".")[0] not in sys.stdlib_module_names}
+        assert outside <= {"stages.warm"}, (path.name, outside)
