@@ -171,6 +171,7 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
 
 def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket.socket], closing: tuple) -> None:
     connection.settimeout(10)
+    fds: list[int] = []
     try:
         header, fds, _, _ = socket.recv_fds(connection, _HEADER.size, 3)
         (size,) = _HEADER.unpack(header)
@@ -178,7 +179,9 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
         while len(payload) < size:
             payload += connection.recv(size - len(payload)) or _eof()
         request = json.loads(payload)
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, struct.error):  # a client that died or sent garbage: nothing to serve
+        for fd in fds:
+            os.close(fd)
         connection.close()
         return
     declined = _differences(request, state)
