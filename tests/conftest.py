@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from tests.environment import LAUNCH  # first: offline, and the environment before any library is imported
+from tests.environment import start_warm_server  # first: offline, and the environment before any library is imported
 
 # isort: split
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -40,24 +37,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def warm_stage_starts(request, tmp_path_factory):
     """Where slow tests run (the fast tier launches no stage), the stage processes this worker's tests launch start
-    as forks of one warm server (stages/warm.py): ~0.1 s each instead of 7-10 s of imports, for about 220 stage
+    as forks of one warm server (stages/warm.py): ~0.1 s each instead of 7-10 s of imports, for about 100 stage
     processes. Yields the server's log (one line per stage it started, one per stage that started cold and why).
-    Tests of killing a stage drop `STAGES_WARM_SOCKET` from their project's environment: theirs start cold."""
+    The resume tests drop `STAGES_WARM_SOCKET` from the run they kill: that stage starts cold."""
     if not any(item.get_closest_marker("slow") for item in request.session.items):
         yield None
         return
     folder = Path(tempfile.mkdtemp(prefix="warm-"))  # a Unix socket's path holds at most 107 bytes
     log = tmp_path_factory.getbasetemp() / "warm-server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "stages.warm", str(folder / "stages.sock")], cwd=ROOT,
-                                  env=LAUNCH, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-    deadline = time.time() + 300
-    while "serving on" not in log.read_text():  # printed once it listens
-        if server.poll() is not None or time.time() > deadline:
-            server.kill()
-            raise RuntimeError(f"the warm stage server did not start (exit {server.poll()}):\n{log.read_text()}")
-        time.sleep(0.1)
+    server = start_warm_server(folder / "stages.sock", log, cwd=ROOT)
     os.environ[SOCKET_ENV] = str(folder / "stages.sock")
     yield log
     del os.environ[SOCKET_ENV]

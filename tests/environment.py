@@ -7,6 +7,10 @@ and the warm server the tests start get this snapshot, not the test process's en
 """
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from stages.warm import SOCKET_ENV  # the standard library only
 
@@ -21,3 +25,21 @@ def launch_environment(**extra: str) -> dict[str, str]:
     """`LAUNCH`, the warm server's socket when one runs, then `extra`."""
     socket = {SOCKET_ENV: os.environ[SOCKET_ENV]} if SOCKET_ENV in os.environ else {}
     return {**LAUNCH, **socket, **extra}
+
+
+def start_warm_server(socket: Path, log: Path, cwd: Path, preload: tuple[str, ...] = (), timeout: float = 300):
+    """`python -m stages.warm socket` (importing `preload`, or every stage's libraries) in `cwd`, with `LAUNCH` and
+    its output in `log`; returns the process once it listens. One that ends or does not listen within `timeout`
+    seconds is killed and fails the caller with its log."""
+    command = [sys.executable, "-m", "stages.warm", str(socket), *(["--preload", *preload] if preload else [])]
+    env = {key: value for key, value in LAUNCH.items() if key != SOCKET_ENV}
+    with log.open("w") as out:
+        server = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while "serving on" not in log.read_text():  # printed once it listens
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"the warm stage server did not start (exit {server.poll()}):\n{log.read_text()}")
+        time.sleep(0.05)
+    return server

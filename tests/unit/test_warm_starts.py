@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from stages.warm import SOCKET_ENV
-from tests.environment import LAUNCH
+from tests.environment import LAUNCH, start_warm_server
 
 ROOT = Path(__file__).resolve().parents[2]
 STAND_IN = """
@@ -47,14 +47,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm")
     served = _project(root / "served", "served")
     log = root / "server.log"
-    env = {key: value for key, value in LAUNCH.items() if key != SOCKET_ENV}
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "stages.warm", str(root / "s.sock"), "--preload", "json"],
-                                   cwd=served, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
-    deadline = time.time() + 60
-    while "serving on" not in log.read_text():
-        assert process.poll() is None and time.time() < deadline, log.read_text()
-        time.sleep(0.05)
+    process = start_warm_server(root / "s.sock", log, cwd=served, preload=("json",), timeout=60)
     yield process, root / "s.sock", log
     process.terminate()
     assert process.wait(timeout=30) == 0
