@@ -17,6 +17,13 @@ from stages.warm import SOCKET_ENV  # the standard library only
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist, each worker's torch and the processes its tests start (stages, DDP ranks, servers) get the
+# worker's share of the cores for their intra-op threads (OpenMP, MKL), not every core: two workers on two cores
+# otherwise run four busy threads that wait on each other: the whole suite took a third longer, a preset's DAG up to
+# three times (docs/benchmarks.md). A run without workers keeps torch's default; a user's own setting always wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 LAUNCH = dict(os.environ)
 
