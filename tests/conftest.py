@@ -1,4 +1,8 @@
-"""Shared fixtures: offline hub, a tiny tokenizer and model config, a throwaway MLflow store."""
+"""Shared fixtures: offline hub, a tiny tokenizer and model config, a throwaway MLflow store.
+
+The fixtures import the pipeline (torch, transformers, MLflow: ~5 s) when first used, not here: under pytest-xdist
+the controller loads this file before it starts any worker and runs no test itself, so every run waited that long
+for nothing (docs/benchmarks.md). Type names stay importable for the annotations."""
 
 from __future__ import annotations
 
@@ -10,14 +14,15 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from pipeline.config import ModelConfig, TrainerConfig
-from pipeline.data.tokenization import train_bpe_tokenizer
-from pipeline.tasks.synthetic import generate_reviews
-from pipeline.track.tracking import TrackingContext
-from stages.warm import SOCKET_ENV
+from stages.warm import SOCKET_ENV  # the standard library only
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig, TrainerConfig
+    from pipeline.track.tracking import TrackingContext
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,16 +61,22 @@ def warm_stage_starts(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reviews():
+    from pipeline.tasks.synthetic import generate_reviews
+
     return generate_reviews(400, random.Random(0), frac_positive=0.4, frac_negative=0.4)
 
 
 @pytest.fixture(scope="session")
 def tokenizer(reviews):
+    from pipeline.data.tokenization import train_bpe_tokenizer
+
     return train_bpe_tokenizer([r.prompt + r.completion for r in reviews], vocab_size=1000)
 
 
 @pytest.fixture
 def model_cfg() -> ModelConfig:
+    from pipeline.config import ModelConfig
+
     return ModelConfig(
         base="scratch", trust_remote_code=False, n_layer=2, n_head=2, n_embd=32, n_positions=128, dropout=0.0,
         chat_template="auto", lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
@@ -74,6 +85,8 @@ def model_cfg() -> ModelConfig:
 
 @pytest.fixture
 def cpu_trainer_cfg() -> TrainerConfig:
+    from pipeline.config import TrainerConfig
+
     return TrainerConfig(
         accelerator="cpu", devices=1, strategy="auto", precision="32-true", num_nodes=1, log_every_n_steps=1,
         accumulate_grad_batches=1, gradient_checkpointing=False, compile=False, checkpoint_every_n_steps=0,
@@ -83,6 +96,8 @@ def cpu_trainer_cfg() -> TrainerConfig:
 
 @pytest.fixture
 def tracking(tmp_path) -> TrackingContext:
+    from pipeline.track.tracking import TrackingContext
+
     return TrackingContext(
         tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
         experiment_name="test",
