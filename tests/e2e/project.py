@@ -124,8 +124,12 @@ class Project:
     def dvc(self, *args: str) -> str:
         return self.run(sys.executable, "-m", "dvc", *args)
 
-    def run_queue(self, jobs: int, timeout: float = 900) -> str:
+    def run_queue(self, jobs: int, names: set[str], timeout: float = 900) -> str:
         """`dvc queue start -j jobs`, wait until nothing is queued or running, stop the workers; the final status.
+
+        A point that ran commits its experiment under its name (a Git ref, read in milliseconds); one that failed
+        commits none. So the queue's own status, 1.5-3 s of CPU that the queued stages need, is asked once every
+        named point has its experiment, and every 30 s before that in case one failed.
 
         The workers are daemons that inherit `dvc queue start`'s output, so it goes to a file: a pipe would stay open
         (and this call blocked) for as long as they live. A queue still busy after `timeout` seconds fails the test
@@ -135,17 +139,24 @@ class Project:
             subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=self.path,
                            env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=120,
                            check=True)  # fmt: skip
-        deadline = time.monotonic() + timeout
-        status = self.dvc("queue", "status")
-        while ("Queued" in status or "Running" in status) and time.monotonic() < deadline:
-            time.sleep(10)  # each `dvc queue status` costs a second or two of CPU that the queued stages need
-            status = self.dvc("queue", "status")
-        if "Queued" in status or "Running" in status:
+        deadline, asked, status = time.monotonic() + timeout, time.monotonic(), ""
+        while time.monotonic() < deadline:
+            if names <= self.experiment_refs() or time.monotonic() - asked > 30:
+                status, asked = self.dvc("queue", "status"), time.monotonic()
+                if "Queued" not in status and "Running" not in status:
+                    break
+            time.sleep(1)
+        else:
             logs = self.worker_logs()
             self.run(sys.executable, "-m", "dvc", "queue", "stop", "--kill", timeout=120, check=False)
             raise AssertionError(f"dvc queue still busy after {timeout:.0f} s:\n{status}\n{log.read_text()}\n{logs}")
         self.dvc("queue", "stop")
         return status
+
+    def experiment_refs(self) -> set[str]:
+        """The names of the experiments committed in this repository (`refs/exps/.../<name>`), read by Git alone."""
+        refs = self.run("git", "for-each-ref", "--format=%(refname)", "refs/exps/")
+        return {line.rsplit("/", 1)[-1] for line in refs.splitlines() if line.strip()}
 
     def worker_logs(self) -> str:
         """The tails of the DVC queue workers' own logs (where a task that failed in DVC's setup says why)."""
@@ -178,7 +189,7 @@ class Project:
             for name in todo:
                 overrides = [arg for key, value in points[name].items() for arg in ("-S", f"{key}={value}")]
                 self.dvc("exp", "run", "--queue", *overrides, "-n", name)
-            status = self.run_queue(jobs=jobs if attempt == 0 else 1)
+            status = self.run_queue(jobs if attempt == 0 else 1, set(todo))
             logs = self.failed_task_logs(status)
             experiment = client.get_experiment_by_name("alignment")
             runs = client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
