@@ -2,7 +2,7 @@
 
 The fixtures import the pipeline (torch, transformers, MLflow: ~5 s) when first used, not here: under pytest-xdist
 the controller loads this file before it starts any worker and runs no test itself, so every run waited that long
-for nothing (docs/benchmarks.md). Type names stay importable for the annotations."""
+for nothing (docs/benchmarks.md). The annotations name their types for type checkers only (TYPE_CHECKING)."""
 
 from __future__ import annotations
 
