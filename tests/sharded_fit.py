@@ -2,6 +2,9 @@
 one process or under a multi-process strategy (Lightning's launcher re-runs this script per rank), and write what
 tests/integration/test_fsdp.py compares: the loss of every step averaged over the ranks, and the final weights.
 
+With `--checkpoints DIR --die-at RANK:STEP` it writes mid-stage checkpoints every 2 steps, and process `RANK` kills
+itself (SIGKILL) in the middle of writing the one of step `STEP` (while the ranks gather the checkpoint's state).
+
 The model has a 32,768-token vocabulary, so its log-probs take the chunked path (backbone, then the output head a
 chunk at a time, under checkpointing); `--lora` puts adapters on it. Every row has the same length and the train set
 is exactly one effective batch, so each step sees the same rows, with the same token weight per row, whether one
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +31,9 @@ from pipeline.data.batches import PairCollator, PreferencePair, PromptCompletion
 from pipeline.models.build import prepare_for_training
 from pipeline.models.logprobs import LEAN_MIN_VOCAB
 from pipeline.models.reference import attach_reference, reference_logps
+from pipeline.train.checkpoints import Checkpoints
 from pipeline.train.dpo import fit_dpo
+from pipeline.train.resume import ResumeCallback
 from pipeline.train.sft import fit_sft
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +55,20 @@ class StepLosses(pl.Callback):
         self.losses.append(float(trainer.strategy.reduce(loss.detach(), reduce_op="mean")))
 
 
+class DyingMidCheckpoint(ResumeCallback):
+    """Checkpoints every 2 steps; process `rank` is killed while the checkpoint of step `step` is being written."""
+
+    def __init__(self, directory: str, data, rank: int, step: int) -> None:
+        super().__init__(Checkpoints(Path(directory), every_n=2, keep=True), data)
+        self.rank, self.step = rank, step
+
+    def state_dict(self) -> dict:
+        trainer = self._trainer
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().state_dict()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=("sft", "dpo"), required=True)
@@ -55,6 +76,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoints")
+    parser.add_argument("--die-at", default="-1:-1", help="RANK:STEP")
     args = parser.parse_args()
     cfg = load_config(read_params(ROOT / "params.yaml"))
     trainer = dataclasses.replace(cfg.trainer, accelerator="cpu", devices=args.devices, strategy=args.strategy,
@@ -73,6 +96,9 @@ def main() -> None:
     batch_size = ROWS // args.devices  # the same effective batch: the whole train set, every step
     losses = StepLosses()
     step_losses = lambda data, **unit: losses  # noqa: E731  (fit_* take extra callbacks through this hook)
+    if args.checkpoints:
+        die_rank, die_step = map(int, args.die_at.split(":"))
+        step_losses = lambda data, **unit: DyingMidCheckpoint(args.checkpoints, data, die_rank, die_step)  # noqa: E731
     if args.method == "sft":
         rows = [PromptCompletion(tokens(6), tokens(10)) for _ in range(ROWS)]
         sft = dataclasses.replace(cfg.sft, batch_size=batch_size, max_steps=STEPS, val_every_n_steps=STEPS,

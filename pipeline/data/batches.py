@@ -2,8 +2,8 @@
 
 Rows are tokenised once, before training, never in the loop. Batches are padded only to their own longest row,
 and the training sampler groups rows of similar length (shuffle, take windows of 50 batches, sort each window by
-length, cut into batches, shuffle the batches) so little compute goes to padding. Under DDP the plain shuffled
-loader is used and Lightning adds its distributed sampler.
+length, cut into batches, shuffle the batches) so little compute goes to padding. Under several processes each rank
+takes its share of the same batches (`LengthGroupedBatchSampler`'s `rank` and `world_size`).
 """
 
 from __future__ import annotations
@@ -212,6 +212,12 @@ class LengthGroupedBatchSampler(Sampler[list]):
     `accumulate` consecutive micro-batches, so accumulation sees exactly the rows one large batch would. With
     `weight` given, every index comes tagged with its group's total weight, `(index, total)`, so a loss can be
     normalised over the whole effective batch (SFT: its target tokens) instead of per micro-batch.
+
+    Under several processes (`world_size` > 1) every rank draws the same order and takes its share of each group
+    (rank r every `world_size`-th row of the length-sorted group), so a group is one optimizer step across the ranks,
+    each rank yields as many micro-batches as the others, and a position in the order (`epoch`, `skip`) means the
+    same on every rank: that is what a resumed stage restores. The order is first padded to a multiple of
+    `world_size` with its own first rows, as PyTorch's `DistributedSampler` pads. One process: the order as it was.
     """
 
     def __init__(
@@ -222,9 +228,12 @@ class LengthGroupedBatchSampler(Sampler[list]):
         window: int = 50,
         accumulate: int = 1,
         weights: Sequence[int] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         self.lengths, self.batch_size, self.seed, self.window = list(lengths), batch_size, seed, window
         self.accumulate, self.weights = accumulate, weights
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.skip = 0, 0
 
     def __iter__(self) -> Iterator[list]:
@@ -233,7 +242,8 @@ class LengthGroupedBatchSampler(Sampler[list]):
         skip, self.skip = self.skip, 0  # a resumed epoch leaves out the micro-batches it already trained on
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        group = self.batch_size * self.accumulate
+        order += (order * self.world_size)[: -len(order) % self.world_size]  # every rank gets as many rows
+        group = self.batch_size * self.accumulate * self.world_size
         groups = []
         for start in range(0, len(order), group * self.window):
             chunk = sorted(order[start : start + group * self.window], key=self.lengths.__getitem__)
@@ -241,6 +251,7 @@ class LengthGroupedBatchSampler(Sampler[list]):
         rng.shuffle(groups)
         micro = 0
         for rows in groups:
+            rows = rows[self.rank :: self.world_size]  # this rank's share of the step
             if self.weights is not None:
                 total = sum(self.weights[i] for i in rows)
                 rows = [(i, total) for i in rows]
@@ -250,7 +261,8 @@ class LengthGroupedBatchSampler(Sampler[list]):
                     yield rows[start : start + self.batch_size]
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+        rows = -(-len(self.lengths) // self.world_size)
+        return -(-rows // self.batch_size)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,9 @@
 """The Lightning datamodule every training stage serves its pre-tokenised rows through (kept apart from
-`pipeline.data.batches`, so the stages that train nothing never import Lightning)."""
+`pipeline.data.batches`, so the stages that train nothing never import Lightning).
+
+It shards the data across processes itself (the Trainer's `use_distributed_sampler` is off): training batches come
+from one `LengthGroupedBatchSampler` order that every rank shares, so a resumed multi-process stage restarts every
+rank at the same place in it."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from pipeline.data.batches import LengthGroupedBatchSampler
 
@@ -65,18 +69,11 @@ class RowsDataModule(pl.LightningDataModule):
         self._resume = (epoch, consumed)
 
     def train_dataloader(self) -> DataLoader:
-        if self.trainer is not None and self.trainer.world_size > 1:
-            generator = torch.Generator().manual_seed(self.seed)
-            return DataLoader(
-                self.train_rows,
-                batch_size=self.batch_size,
-                shuffle=True,
-                collate_fn=self.collate,
-                generator=generator,
-            )
+        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         weights = [self.weight(r) for r in self.train_rows] if self.weight and self.accumulate > 1 else None
         sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed,
-                                            accumulate=self.accumulate, weights=weights)  # fmt: skip
+                                            accumulate=self.accumulate, weights=weights, rank=rank,
+                                            world_size=world_size)  # fmt: skip
         if self._resume is not None:
             sampler.epoch, sampler.skip = self._resume
             self._resume = None
@@ -90,5 +87,11 @@ class RowsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))
-        return DataLoader([self.val_rows[i] for i in order], batch_size=self.batch_size, collate_fn=self.collate,
+        rows = [self.val_rows[i] for i in order]
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:  # what Lightning's own sampler did: each rank a
+            # strided share, padded with the first rows so that every rank runs as many (collective) steps
+            sampler = DistributedSampler(rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
+                                         shuffle=False)  # fmt: skip
+        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
                           generator=torch.Generator().manual_seed(self.seed))  # fmt: skip

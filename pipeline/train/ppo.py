@@ -331,7 +331,10 @@ class PPOModule(pl.LightningModule):
         stats["time/rollout_s"] = time.perf_counter() - start
         stats.update(self._update(rollout, batch_idx))
         stats["time/update_s"] = time.perf_counter() - start - stats["time/rollout_s"]
-        self.kl_ctl.update(stats["objective/kl"], n_steps=len(samples.texts))
+        kl = stats["objective/kl"]
+        if self.trainer.world_size > 1:  # one coefficient for the run: every rank updates it from the mean over ranks
+            kl = float(self.trainer.strategy.reduce(torch.tensor(kl, device=self.device), reduce_op="mean"))
+        self.kl_ctl.update(kl, n_steps=len(samples.texts))
         generated = sum(len(c) for c in samples.completion_ids)
         trained = int(rollout.attention_mask.sum()) * self.cfg.ppo_epochs
         stats["perf/generated_tokens"], stats["perf/trained_tokens"] = float(generated), float(trained)

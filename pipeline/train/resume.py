@@ -1,5 +1,11 @@
 """`ResumeCallback`: the Lightning side of mid-stage checkpoints (`pipeline.train.checkpoints` keeps the folder, the
-key and the RNG states, free of Lightning, for the stages that train nothing)."""
+key and the RNG states, free of Lightning, for the stages that train nothing).
+
+Under several processes one checkpoint holds what every rank needs to go on exactly: the weights and optimizer state
+(gathered from the shards under FSDP, re-sharded on load), the position in the data order (the same on every rank:
+each loader shards one shared order) and each rank's own RNG states, gathered when it is written. It is resumed by as
+many processes as wrote it, or refused.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ class ResumeCallback(pl.Callback):
 
     def _save(self, trainer: pl.Trainer, done: int, *, final: bool = False) -> None:
         self._position = (trainer.current_epoch, self._consumed(trainer, done))
+        self._rng = _every_rank(trainer, rng_states())  # dropout and sampling draw differently on each rank
         self.checkpoints.save(trainer, done, self.run_id, final=final)  # on every rank: the save is collective
         trainer.strategy.barrier()  # no rank goes on before rank 0 renamed the file
 
@@ -65,10 +72,21 @@ class ResumeCallback(pl.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         epoch, consumed = getattr(self, "_position", (0, 0))
-        return {"rng": rng_states(), "epoch": epoch, "consumed": consumed}
+        return {"rng": getattr(self, "_rng", None) or [rng_states()], "epoch": epoch, "consumed": consumed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_rng = state_dict["rng"]
+        states = state_dict["rng"]
+        states = states if isinstance(states, list) else [states]  # written by one process before ranks kept theirs
+        trainer = self._trainer
+        assert trainer is not None, "Lightning restores callback state after setup"
+        if len(states) != trainer.world_size:
+            raise ValueError(
+                f"{self.checkpoints.directory}: its checkpoint was written by {len(states)} process(es) and this run "
+                f"has {trainer.world_size} (trainer.devices x trainer.num_nodes); each rank's place in the data and "
+                f"its random state are kept for the processes that wrote it. Resume with {len(states)} process(es), "
+                f"or delete {self.checkpoints.directory} to start the stage over"
+            )
+        self._pending_rng = states[trainer.global_rank]
         self.data.resume_from(state_dict["epoch"], state_dict["consumed"])
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
@@ -76,3 +94,14 @@ class ResumeCallback(pl.Callback):
         if self._pending_rng is not None:
             set_rng_states(self._pending_rng)
             self._pending_rng = None
+
+
+def _every_rank(trainer: pl.Trainer, state: Any) -> list[Any]:
+    """`state` of every process, in rank order (a collective: every rank calls it)."""
+    if trainer.world_size == 1:
+        return [state]
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(gathered, state)
+    return gathered

@@ -60,6 +60,9 @@ def build_trainer(
         enable_checkpointing=False,
         enable_model_summary=False,
         deterministic=cfg.accelerator == "cpu",
+        # Each loader shards itself (`RowsDataModule`, PPO's per-rank prompt batches): the position a checkpoint
+        # records is then the same on every rank, where Lightning's own sampler restarts a resumed epoch at its start.
+        use_distributed_sampler=False,
     )
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.e2e.project import ROOT
@@ -40,3 +41,22 @@ def test_fsdp_on_two_cpu_processes_matches_one_process(tmp_path, method):
     worst = max(float((two_weights[k] - one_weights[k]).abs().max()) for k in one_weights)
     assert worst < 1e-5, worst
     assert two["metrics"]["val/loss"] == pytest.approx(one["metrics"]["val/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_rank_killed_mid_checkpoint_leaves_only_the_complete_one_before(tmp_path, strategy):
+    """Rank 1 dies while the ranks gather the step-4 checkpoint (its callback state): rank 0 fails on the lost
+    connection instead of writing or renaming it, and the step-2 checkpoint is the one a resume takes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    folder = tmp_path / "checkpoints"
+    command = [sys.executable, "-m", "tests.sharded_fit", "--out", str(tmp_path / "out"), "--method", "sft",
+               "--strategy", strategy, "--devices", "2", "--checkpoints", str(folder), "--die-at", "1:4"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000002.ckpt", "step-000000002.json"]
+    assert not (tmp_path / "out").exists()
+    from pipeline.train.checkpoints import Checkpoints
+
+    latest = Checkpoints(folder, every_n=2, keep=True).latest()
+    assert latest == folder / "step-000000002.ckpt"
+    assert len(torch.load(latest, weights_only=True)["callbacks"]["ResumeCallback"]["rng"]) == 2  # each rank's

@@ -54,6 +54,30 @@ def test_accumulation_groups_split_one_large_batch_and_carry_its_weight():
     assert all(totals[i] == sum(lengths[j] for j in batch) for batch in large for i in batch)
 
 
+def test_ranks_split_each_step_of_one_shared_order_and_resume_at_the_same_place():
+    lengths = [i % 13 + 1 for i in range(40)]
+    large = list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, window=2))  # one process, batch 8
+    assert list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, window=2, rank=0, world_size=1)) == large
+    ranks = [LengthGroupedBatchSampler(lengths, batch_size=2, seed=3, window=2, accumulate=2, rank=r, world_size=2)
+             for r in (0, 1)]  # fmt: skip
+    batches = [list(sampler) for sampler in ranks]
+    assert [len(b) for b in batches] == [len(sampler) for sampler in ranks] == [10, 10]  # as many steps each
+    # a step (two micro-batches on each of two ranks) holds the rows of one large batch, each rank half of them
+    for step, rows in enumerate(large):
+        shares = [[i for b in rank[2 * step : 2 * step + 2] for i in b] for rank in batches]
+        assert sorted(shares[0] + shares[1]) == sorted(rows) and len(shares[0]) == len(shares[1]) == 4
+    # resumed after 4 micro-batches (two steps), each rank yields what it would have
+    for sampler, full in zip(ranks, batches, strict=True):
+        sampler.epoch, sampler.skip = 0, 4
+        assert list(sampler) == full[4:]
+
+
+def test_ranks_get_as_many_rows_the_order_padded_with_its_own_first_rows():
+    ranks = [list(LengthGroupedBatchSampler([3] * 37, batch_size=4, seed=0, rank=r, world_size=2)) for r in (0, 1)]
+    rows = [i for rank in ranks for b in rank for i in b]
+    assert [len(rank) for rank in ranks] == [5, 5] and len(rows) == 38 and set(rows) == set(range(37))
+
+
 def test_tightest_packing_widens_rows_only_when_that_leaves_fewer_padding_slots():
     from pipeline.data.batches import tightest_packing
 
