@@ -11,12 +11,13 @@ import atexit
 import contextlib
 import os
 import random
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.files import dvc_md5, write_json
 from pipeline.methods.outcome import Hooks, Outcome
 from pipeline.track.provenance import input_tables, machine_tags
-from pipeline.track.tracking import StageRun, resolve_context
+from pipeline.track.tracking import StageRun, TrackingUnavailable, lost_server_message, resolve_context, server_lost
 from pipeline.train.checkpoints import Checkpoints, Resumable, checkpoint_key
 
 if TYPE_CHECKING:
@@ -74,8 +75,12 @@ def run_main(main: Callable[[], None]) -> None:
     Lightning's NCCL teardown on GPUs), flush stdout and stderr. `os._exit` then skips only the teardown of every
     module and object torch, transformers, MLflow and Lightning created: 1.6-1.9 s of each stage process (measured;
     docs/benchmarks.md), spent freeing memory the OS reclaims anyway. A stage that raises (or calls `sys.exit`)
-    leaves the normal way, with its traceback and exit status."""
-    main()
+    leaves the normal way, with its traceback and exit status; one whose tracking server does not answer, at its start
+    or mid-way, with the one-line error that names the URI and says what a rerun will do."""
+    try:
+        main()
+    except TrackingUnavailable as error:
+        sys.exit(str(error))  # one line: the store's URI, what happened, what to do; no traceback to read through
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
@@ -139,28 +144,73 @@ def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Ite
     ctx = resolve_context(os.environ, Path.cwd(), params_text)
     input_paths = [getattr(args, key) for key in inputs]
     hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}
-    with _held(_checkpoints(name, config, stage_params, hashes)) as checkpoints:
+    with _held(_checkpoints(name, config, stage_params, hashes)) as checkpoints, _reaper(ctx.tracking_uri) as reaper:
         resume_from = checkpoints.latest() if checkpoints.every_n else None
         # Ranks > 0 never create a run: under Lightning's launcher they join rank 0's; under torchrun (started
         # apart, on other nodes) they have no id and log nothing.
         run_id = os.environ.get(RUN_ID_ENV, "") if _rank() != 0 else None
         resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
         system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
-        with StageRun(ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id,
-                      tags=machine_tags(), system_metrics=system_metrics and _rank() == 0) as run:  # fmt: skip
+        with _failing_in_one_line(name, ctx.tracking_uri, checkpoints), StageRun(
+            ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id, tags=machine_tags(),
+            system_metrics=system_metrics and _rank() == 0,
+        ) as run:  # fmt: skip
             if _rank() == 0:
                 run.log_tables(input_tables(input_paths))
                 run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
             if run.killed:
                 print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
             if resume_from is not None:
-                step = int(resume_from.stem.split("-")[1])
+                step = checkpoints.step(resume_from)
                 where = (f"at the end of training (step {step}): no step is trained again"
                          if checkpoints.is_final(resume_from) else f"from step {step}")  # fmt: skip
                 print(f"resuming {name} {where} ({resume_from}), MLflow run {run.run_id}")
+            if reaper is not None:  # the stage's process owns the run: marked KILLED if it dies without ending it
+                reaper.write(f"run {run.run_id} {run.parent_run_id}\n")
+                reaper.flush()
             # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
             os.environ[RUN_ID_ENV] = run.run_id
             yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
+
+
+@contextlib.contextmanager
+def _failing_in_one_line(name: str, uri: str, checkpoints: Checkpoints) -> Iterator[None]:
+    """A tracking server that stops answering while the stage runs fails it as one that is down at its start does
+    (`TrackingUnavailable`, one line naming `MLFLOW_TRACKING_URI`), saying what a rerun will do."""
+    try:
+        yield
+    except Exception as error:
+        if not server_lost(error):
+            raise
+        raise TrackingUnavailable(f"{lost_server_message(uri, error)}. {_rerun(name, checkpoints)}") from None
+
+
+def _rerun(name: str, checkpoints: Checkpoints) -> str:
+    """What rerunning a stage that stopped mid-way will do: resume from its newest checkpoint, or start over."""
+    latest = checkpoints.latest() if checkpoints.every_n else None
+    rerun = f"Start it again and rerun the stage (`dvc repro {name}`)"
+    if latest is None:
+        return f"{rerun}: it starts over, as it wrote no checkpoint (trainer.checkpoint_every_n_steps)"
+    step = checkpoints.step(latest)
+    return f"{rerun}: it resumes from its checkpoint at step {step} ({latest}) in the same MLflow run"
+
+
+@contextlib.contextmanager
+def _reaper(tracking_uri: str) -> Iterator[IO[str] | None]:
+    """On rank 0, `python -m stages.reaper` in a session of its own, told the stage's runs through a pipe and told
+    `closed` once they are ended (stages/reaper.py): a stage killed before that leaves no run RUNNING. Yields the
+    pipe (None on ranks > 0, which own no run)."""
+    if _rank() != 0:
+        yield None
+        return
+    reaper = subprocess.Popen([sys.executable, "-m", "stages.reaper", tracking_uri], stdin=subprocess.PIPE,
+                              stdout=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    try:
+        yield reaper.stdin
+    finally:
+        with contextlib.suppress(BrokenPipeError):  # it died itself: it would have had nothing to do
+            reaper.stdin.write("closed\n")
+            reaper.stdin.close()
 
 
 @contextlib.contextmanager

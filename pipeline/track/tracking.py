@@ -106,6 +106,20 @@ def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
         ) from None
 
 
+def server_lost(error: BaseException) -> bool:
+    """Whether `error` is MLflow's client giving up on an http(s) tracking server mid-stage (refused, reset or timed
+    out, or answering 5xx past its retries: "API request to ... failed with ..."), not a request the server answered
+    and rejected."""
+    return isinstance(error, MlflowException) and str(error).startswith("API request to ")
+
+
+def lost_server_message(uri: str, error: BaseException) -> str:
+    """The one line a stage fails with when its tracking server stops answering while it runs."""
+    reason = str(error).splitlines()[0]
+    reason = reason if len(reason) <= 300 else reason[:300] + TRUNCATED
+    return f"MLFLOW_TRACKING_URI={uri}: the tracking server stopped answering while the stage ran ({reason})"
+
+
 def training_runs_url(base: str, experiment_name: str) -> str:
     """The MLflow UI's page of the experiment's training runs (`base`: the server's URL). MLflow 3's UI opens an
     experiment on its GenAI view (traces) unless the URL asks for the training view; an unknown or unreachable
@@ -138,6 +152,18 @@ def mark_killed(client: MlflowClient, experiment_id: str, group: str, stage: str
     for run_id in stale:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
     return stale
+
+
+def mark_orphaned(client: MlflowClient, run_ids: Sequence[str]) -> list[str]:
+    """The runs of a stage whose process died without ending them (its run, its pipeline run): those still `RUNNING`
+    are marked KILLED; the ids marked."""
+    marked = []
+    for run_id in run_ids:
+        with contextlib.suppress(MlflowException):  # deleted meanwhile: nothing to mark
+            if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING):
+                client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+                marked.append(run_id)
+    return marked
 
 
 # MLflow 3 opens an experiment on its GenAI (traces) view unless its kind says it holds training runs.
@@ -338,8 +364,13 @@ class StageRun:
     ) -> None:
         if self._monitor is not None:
             self._stop_monitor()
-        if self._owner:
-            status = RunStatus.to_string(RunStatus.FINISHED if kind is None else RunStatus.FAILED)
+        if not self._owner:
+            return
+        status = RunStatus.to_string(RunStatus.FINISHED if kind is None else RunStatus.FAILED)
+        # A stage failing on a lost server cannot mark its run FAILED there either: its own error is the one to see
+        # (the run stays RUNNING until the stage's rerun continues it, or a later stage marks it KILLED).
+        lost = error is not None and server_lost(error)
+        with contextlib.suppress(MlflowException) if lost else contextlib.nullcontext():
             self.client.set_terminated(self.run_id, status)
             self.client.set_terminated(self.parent_run_id, status)  # the pipeline run ends with its latest stage
 

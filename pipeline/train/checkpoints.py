@@ -72,6 +72,11 @@ class Checkpoints:
                 path.unlink(missing_ok=True)
         return None
 
+    @staticmethod
+    def step(checkpoint: Path) -> int:
+        """The step (PPO: rollout) a checkpoint was written at."""
+        return int(checkpoint.stem.split("-")[1])
+
     def run_id(self, checkpoint: Path) -> str | None:
         """The MLflow run the checkpointed stage was logging to."""
         return self._sidecar(checkpoint).get("run_id")

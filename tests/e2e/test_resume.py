@@ -1,5 +1,6 @@
 """SIGKILL a training stage mid-way, rerun `dvc repro`: it resumes from its checkpoint and ends where an
-uninterrupted run ends (same weights, same metrics), continuing its MLflow run; no run is left RUNNING."""
+uninterrupted run ends (same weights, same metrics), continuing its MLflow run; no run is left RUNNING, also when DVC
+restores the killed stage from its run-cache instead of running it."""
 
 import os
 import signal
@@ -22,11 +23,11 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if not k.startswith(("perf/", "time/", "final/perf/", "final/time/"))}
 
 
-def _kill_mid_stage(project: Project, stage: str) -> int:
+def _kill_mid_stage(project: Project, stage: str, *flags: str) -> int:
     """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written. The stage
     starts cold (no warm server, tests/conftest.py): the process killed is the stage itself, as for a user."""
     cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=project.path,
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *flags, "-s", stage], cwd=project.path,
                                env=cold, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)  # fmt: skip
     folder = project.path / ".checkpoints" / stage
@@ -45,6 +46,16 @@ def _runs(project: Project, stage: str):
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("alignment").experiment_id
     return client.search_runs([experiment], filter_string=f"tags.`align.stage` = '{stage}'")
+
+
+def _marked_killed(project: Project, stage: str, timeout: float = 60) -> list:
+    """The runs of `stage`, once none is RUNNING: the killed process's watcher (stages/reaper.py) marks its runs
+    KILLED within seconds of its death."""
+    deadline = time.time() + timeout
+    while (runs := _runs(project, stage)) and any(r.info.status == "RUNNING" for r in runs):
+        assert time.time() < deadline, [(r.info.run_id, r.info.status) for r in runs]
+        time.sleep(0.5)
+    return runs
 
 
 @pytest.mark.parametrize(
@@ -68,8 +79,8 @@ def test_killed_stage_resumes_and_matches_an_uninterrupted_run(tmp_path, upstrea
     killed_at = _kill_mid_stage(project, stage)
     total = overrides[stage].get("max_steps") or overrides[stage]["rollouts"]
     assert 0 < killed_at < total
-    zombie = [r for r in _runs(project, stage) if r.info.status == "RUNNING"]
-    assert len(zombie) == 1  # the killed process could not close its run
+    zombie = [r for r in _marked_killed(project, stage) if r.info.status == "KILLED"]
+    assert len(zombie) == 1  # the killed process could not end its run: its watcher did
 
     out = project.dvc("repro", stage)
     assert f"resuming {stage} from step {killed_at}" in out
@@ -145,3 +156,21 @@ def test_every_sampling_stage_stays_within_a_short_context_and_counts_the_rows_i
     assert metrics["sft/stopped_by_context"] > 0 and metrics["bon/stopped_by_context"] > 0
     preferences = project.report("preferences")
     assert "train/samples/stopped_by_context" in preferences and preferences["train/pairs_written"] > 0
+
+
+def test_a_killed_stage_that_dvc_restores_from_its_run_cache_leaves_no_run_running(tmp_path, upstream):
+    project = Project.copy_of(upstream.path, tmp_path / "repo")
+    project.set_param("trainer", "checkpoint_every_n_steps", 1)  # a runtime knob: no part of the run-cache's key
+    project.dvc("repro", "dpo")  # its run-cache entry
+    _kill_mid_stage(project, "dpo", "-f")  # the same stage again, killed mid-training
+    out = project.dvc("repro", "dpo")
+    assert "Stage 'dpo' is cached - skipping run, checking out outputs" in out  # no process of ours ran
+    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("alignment").experiment_id
+    deadline = time.time() + 60
+    while running := client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'"):
+        assert time.time() < deadline, [(r.info.run_name, r.info.status) for r in running]
+        time.sleep(0.5)
+    killed = client.search_runs([experiment], filter_string="attributes.status = 'KILLED'")
+    roles = sorted((r.data.tags["align.role"], r.data.tags.get("align.stage")) for r in killed)
+    assert roles == [("group", None), ("stage", "dpo")]  # the stage's run and its pipeline run

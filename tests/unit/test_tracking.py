@@ -124,3 +124,37 @@ def test_experiment_opens_on_training_runs_and_the_parent_run_spans_its_stages(t
     with StageRun(tracking, "sft", {}, {"seed": 1}):  # the stage rerun succeeds: so does the pipeline run
         pass
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"
+
+
+def test_a_server_that_stops_answering_is_told_apart_from_a_request_it_rejected(tracking, monkeypatch):
+    import pytest
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.track.tracking import lost_server_message, server_lost
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(MlflowException) as gone:  # nothing listens on port 9
+        MlflowClient("http://127.0.0.1:9").get_run("0" * 32)
+    with pytest.raises(MlflowException) as rejected:  # the store answered: no such run
+        MlflowClient(tracking.tracking_uri).get_run("0" * 32)
+    assert server_lost(gone.value) and not server_lost(rejected.value) and not server_lost(ValueError("x"))
+    message = lost_server_message("http://127.0.0.1:9", gone.value)
+    assert message.startswith("MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server stopped answering while")
+    assert "/runs/get" in message and "\n" not in message
+
+
+def test_the_reaper_marks_the_runs_of_a_stage_that_died_and_leaves_those_it_ended(tracking):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.track.tracking import mark_orphaned
+    from stages.reaper import watch
+
+    assert watch(["run a b\n", "closed\n"]) == [] and watch([]) == []  # ended by the stage; nothing opened
+    assert watch(["run a b\n"]) == ["a", "b"]  # its pipe closed without `closed`: the stage died
+    client = MlflowClient(tracking.tracking_uri)
+    experiment = client.create_experiment("reaper")
+    running, ended = (client.create_run(experiment).info.run_id for _ in range(2))
+    client.set_terminated(ended, "FINISHED")
+    assert mark_orphaned(client, [running, ended, "0" * 32]) == [running]
+    assert [client.get_run(r).info.status for r in (running, ended)] == ["KILLED", "FINISHED"]
