@@ -1,6 +1,7 @@
 """One training stage across two "nodes" of one process each, launched by `torchrun` with its c10d rendezvous on
 127.0.0.1, under FSDP: the same outputs as two processes on one node; only rank 0 writes and logs; a rank that
-dies fails the stage, named, with nothing written.
+dies fails the stage, named, with nothing written, and the nodes started again resume from its last checkpoint to
+the uninterrupted run's weights.
 
 Both "nodes" run in one project folder, as nodes of a cluster share a file system. Lightning reads the ranks and the
 world size from torchrun's environment (its `TorchElasticEnvironment`); `trainer.num_nodes` x `trainer.devices`
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.e2e.project import Project, free_port
+from tests.e2e.test_resume import _comparable
 
 pytestmark = pytest.mark.slow
 FSDP_TRAINER = {"strategy": "fsdp", "checkpoint_every_n_steps": 0}
@@ -51,7 +53,7 @@ def _torchrun_nodes(project: Project, nodes: int = 2) -> list[subprocess.Popen]:
 def _node_logs(project: Project, tail: int | None = 6000) -> str:
     """Each node's launcher log, its last `tail` characters (all of it with None)."""
     logs = sorted(project.path.parent.glob(f"{project.path.name}-node*.log"))
-    return "\n".join(f"== {path.name}\n{path.read_text()[-tail if tail else 0:]}" for path in logs)
+    return "\n".join(f"== {path.name}\n{path.read_text()[-tail if tail else 0 :]}" for path in logs)
 
 
 def _wait(nodes: list[subprocess.Popen], project: Project, timeout: float = 600) -> list[int]:
@@ -87,14 +89,22 @@ def test_two_torchrun_nodes_train_as_two_processes_on_one_node_do(tmp_path, upst
     assert sft.info.status == "FINISHED" and "val/loss" in sft.data.metrics
 
 
-def test_a_node_that_dies_fails_the_stage_named_and_nothing_is_written(tmp_path, upstream):
-    project = _project(upstream, tmp_path / "repo", devices=1, num_nodes=2)
-    project.set_param("sft", "max_steps", 400)  # long enough to be killed while training
+def test_a_node_that_dies_fails_the_stage_named_and_the_restarted_nodes_resume_to_the_uninterrupted_run(
+    tmp_path, upstream
+):
+    steps = {"max_steps": 60, "val_every_n_steps": 30}
+    uninterrupted = _project(upstream, tmp_path / "uninterrupted", devices=1, num_nodes=2)
+    project = _project(upstream, tmp_path / "repo", devices=1, num_nodes=2, checkpoint_every_n_steps=4)
+    for key, value in steps.items():
+        uninterrupted.set_param("sft", key, value)
+        project.set_param("sft", key, value)
+    assert _wait(_torchrun_nodes(uninterrupted), uninterrupted) == [0, 0], _node_logs(uninterrupted)
+
     nodes = _torchrun_nodes(project)
     deadline = time.monotonic() + 300
-    while "train/loss" not in _node_logs(project) and time.monotonic() < deadline:
+    while not list(project.path.glob(".checkpoints/sft/*/step-*.ckpt")) and time.monotonic() < deadline:
         assert all(node.poll() is None for node in nodes), _node_logs(project)
-        time.sleep(1)
+        time.sleep(0.02)
     _worker_of_rank(project, 1).send_signal(signal.SIGKILL)
     codes = _wait(nodes, project, timeout=180)
     logs, shown = _node_logs(project, tail=None), _node_logs(project)  # searched whole: the launchers' shutdown
@@ -105,6 +115,15 @@ def test_a_node_that_dies_fails_the_stage_named_and_nothing_is_written(tmp_path,
     assert not any((project.path / output).exists() for output in OUTPUTS)
     (sft,) = [r for r in _stage_runs(project) if r.info.run_name == "sft"]
     assert sft.info.status == "FAILED"
+
+    # The scheduler starts both nodes again: they resume from the checkpoint, into the same MLflow run.
+    assert _wait(_torchrun_nodes(project), project) == [0, 0], _node_logs(project)
+    assert re.search(r"resuming sft from step \d+", _node_logs(project, tail=None)), _node_logs(project)
+    (resumed,) = [r for r in _stage_runs(project) if r.info.run_name == "sft"]
+    assert resumed.info.run_id == sft.info.run_id and resumed.info.status == "FINISHED"
+    weights = "models/sft/model.safetensors"
+    assert (project.path / weights).read_bytes() == (uninterrupted.path / weights).read_bytes()
+    assert _comparable(project.report("sft")) == _comparable(uninterrupted.report("sft"))
 
 
 def _worker_of_rank(project: Project, rank: int):
