@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 MLFLOW_PORT ?= 5000
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint bench gpu-check pg-installed ui ui-stop ui-postgres postgres postgres-stop frontier sweep preset docs deps plots clean-stores
+.PHONY: install run test test-fast lint format bench gpu-check pg-installed ui ui-stop ui-postgres postgres postgres-stop frontier sweep preset docs deps plots clean-stores
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,7 @@ run: install
 
 test: install pg-installed
 	ruff check pipeline stages tests
+	ruff format --check pipeline stages tests
 	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "slow or not slow" --durations=25
 
 test-fast: install
@@ -32,6 +33,11 @@ test-fast: install
 
 lint: install
 	ruff check pipeline stages tests
+	ruff format --check pipeline stages tests
+
+# The one formatter (ruff format; `# fmt: skip` only on tables a reflow would lose). `make test` checks it.
+format: install
+	ruff format pipeline stages tests
 
 # The MLflow UI over the project's store, on 127.0.0.1 only. `make ui-stop` stops it by its PID.
 MLFLOW_STORE ?= $(CURDIR)

@@ -55,9 +55,19 @@ OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling",
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
 LONG_BATCH, LONG_NEW_TOKENS, LONG_POSITIONS = 64, 400, 512
 HUB_DROPOUT = 0.1
-TRAINER = TrainerConfig(accelerator="auto", devices=1, strategy="auto", precision="32-true", num_nodes=1,
-                        log_every_n_steps=50, accumulate_grad_batches=1, gradient_checkpointing=False, compile=False,
-                        checkpoint_every_n_steps=0, keep_checkpoints=False)  # fmt: skip
+TRAINER = TrainerConfig(
+    accelerator="auto",
+    devices=1,
+    strategy="auto",
+    precision="32-true",
+    num_nodes=1,
+    log_every_n_steps=50,
+    accumulate_grad_batches=1,
+    gradient_checkpointing=False,
+    compile=False,
+    checkpoint_every_n_steps=0,
+    keep_checkpoints=False,
+)
 
 
 def _device() -> str:
@@ -80,8 +90,7 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0, positions: int = 128
-            ) -> GPT2Config:  # fmt: skip
+def _config(tokenizer, activation: str = "gelu_pytorch_tanh", dropout: float = 0.0, positions: int = 128) -> GPT2Config:
     return GPT2Config(
         vocab_size=VOCAB,
         n_positions=positions,
@@ -113,20 +122,41 @@ class Workload:
     def causal_lm(self, *, disable_dropout: bool) -> PreTrainedModel:
         if self.hub is None:
             return GPT2LMHeadModel(_config(self.tokenizer))
-        return prepare_for_training(build_causal_lm(self.hub, self.tokenizer), self.hub, TRAINER,
-                                    disable_dropout=disable_dropout, task="CAUSAL_LM")  # fmt: skip
+        return prepare_for_training(
+            build_causal_lm(self.hub, self.tokenizer),
+            self.hub,
+            TRAINER,
+            disable_dropout=disable_dropout,
+            task="CAUSAL_LM",
+        )
 
     def reward_model(self) -> PreTrainedModel:
         if self.hub is None:
             return GPT2ForSequenceClassification(_config(self.tokenizer))
-        return prepare_for_training(build_reward_model(self.hub, self.tokenizer, self.hub.base), self.hub, TRAINER,
-                                    disable_dropout=True, task="SEQ_CLS")  # fmt: skip
+        return prepare_for_training(
+            build_reward_model(self.hub, self.tokenizer, self.hub.base),
+            self.hub,
+            TRAINER,
+            disable_dropout=True,
+            task="SEQ_CLS",
+        )
 
 
 def _hub_model_config(path: str) -> ModelConfig:
-    return ModelConfig(base=path, trust_remote_code=False, n_layer=4, n_head=4, n_embd=256, n_positions=128,
-                       dropout=HUB_DROPOUT, chat_template="none", lora_r=0, lora_alpha=16, lora_dropout=0.0,
-                       lora_target_modules="all-linear")  # fmt: skip
+    return ModelConfig(
+        base=path,
+        trust_remote_code=False,
+        n_layer=4,
+        n_head=4,
+        n_embd=256,
+        n_positions=128,
+        dropout=HUB_DROPOUT,
+        chat_template="none",
+        lora_r=0,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
+    )
 
 
 def workload(kind: str, directory: str | Path, seed: int = 0) -> Workload:
@@ -163,16 +193,28 @@ def workload(kind: str, directory: str | Path, seed: int = 0) -> Workload:
 
 def _measured(result: FitResult) -> dict[str, float]:
     summary = result.metrics
-    return {"wall_s": summary["perf/wall_s"], "tokens": summary["perf/tokens"],
-            "padding_efficiency": summary["perf/padding_efficiency"]}  # fmt: skip
+    return {
+        "wall_s": summary["perf/wall_s"],
+        "tokens": summary["perf/tokens"],
+        "padding_efficiency": summary["perf/padding_efficiency"],
+    }
 
 
 def _training(packing: bool) -> dict[str, object]:
     """The keys every benchmark training config shares: one epoch of the workload, no validation set."""
     steps = ROWS // BATCH
-    return {"lr": 1e-4, "weight_decay": 0.0, "warmup_steps": 10, "batch_size": BATCH, "max_steps": steps,
-            "val_every_n_steps": steps, "max_length": 128, "grad_clip": 1.0, "disable_dropout": True,
-            "packing": packing}  # fmt: skip
+    return {
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "warmup_steps": 10,
+        "batch_size": BATCH,
+        "max_steps": steps,
+        "val_every_n_steps": steps,
+        "max_length": 128,
+        "grad_clip": 1.0,
+        "disable_dropout": True,
+        "packing": packing,
+    }
 
 
 def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
@@ -199,8 +241,16 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
         reference = work.causal_lm(disable_dropout=True).requires_grad_(False)
         collate = PairCollator(pad, eos, packing=stage == "dpo_packed")
         cached = attach_reference(work.pairs, reference_logps(reference, work.pairs, collate, 64), "bench")
-        cfg = DPOConfig(**_training(stage == "dpo_packed"), loss="sigmoid", beta=0.1, label_smoothing=0.0,
-                        simpo_gamma=0.5, orpo_lambda=0.1, kl_prompts=1, max_new_tokens=1)  # fmt: skip
+        cfg = DPOConfig(
+            **_training(stage == "dpo_packed"),
+            loss="sigmoid",
+            beta=0.1,
+            label_smoothing=0.0,
+            simpo_gamma=0.5,
+            orpo_lambda=0.1,
+            kl_prompts=1,
+            max_new_tokens=1,
+        )
         out = _measured(fit_dpo(policy, work.tokenizer, cached, [], cfg, TRAINER, seed=seed)[1])
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage in ("ppo", "ppo_compiled_sampling"):
@@ -219,14 +269,42 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
 def ppo_config() -> PPOConfig:
     """The benchmark's PPO settings: GAE with a value model, the KL penalty in the reward (the default's method)."""
     return PPOConfig(
-        lr=1e-5, value_lr=1e-5, warmup_rollouts=1, rollouts=PPO_ROLLOUTS, prompts_per_rollout=PPO_PROMPTS,
-        minibatch_size=PPO_PROMPTS, ppo_epochs=2, max_new_tokens=PPO_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0,
-        gamma=1.0, lam=0.95, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, kl_coef=0.05, kl_estimator="k1",
-        kl_control="fixed", kl_target=6.0, kl_horizon=10000, whiten_rewards=False, reward_model_weight=1.0,
-        judge_weight=0.0, reward_clip=10.0, missing_eos_penalty=1.0, grad_clip=1.0, max_ratio=1e9, min_eos_rate=0.0,
-        n_logged_samples=1, disable_dropout=True, num_generations=1, advantage_estimator="gae", kl_in="reward",
+        lr=1e-5,
+        value_lr=1e-5,
+        warmup_rollouts=1,
+        rollouts=PPO_ROLLOUTS,
+        prompts_per_rollout=PPO_PROMPTS,
+        minibatch_size=PPO_PROMPTS,
+        ppo_epochs=2,
+        max_new_tokens=PPO_NEW_TOKENS,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        gamma=1.0,
+        lam=0.95,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        kl_control="fixed",
+        kl_target=6.0,
+        kl_horizon=10000,
+        whiten_rewards=False,
+        reward_model_weight=1.0,
+        judge_weight=0.0,
+        reward_clip=10.0,
+        missing_eos_penalty=1.0,
+        grad_clip=1.0,
+        max_ratio=1e9,
+        min_eos_rate=0.0,
+        n_logged_samples=1,
+        disable_dropout=True,
+        num_generations=1,
+        advantage_estimator="gae",
+        kl_in="reward",
         kl_loss_coef=0.05,
-    )  # fmt: skip
+    )
 
 
 def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
@@ -235,16 +313,33 @@ def _run_ppo(work: Workload, seed: int, compiled: bool) -> dict[str, float]:
     reference, reward = work.causal_lm(disable_dropout=True), work.reward_model()
     prompts = [r.prompt_ids for r in work.rows]
     start = time.perf_counter()
-    module, _ = fit_ppo(policy, value, reference, reward, VaderJudge(), work.tokenizer, prompts, cfg, TRAINER,
-                        reward_mean=0.0, reward_std=1.0, seed=seed, compiled_sampling=compiled)  # fmt: skip
+    module, _ = fit_ppo(
+        policy,
+        value,
+        reference,
+        reward,
+        VaderJudge(),
+        work.tokenizer,
+        prompts,
+        cfg,
+        TRAINER,
+        reward_mean=0.0,
+        reward_std=1.0,
+        seed=seed,
+        compiled_sampling=compiled,
+    )
     wall = time.perf_counter() - start
     n = count_parameters(policy)
     generated = sum(h["perf/generated_tokens"] for h in module.history)
     trained = sum(h["perf/trained_tokens"] for h in module.history)
     # generation + four no-grad scoring passes (2N per token) + policy and value updates (6N per token each)
     flops = 2 * n * generated + 4 * 2 * n * trained / cfg.ppo_epochs + 2 * 6 * n * trained
-    return {"wall_s": wall, "tokens": float(generated + trained), "flops": float(flops),
-            "rollouts_per_s": PPO_ROLLOUTS / wall}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "tokens": float(generated + trained),
+        "flops": float(flops),
+        "rollouts_per_s": PPO_ROLLOUTS / wall,
+    }
 
 
 def _run_generation(work: Workload, seed: int, compiled: bool, long: bool = False) -> dict[str, float]:
@@ -300,8 +395,15 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
 
     torch.manual_seed(seed)
     device = _device()
-    config = LlamaConfig(vocab_size=MEMORY_VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=MEMORY_VOCAB,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).to(device)
     ids = torch.randint(0, MEMORY_VOCAB, (2 * MEMORY_PAIRS, MEMORY_TOKENS), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
@@ -326,8 +428,14 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
 
 # `make gpu-check`: the `gpu` preset's DAG at reduced step counts (section -> keys laid over the preset).
 GPU_CHECK_OVERRIDES = {
-    "trainer": {"accelerator": "cuda", "precision": "bf16-mixed", "checkpoint_every_n_steps": 0, "devices": 1,
-                "strategy": "auto", "num_nodes": 1},  # fmt: skip
+    "trainer": {
+        "accelerator": "cuda",
+        "precision": "bf16-mixed",
+        "checkpoint_every_n_steps": 0,
+        "devices": 1,
+        "strategy": "auto",
+        "num_nodes": 1,
+    },
     "prepare": {"n_train": 10000},
     "sft": {"max_steps": 150, "val_every_n_steps": 75},
     "preferences": {"train_prompts": 1024, "val_prompts": 128},
@@ -363,5 +471,10 @@ def stage_figures(stage: str, report: dict[str, float], wall_s: float, peak_tflo
     mfu = None
     if stage in TRAINING_STAGES and tokens_per_s and parameters:
         mfu = 6 * parameters * tokens_per_s / (peak_tflops * 1e12)
-    return {"wall_s": wall_s, "steady_tokens_per_s": tokens_per_s, "mfu": mfu, "parameters": parameters,
-            "peak_gpu_mem_mb": report.get("perf/peak_gpu_mem_mb")}  # fmt: skip
+    return {
+        "wall_s": wall_s,
+        "steady_tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "parameters": parameters,
+        "peak_gpu_mem_mb": report.get("perf/peak_gpu_mem_mb"),
+    }

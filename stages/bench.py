@@ -40,16 +40,19 @@ def _memory_case() -> dict[str, dict[str, float]]:
     """One DPO step at a 151,936-token vocabulary, before and after the memory work, each in a fresh process."""
     result = {}
     for variant in ("before", "after"):
-        done = subprocess.run([sys.executable, "-m", "stages.bench", "--memory-child", variant], capture_output=True,
-                              text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "stages.bench", "--memory-child", variant], capture_output=True, text=True
+        )
         if done.returncode:
             sys.exit(f"bench: DPO memory case ({variant}) failed:\n{done.stderr[-3000:]}")
         result[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = result["before"]["peak_mb"] / result["after"]["peak_mb"]
     result["reduction"] = {"factor": ratio}
-    print(f"DPO step at vocab 151,936, 4 pairs x 512 tokens: peak {result['before']['peak_mb']:.0f} MB before, "
-          f"{result['after']['peak_mb']:.0f} MB after ({ratio:.1f}x lower); step "
-          f"{result['before']['wall_s']:.1f} s vs {result['after']['wall_s']:.1f} s")  # fmt: skip
+    print(
+        f"DPO step at vocab 151,936, 4 pairs x 512 tokens: peak {result['before']['peak_mb']:.0f} MB before, "
+        f"{result['after']['peak_mb']:.0f} MB after ({ratio:.1f}x lower); step "
+        f"{result['before']['wall_s']:.1f} s vs {result['after']['wall_s']:.1f} s"
+    )
     return result
 
 
@@ -69,23 +72,35 @@ def main() -> None:
     if args.memory_child:
         return print(json.dumps(dpo_memory_step(lean=args.memory_child == "after")))
     peak = matmul_peak_gflops()
-    report = {"machine": {"fp32_matmul_peak_gflops": peak, "threads": torch.get_num_threads(),
-                          "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}}  # fmt: skip
+    report = {
+        "machine": {
+            "fp32_matmul_peak_gflops": peak,
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        }
+    }
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s on {torch.get_num_threads()} threads")
-    print(f"{'workload':9} {'stage':21} {'wall s':>7} {'tokens/s':>9} {'MFU':>6} {'padding eff':>11} "
-          f"{'peak RSS MB':>11}  more")  # fmt: skip
+    print(
+        f"{'workload':9} {'stage':21} {'wall s':>7} {'tokens/s':>9} {'MFU':>6} {'padding eff':>11} "
+        f"{'peak RSS MB':>11}  more"
+    )
     for kind in args.workloads:
         report[kind] = {}
         for stage in args.stages:
-            done = subprocess.run([sys.executable, "-m", "stages.bench", "--child", stage, "--workload", kind, "--runs",
-                                   str(args.runs)], capture_output=True, text=True)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "stages.bench", "--child", stage, "--workload", kind, "--runs", str(args.runs)],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode:
                 sys.exit(f"bench: {kind} {stage} failed:\n{done.stderr[-3000:]}")
             result = summarize(json.loads(done.stdout.strip().splitlines()[-1]), peak)
             report[kind][stage] = result
-            print(f"{kind:9} {stage:21} {result['wall_s']:7.2f} {result['tokens_per_s']:9.0f} {result['mfu']:6.1%} "
-                  f"{result.get('padding_efficiency', float('nan')):11.1%} {result['peak_rss_mb']:11.0f}  "
-                  f"{_more(result)}")  # fmt: skip
+            print(
+                f"{kind:9} {stage:21} {result['wall_s']:7.2f} {result['tokens_per_s']:9.0f} {result['mfu']:6.1%} "
+                f"{result.get('padding_efficiency', float('nan')):11.1%} {result['peak_rss_mb']:11.0f}  "
+                f"{_more(result)}"
+            )
     if not args.no_memory:
         report["dpo_memory"] = _memory_case()
     write_json(report, args.out)
@@ -96,8 +111,11 @@ def _more(result: dict[str, float]) -> str:
     """The stage-specific figures: PPO rollouts/s, generation tokens/s per batch size."""
     if "rollouts_per_s" in result:
         return f"{result['rollouts_per_s']:.2f} rollouts/s"
-    return ", ".join(f"batch {b}: {result[f'tokens_per_s_batch{b}']:.0f} tok/s" for b in GENERATION_BATCHES
-                     if f"tokens_per_s_batch{b}" in result)  # fmt: skip
+    return ", ".join(
+        f"batch {b}: {result[f'tokens_per_s_batch{b}']:.0f} tok/s"
+        for b in GENERATION_BATCHES
+        if f"tokens_per_s_batch{b}" in result
+    )
 
 
 if __name__ == "__main__":

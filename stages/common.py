@@ -151,10 +151,19 @@ def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Ite
         run_id = os.environ.get(RUN_ID_ENV, "") if _rank() != 0 else None
         resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
         system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
-        with _failing_in_one_line(name, ctx.tracking_uri, checkpoints), StageRun(
-            ctx, name, stage_params, all_params, run_id=run_id, resume_run_id=resume_run_id, tags=machine_tags(),
-            system_metrics=system_metrics and _rank() == 0,
-        ) as run:  # fmt: skip
+        with (
+            _failing_in_one_line(name, ctx.tracking_uri, checkpoints),
+            StageRun(
+                ctx,
+                name,
+                stage_params,
+                all_params,
+                run_id=run_id,
+                resume_run_id=resume_run_id,
+                tags=machine_tags(),
+                system_metrics=system_metrics and _rank() == 0,
+            ) as run,
+        ):
             if _rank() == 0:
                 run.log_tables(input_tables(input_paths))
                 run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
@@ -162,8 +171,11 @@ def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Ite
                 print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
             if resume_from is not None:
                 step = checkpoints.step(resume_from)
-                where = (f"at the end of training (step {step}): no step is trained again"
-                         if checkpoints.is_final(resume_from) else f"from step {step}")  # fmt: skip
+                where = (
+                    f"at the end of training (step {step}): no step is trained again"
+                    if checkpoints.is_final(resume_from)
+                    else f"from step {step}"
+                )
                 print(f"resuming {name} {where} ({resume_from}), MLflow run {run.run_id}")
             if reaper is not None:  # the stage's process owns the run: marked KILLED if it dies without ending it
                 reaper.write(f"run {run.run_id} {run.parent_run_id}\n")
@@ -203,8 +215,13 @@ def _reaper(tracking_uri: str) -> Iterator[IO[str] | None]:
     if _rank() != 0:
         yield None
         return
-    reaper = subprocess.Popen([sys.executable, "-m", "stages.reaper", tracking_uri], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, text=True, start_new_session=True)  # fmt: skip
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "stages.reaper", tracking_uri],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+    )
     try:
         yield reaper.stdin
     finally:
@@ -222,8 +239,10 @@ def _held(checkpoints: Checkpoints) -> Iterator[Checkpoints]:
     with checkpoints.hold() as held:
         busy = held != checkpoints
         if busy and checkpoints.every_n:
-            print(f"another process is running this same stage and holds {checkpoints.directory}: this one runs "
-                  "without mid-stage checkpoints")  # fmt: skip
+            print(
+                f"another process is running this same stage and holds {checkpoints.directory}: this one runs "
+                "without mid-stage checkpoints"
+            )
         os.environ[CHECKPOINTS_BUSY_ENV] = "1" if busy else "0"
         yield held
 

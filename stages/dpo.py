@@ -21,8 +21,14 @@ PATHS = {
 def main() -> None:
     with stage("dpo", PATHS, inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
         args = ctx.args
-        out = run_dpo(ctx.config, pairs_dir=args.pairs_dir, reference_dir=args.reference_dir, data_dir=args.data_dir,
-                      sft_dir=args.sft_dir, hooks=ctx.hooks())  # fmt: skip
+        out = run_dpo(
+            ctx.config,
+            pairs_dir=args.pairs_dir,
+            reference_dir=args.reference_dir,
+            data_dir=args.data_dir,
+            sft_dir=args.sft_dir,
+            hooks=ctx.hooks(),
+        )
         if out is None:  # a DDP rank > 0: rank 0 writes
             return
         save_model(out.model, out.tokenizer, args.model_dir)

@@ -23,8 +23,14 @@ PATHS = {
 def main() -> None:
     with stage("evaluate", PATHS, inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
         args = ctx.args
-        out = run_evaluate(ctx.config, data_dir=args.data_dir, sft_dir=args.sft_dir, ppo_dir=args.ppo_dir,
-                           dpo_dir=args.dpo_dir, reward_dir=args.reward_dir)  # fmt: skip
+        out = run_evaluate(
+            ctx.config,
+            data_dir=args.data_dir,
+            sft_dir=args.sft_dir,
+            ppo_dir=args.ppo_dir,
+            dpo_dir=args.dpo_dir,
+            reward_dir=args.reward_dir,
+        )
         write_text(out.points_table().to_csv(index=False), args.points)
         plot_gold_vs_kl(out.points, args.plot, "Gold score vs KL to SFT (test prompts)")
         write_text(out.markdown, args.markdown)

@@ -34,11 +34,16 @@ def main() -> None:
     parser.add_argument("--group-prefix", default="", help="only pipeline runs whose name starts with this")
     args = parser.parse_args()
     ctx = resolve_context(os.environ, Path.cwd(), "")
-    runs = [run for run in pipeline_runs(ctx.tracking_uri, ctx.experiment_name)
-            if run["run_group"].startswith(args.group_prefix)]  # fmt: skip
+    runs = [
+        run
+        for run in pipeline_runs(ctx.tracking_uri, ctx.experiment_name)
+        if run["run_group"].startswith(args.group_prefix)
+    ]
     if not runs:
-        sys.exit(f"frontier: no finished pipeline runs named {args.group_prefix}* in {ctx.tracking_uri} (experiment "
-                 f"{ctx.experiment_name!r}); run `dvc repro` or a sweep first")  # fmt: skip
+        sys.exit(
+            f"frontier: no finished pipeline runs named {args.group_prefix}* in {ctx.tracking_uri} (experiment "
+            f"{ctx.experiment_name!r}); run `dvc repro` or a sweep first"
+        )
     table = aggregate(frontier_points(runs))
     write_text(frontier_markdown(table), args.markdown)
     plot_frontier(table, args.plot)

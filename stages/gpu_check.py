@@ -80,16 +80,22 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the scratch project (its path is printed)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit(f"gpu-check: torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); "
-                 "run it on a GPU machine, with a Python that has a CUDA build of torch: "
-                 "make gpu-check GPU_PYTHON=...")  # fmt: skip
+        sys.exit(
+            f"gpu-check: torch {torch.__version__} sees no CUDA device (CUDA build: {torch.version.cuda}); "
+            "run it on a GPU machine, with a Python that has a CUDA build of torch: "
+            "make gpu-check GPU_PYTHON=..."
+        )
     peak = bf16_matmul_peak_tflops()
     print(f"gpu-check: {torch.cuda.get_device_name()}, bf16 matmul peak {peak:.0f} TFLOP/s")
     workdir = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     try:
         _scratch_project(workdir)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-               "ALIGN_RUN_GROUP": "gpu-check"}  # fmt: skip
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            "ALIGN_RUN_GROUP": "gpu-check",
+        }
         stages = {}
         for stage in yaml.safe_load((workdir / "dvc.yaml").read_text())["stages"]:  # written in dependency order
             start = time.perf_counter()

@@ -22,8 +22,9 @@ PATHS = {
 def main() -> None:
     with stage("ppo", PATHS, inputs=("data_dir", "sft_dir", "reward_dir")) as ctx:
         args = ctx.args
-        out = run_ppo(ctx.config, data_dir=args.data_dir, sft_dir=args.sft_dir, reward_dir=args.reward_dir,
-                      hooks=ctx.hooks())  # fmt: skip
+        out = run_ppo(
+            ctx.config, data_dir=args.data_dir, sft_dir=args.sft_dir, reward_dir=args.reward_dir, hooks=ctx.hooks()
+        )
         if out is None:  # a DDP rank > 0: rank 0 writes
             return
         save_model(out.model, out.tokenizer, args.model_dir)

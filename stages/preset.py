@@ -35,8 +35,9 @@ def apply_preset(params: str, preset: Path) -> tuple[str, list[str]]:
             raise ConfigError(f"{preset}: {section!r} is not a params section with keys; see params.yaml")
         for key, value in values.items():
             if key not in document[section]:
-                raise ConfigError(f"{preset}: {section}.{key} is not a params key; valid keys: "
-                                  f"{', '.join(document[section])}")  # fmt: skip
+                raise ConfigError(
+                    f"{preset}: {section}.{key} is not a params key; valid keys: {', '.join(document[section])}"
+                )
             if document[section][key] != value:
                 document[section][key] = value
                 changed.append(f"{section}.{key} = {value}")

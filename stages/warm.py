@@ -215,11 +215,17 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
 def _differences(request: dict, state: dict) -> list[str]:
     """What the client would have read at import differently from the server, as `key: client's != server's`."""
     theirs = request.get("interpreter", {})
-    differences = [f"{key}: {theirs.get(key)!r} != {ours!r}" for key, ours in state["interpreter"].items()
-                   if theirs.get(key) != ours]  # fmt: skip
+    differences = [
+        f"{key}: {theirs.get(key)!r} != {ours!r}"
+        for key, ours in state["interpreter"].items()
+        if theirs.get(key) != ours
+    ]
     client, server = _import_time_env(request.get("env", {})), state["env"]
-    differences += [f"${key}: {client.get(key)!r} != {server.get(key)!r}" for key in sorted({*client, *server})
-                    if client.get(key) != server.get(key)]  # fmt: skip
+    differences += [
+        f"${key}: {client.get(key)!r} != {server.get(key)!r}"
+        for key in sorted({*client, *server})
+        if client.get(key) != server.get(key)
+    ]
     return differences
 
 

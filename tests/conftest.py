@@ -78,8 +78,18 @@ def model_cfg() -> ModelConfig:
     from pipeline.config import ModelConfig
 
     return ModelConfig(
-        base="scratch", trust_remote_code=False, n_layer=2, n_head=2, n_embd=32, n_positions=128, dropout=0.0,
-        chat_template="auto", lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_target_modules="all-linear",
+        base="scratch",
+        trust_remote_code=False,
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=128,
+        dropout=0.0,
+        chat_template="auto",
+        lora_r=0,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        lora_target_modules="all-linear",
     )
 
 
@@ -88,8 +98,16 @@ def cpu_trainer_cfg() -> TrainerConfig:
     from pipeline.config import TrainerConfig
 
     return TrainerConfig(
-        accelerator="cpu", devices=1, strategy="auto", precision="32-true", num_nodes=1, log_every_n_steps=1,
-        accumulate_grad_batches=1, gradient_checkpointing=False, compile=False, checkpoint_every_n_steps=0,
+        accelerator="cpu",
+        devices=1,
+        strategy="auto",
+        precision="32-true",
+        num_nodes=1,
+        log_every_n_steps=1,
+        accumulate_grad_batches=1,
+        gradient_checkpointing=False,
+        compile=False,
+        checkpoint_every_n_steps=0,
         keep_checkpoints=False,
     )
 

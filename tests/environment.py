@@ -41,8 +41,15 @@ def start_warm_server(socket: Path, log: Path, cwd: Path, preload: tuple[str, ..
     command = [sys.executable, "-m", "stages.warm", str(socket), *(["--preload", *preload] if preload else [])]
     env = {key: value for key, value in LAUNCH.items() if key != SOCKET_ENV}
     with log.open("w") as out:
-        server = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        server = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     deadline = time.time() + timeout
     while "serving on" not in log.read_text():  # printed once it listens
         if server.poll() is not None or time.time() > deadline:

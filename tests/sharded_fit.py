@@ -80,13 +80,27 @@ def main() -> None:
     parser.add_argument("--die-at", default="-1:-1", help="RANK:STEP")
     args = parser.parse_args()
     cfg = load_config(read_params(ROOT / "params.yaml"))
-    trainer = dataclasses.replace(cfg.trainer, accelerator="cpu", devices=args.devices, strategy=args.strategy,
-                                  precision="32-true", num_nodes=1, accumulate_grad_batches=1, log_every_n_steps=1,
-                                  gradient_checkpointing=False, compile=False)  # fmt: skip
+    trainer = dataclasses.replace(
+        cfg.trainer,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy,
+        precision="32-true",
+        num_nodes=1,
+        accumulate_grad_batches=1,
+        log_every_n_steps=1,
+        gradient_checkpointing=False,
+        compile=False,
+    )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=LEAN_MIN_VOCAB, n_layer=2, n_head=2, n_embd=32, n_positions=64))
-    model = prepare_for_training(model, dataclasses.replace(cfg.model, lora_r=4 if args.lora else 0), trainer,
-                                 disable_dropout=True, task="CAUSAL_LM")  # fmt: skip
+    model = prepare_for_training(
+        model,
+        dataclasses.replace(cfg.model, lora_r=4 if args.lora else 0),
+        trainer,
+        disable_dropout=True,
+        task="CAUSAL_LM",
+    )
     generator = torch.Generator().manual_seed(1)
 
     def tokens(n: int) -> list[int]:
@@ -101,16 +115,31 @@ def main() -> None:
         step_losses = lambda data, **unit: DyingMidCheckpoint(args.checkpoints, data, die_rank, die_step)  # noqa: E731
     if args.method == "sft":
         rows = [PromptCompletion(tokens(6), tokens(10)) for _ in range(ROWS)]
-        sft = dataclasses.replace(cfg.sft, batch_size=batch_size, max_steps=STEPS, val_every_n_steps=STEPS,
-                                  warmup_steps=0, lr=1e-2, packing=False)  # fmt: skip
+        sft = dataclasses.replace(
+            cfg.sft,
+            batch_size=batch_size,
+            max_steps=STEPS,
+            val_every_n_steps=STEPS,
+            warmup_steps=0,
+            lr=1e-2,
+            packing=False,
+        )
         module, result = fit_sft(model, tokenizer, rows, rows[:4], sft, trainer, seed=0, resume=step_losses)
         trained = module.model
     else:
         pairs = [PreferencePair(tokens(6), tokens(8), tokens(8), index=i) for i in range(ROWS)]
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
         pairs = attach_reference(pairs, reference_logps(model, pairs, collate, ROWS), "synthetic pairs")
-        dpo = dataclasses.replace(cfg.dpo, batch_size=batch_size, max_steps=STEPS, val_every_n_steps=STEPS,
-                                  warmup_steps=0, lr=1e-2, packing=False, loss="sigmoid")  # fmt: skip
+        dpo = dataclasses.replace(
+            cfg.dpo,
+            batch_size=batch_size,
+            max_steps=STEPS,
+            val_every_n_steps=STEPS,
+            warmup_steps=0,
+            lr=1e-2,
+            packing=False,
+            loss="sigmoid",
+        )
         module, result = fit_dpo(model, tokenizer, pairs, pairs[:4], dpo, trainer, seed=0, resume=step_losses)
         trained = module.policy
     if not result.is_global_zero:
@@ -119,8 +148,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     weights = {name: p.detach().contiguous() for name, p in trained.named_parameters()}
     save_file(weights, out / "weights.safetensors")
-    (out / "run.json").write_text(json.dumps({"losses": losses.losses, "metrics": result.metrics,
-                                              "sharded": losses.sharded}))  # fmt: skip
+    (out / "run.json").write_text(
+        json.dumps({"losses": losses.losses, "metrics": result.metrics, "sharded": losses.sharded})
+    )
 
 
 if __name__ == "__main__":

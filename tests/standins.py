@@ -45,8 +45,9 @@ EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 def corpus(n: int = 300, seed: int = 0) -> list[str]:
     """Sentences from the embedded grammar: the stand-ins' tokenizers are trained on them."""
-    return [r.prompt + r.completion for r in generate_reviews(n, random.Random(seed), frac_positive=0.4,
-                                                              frac_negative=0.4)]  # fmt: skip
+    return [
+        r.prompt + r.completion for r in generate_reviews(n, random.Random(seed), frac_positive=0.4, frac_negative=0.4)
+    ]
 
 
 def bpe_tokenizer(texts: Sequence[str], specials: Sequence[str], vocab_size: int = 400, **tokens: str):
@@ -54,8 +55,12 @@ def bpe_tokenizer(texts: Sequence[str], specials: Sequence[str], vocab_size: int
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
 
@@ -76,10 +81,18 @@ def chat_llama(path: Path, seed: int = 0) -> str:
     """A tiny Llama-architecture chat model with a ChatML template; no pad token, EOS != end-of-turn."""
     tokenizer = chat_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return _save(LlamaForCausalLM(config), tokenizer, path)
 
 
@@ -87,8 +100,15 @@ def gpt2_hub(path: Path, seed: int = 0) -> str:
     """A tiny `gpt2`-shaped checkpoint: `gelu_new`, dropout 0.1, EOS but no pad token."""
     tokenizer = bpe_tokenizer(corpus(), [EOS], eos_token=EOS, bos_token=EOS)
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return _save(GPT2LMHeadModel(config), tokenizer, path)
 
 
@@ -96,9 +116,16 @@ def neox_hub(path: Path, seed: int = 0) -> str:
     """A tiny `EleutherAI/pythia`-shaped GPT-NeoX checkpoint (rotary, parallel residual, no pad token)."""
     tokenizer = bpe_tokenizer(corpus(), [EOS], eos_token=EOS, bos_token=EOS)
     torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return _save(GPTNeoXForCausalLM(config), tokenizer, path)
 
 
@@ -108,23 +135,33 @@ def wordpiece_tokenizer(texts: Sequence[str]) -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(lowercase=True)
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    backend.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials,
-                                                                 show_progress=False))  # fmt: skip
+    backend.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    )
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     backend.decoder = decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]")  # fmt: skip
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def _distilbert(path: Path, labels: dict[int, str], seed: int) -> str:
     tokenizer = wordpiece_tokenizer(corpus())
     torch.manual_seed(seed)
-    config = DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
-                              max_position_embeddings=512, id2label=labels, label2id={v: k for k, v in labels.items()},
-                              pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        hidden_dim=64,
+        max_position_embeddings=512,
+        id2label=labels,
+        label2id={v: k for k, v in labels.items()},
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return _save(DistilBertForSequenceClassification(config), tokenizer, path)
 
 
@@ -165,9 +202,12 @@ def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for a, b in zip(reviews[:n], reviews[n:], strict=True):
         user = {"role": "user", "content": f"Write about this: {a.prompt}"}
-        rows.append({
-            "chosen": [user, {"role": "assistant", "content": a.completion.strip()}],
-            "rejected": [user, {"role": "assistant", "content": b.completion.strip()}],
-            "score_chosen": 8.0, "score_rejected": 4.0,
-        })  # fmt: skip
+        rows.append(
+            {
+                "chosen": [user, {"role": "assistant", "content": a.completion.strip()}],
+                "rejected": [user, {"role": "assistant", "content": b.completion.strip()}],
+                "score_chosen": 8.0,
+                "score_rejected": 4.0,
+            }
+        )
     return rows

@@ -52,8 +52,7 @@ def load_config(raw: Mapping[str, Any]) -> Config:
 
 def _passed(config: Config, keys: tuple[str, ...], bad: set[str]) -> bool:
     """Whether every key a rule reads passed its own check (and its section was built)."""
-    return not any(key in bad or key.split(".")[0] in bad or getattr(config, key.split(".")[0]) is None
-                   for key in keys)  # fmt: skip
+    return not any(key in bad or key.split(".")[0] in bad or getattr(config, key.split(".")[0]) is None for key in keys)
 
 
 def within(number: float, rule: str) -> bool:

@@ -30,8 +30,12 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(base))).body[0].body
         for node, after in zip(body, body[1:], strict=False):
-            if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):  # fmt: skip
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs
 
@@ -39,20 +43,35 @@ def field_docs(cls: type) -> dict[str, str]:
 def params_reference(defaults: Mapping[str, Any]) -> str:
     """The Markdown reference; `defaults` is the parsed embedded `params.yaml`."""
     lines = [INTRO]
-    sections = {"": Config, **{f.name: type_hints(Config)[f.name] for f in dataclasses.fields(Config)
-                               if dataclasses.is_dataclass(type_hints(Config)[f.name])}}  # fmt: skip
+    sections = {
+        "": Config,
+        **{
+            f.name: type_hints(Config)[f.name]
+            for f in dataclasses.fields(Config)
+            if dataclasses.is_dataclass(type_hints(Config)[f.name])
+        },
+    }
     for name, cls in sections.items():
         values = defaults.get(name, {}) if name else defaults
-        lines += [f"## {name or 'top level'}", "", "| key | type | range | default | what it does |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            f"## {name or 'top level'}",
+            "",
+            "| key | type | range | default | what it does |",
+            "|---|---|---|---|---|",
+        ]
         docs, hints = field_docs(cls), type_hints(cls)
         for item in dataclasses.fields(cls):
             if dataclasses.is_dataclass(hints[item.name]):
                 continue
             key = f"{name}.{item.name}" if name else item.name
             doc = ("*Runtime, in no stage's cache key.* " if is_runtime(item) else "") + docs.get(item.name, "")
-            row = [f"`{key}`", _type(hints[item.name]), item.metadata.get("bound", ""), _value(values.get(item.name)),
-                   doc.replace("|", "\\|")]  # fmt: skip
+            row = [
+                f"`{key}`",
+                _type(hints[item.name]),
+                item.metadata.get("bound", ""),
+                _value(values.get(item.name)),
+                doc.replace("|", "\\|"),
+            ]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)

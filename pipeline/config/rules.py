@@ -39,8 +39,10 @@ def _class_shares(config: Config) -> list[str]:
     prepare = config.prepare
     if prepare.frac_positive + prepare.frac_negative <= 1:
         return []
-    return [f"prepare.frac_positive + prepare.frac_negative: {prepare.frac_positive} + {prepare.frac_negative} "
-            "must lie in [0, 1] (the rest is neutral)"]  # fmt: skip
+    return [
+        f"prepare.frac_positive + prepare.frac_negative: {prepare.frac_positive} + {prepare.frac_negative} "
+        "must lie in [0, 1] (the rest is neutral)"
+    ]
 
 
 @rule("model.base", "model.chat_template", "model.n_embd", "model.n_head")
@@ -56,8 +58,12 @@ def _scratch_model(config: Config) -> list[str]:
     return errors
 
 
-@rule("model.base", "model.n_positions", *(f"{s}.max_length" for s in MAX_LENGTH_SECTIONS),
-      *(f"{s}.max_new_tokens" for s in SAMPLING_SECTIONS))  # fmt: skip
+@rule(
+    "model.base",
+    "model.n_positions",
+    *(f"{s}.max_length" for s in MAX_LENGTH_SECTIONS),
+    *(f"{s}.max_new_tokens" for s in SAMPLING_SECTIONS),
+)
 def _scratch_context(config: Config) -> list[str]:
     """What the scratch model's context can never hold (a hub model's is checked when it is loaded)."""
     model, errors = config.model, []
@@ -66,13 +72,17 @@ def _scratch_context(config: Config) -> list[str]:
     for section in MAX_LENGTH_SECTIONS:
         max_length = getattr(config, section).max_length
         if max_length > model.n_positions:
-            errors.append(f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
-                          "lower it or enlarge the model")  # fmt: skip
+            errors.append(
+                f"{section}.max_length: {max_length} exceeds model.n_positions = {model.n_positions}; "
+                "lower it or enlarge the model"
+            )
     for section in SAMPLING_SECTIONS:
         budget = getattr(config, section).max_new_tokens
         if budget >= model.n_positions:
-            errors.append(f"{section}.max_new_tokens: {budget} new tokens can never fit model.n_positions = "
-                          f"{model.n_positions} (a prompt takes at least one); set it below {model.n_positions}")
+            errors.append(
+                f"{section}.max_new_tokens: {budget} new tokens can never fit model.n_positions = "
+                f"{model.n_positions} (a prompt takes at least one); set it below {model.n_positions}"
+            )
     return errors
 
 
@@ -91,17 +101,21 @@ def _verifier_answers(config: Config) -> list[str]:
     prepare = config.prepare
     if config.judge.kind != "verifier" or prepare.source == "arithmetic" or prepare.answer_column:
         return []
-    return [f"prepare.answer_column: judge.kind 'verifier' checks responses against reference answers, and "
-            f"prepare.source {prepare.source!r} has none; name the dataset's answer column (GSM8K: answer) or use "
-            "prepare.source: arithmetic"]  # fmt: skip
+    return [
+        f"prepare.answer_column: judge.kind 'verifier' checks responses against reference answers, and "
+        f"prepare.source {prepare.source!r} has none; name the dataset's answer column (GSM8K: answer) or use "
+        "prepare.source: arithmetic"
+    ]
 
 
 @rule("ppo.reward_model_weight", "ppo.judge_weight")
 def _ppo_reward(config: Config) -> list[str]:
     if config.ppo.reward_model_weight or config.ppo.judge_weight:
         return []
-    return ["ppo.reward_model_weight + ppo.judge_weight: both are 0, so RL has no reward; set reward_model_weight: 1 "
-            "(RLHF), judge_weight: 1 (RLVR with a verifier judge), or both"]
+    return [
+        "ppo.reward_model_weight + ppo.judge_weight: both are 0, so RL has no reward; set reward_model_weight: 1 "
+        "(RLHF), judge_weight: 1 (RLVR with a verifier judge), or both"
+    ]
 
 
 @rule("ppo.minibatch_size", "trainer.accumulate_grad_batches", "ppo.prompts_per_rollout", "ppo.num_generations")
@@ -131,11 +145,15 @@ def _ppo_estimator(config: Config) -> list[str]:
             f"{ppo.advantage_estimator!r}, whose baseline is the other samples of the same prompt; set it to >= 2"
         )
     if group and ppo.whiten_rewards:
-        errors.append(f"ppo.whiten_rewards: true does not apply to ppo.advantage_estimator "
-                      f"{ppo.advantage_estimator!r} (it scores whole sequences); set it to false")  # fmt: skip
+        errors.append(
+            f"ppo.whiten_rewards: true does not apply to ppo.advantage_estimator "
+            f"{ppo.advantage_estimator!r} (it scores whole sequences); set it to false"
+        )
     if ppo.kl_in == "loss" and ppo.kl_control == "adaptive":
-        errors.append("ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'; use fixed "
-                      "(the loss term's weight is ppo.kl_loss_coef)")  # fmt: skip
+        errors.append(
+            "ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'; use fixed "
+            "(the loss term's weight is ppo.kl_loss_coef)"
+        )
     return errors
 
 

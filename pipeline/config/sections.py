@@ -23,7 +23,6 @@ def is_runtime(item: dataclasses.Field) -> bool:
     return bool(item.metadata.get("runtime"))
 
 
-
 @dataclass(frozen=True)
 class ModelConfig:
     base: str

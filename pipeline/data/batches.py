@@ -178,9 +178,15 @@ def packed_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) ->
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] > 0) & causal
     mask |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no all-masked softmax row
-    return {"input_ids": ids, "attention_mask": mask[:, None], "position_ids": positions, "loss_mask": loss_mask,
-            "token_mask": (segments > 0).long(), "sequence_index": sequence_index,
-            "last_token": last_token}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "attention_mask": mask[:, None],
+        "position_ids": positions,
+        "loss_mask": loss_mask,
+        "token_mask": (segments > 0).long(),
+        "sequence_index": sequence_index,
+        "last_token": last_token,
+    }
 
 
 def is_packed(batch: dict[str, torch.Tensor]) -> bool:

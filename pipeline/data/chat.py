@@ -50,9 +50,7 @@ def parse_turns(value: Any, where: str) -> Turns:
             if key not in turn or turn[key] is None:
                 raise ValueError(f"{where}: turn {index} has no {key!r}; every turn needs 'role' and 'content'")
         if turn["role"] not in ROLES:
-            raise ValueError(
-                f"{where}: turn {index} has unknown role {turn['role']!r}; roles are {', '.join(ROLES)}"
-            )
+            raise ValueError(f"{where}: turn {index} has unknown role {turn['role']!r}; roles are {', '.join(ROLES)}")
         if not isinstance(turn["content"], str):
             raise ValueError(f"{where}: turn {index} content is {_show(turn['content'])}, not a string")
         turns.append({"role": turn["role"], "content": turn["content"]})

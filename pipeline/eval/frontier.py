@@ -21,8 +21,12 @@ from pipeline.files import atomic_path
 METHODS = {"ppo": "ppo.kl_coef", "dpo": "dpo.beta"}
 HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate", "length")
 # The params that shape each policy: runs of one seed agreeing on them produced the same policy.
-SHAPED_BY = {"sft": ("prepare.", "model.", "sft.", "judge."), "ppo": ("ppo.",), "dpo": ("dpo.", "preferences."),
-             "bon": ("evaluate.",)}  # fmt: skip
+SHAPED_BY = {
+    "sft": ("prepare.", "model.", "sft.", "judge."),
+    "ppo": ("ppo.",),
+    "dpo": ("dpo.", "preferences."),
+    "bon": ("evaluate.",),
+}
 
 
 def method_name(policy: str, params: Mapping) -> str:
@@ -60,9 +64,18 @@ def frontier_points(runs: Sequence[Mapping]) -> pd.DataFrame:
                 value = float(policy.split("_")[1]) if "_" in policy else float(params["evaluate.best_of_n"])
             else:
                 method, value = method_name(policy, params), float(params[knob])
-            rows.append({"run_group": run["run_group"], "method": method, "knob": knob, "value": value,
-                         "seed": params.get("seed"), "shape": _shape(policy, params), "kl": metrics[f"{policy}/kl"],
-                         "gold_score": metrics[f"{policy}/gold_score"]})  # fmt: skip
+            rows.append(
+                {
+                    "run_group": run["run_group"],
+                    "method": method,
+                    "knob": knob,
+                    "value": value,
+                    "seed": params.get("seed"),
+                    "shape": _shape(policy, params),
+                    "kl": metrics[f"{policy}/kl"],
+                    "gold_score": metrics[f"{policy}/gold_score"],
+                }
+            )
     columns = ["run_group", "method", "knob", "value", "seed", "shape", "kl", "gold_score"]
     points = pd.DataFrame(rows, columns=columns).drop_duplicates(["method", "value", "shape", "seed"])
     return points.drop(columns="shape")
@@ -73,9 +86,13 @@ def aggregate(points: pd.DataFrame) -> pd.DataFrame:
 
     grouped = points.groupby(["method", "knob", "value"], as_index=False)
     table = grouped.agg(
-        kl=("kl", "mean"), kl_ci95=("kl", _ci95), gold_score=("gold_score", "mean"), gold_ci95=("gold_score", _ci95),
-        seeds=("seed", "nunique"), runs=("run_group", lambda g: ", ".join(sorted(set(g)))),
-    )  # fmt: skip
+        kl=("kl", "mean"),
+        kl_ci95=("kl", _ci95),
+        gold_score=("gold_score", "mean"),
+        gold_ci95=("gold_score", _ci95),
+        seeds=("seed", "nunique"),
+        runs=("run_group", lambda g: ", ".join(sorted(set(g)))),
+    )
     table["pareto"] = pareto_mask(table["kl"].tolist(), table["gold_score"].tolist())
     return table.sort_values(["method", "kl"]).reset_index(drop=True)
 
@@ -104,8 +121,14 @@ def seed_summary(runs: Sequence[Mapping]) -> pd.DataFrame:
                 label = f"{method_name(policy, params)} {knob.split('.')[1]}={float(params[knob]):g}"
             else:
                 continue
-            rows.append({"policy": label, "shape": _shape(policy, params), "seed": params.get("seed"),
-                         **{name: metrics.get(f"{policy}/{name}", math.nan) for name in HEADLINE}})  # fmt: skip
+            rows.append(
+                {
+                    "policy": label,
+                    "shape": _shape(policy, params),
+                    "seed": params.get("seed"),
+                    **{name: metrics.get(f"{policy}/{name}", math.nan) for name in HEADLINE},
+                }
+            )
     points = pd.DataFrame(rows, columns=["policy", "shape", "seed", *HEADLINE])
     points = points.drop_duplicates(["policy", "shape", "seed"])
     if points.groupby("policy")["shape"].nunique().gt(1).any():  # same label, other params: tell them apart
@@ -116,8 +139,9 @@ def seed_summary(runs: Sequence[Mapping]) -> pd.DataFrame:
         spec.update({name: (name, "mean"), f"{name}_ci95": (name, _ci95)})
     table = points.groupby("policy", as_index=False).agg(**spec)
     order = {"sft": 0, "best": 1, "dpo": 2}
-    return table.sort_values("policy", key=lambda c: c.map(lambda p: order.get(p.split("-")[0].split()[0], 3)),
-                             kind="stable").reset_index(drop=True)  # fmt: skip
+    return table.sort_values(
+        "policy", key=lambda c: c.map(lambda p: order.get(p.split("-")[0].split()[0], 3)), kind="stable"
+    ).reset_index(drop=True)
 
 
 def seeds_markdown(table: pd.DataFrame) -> str:
@@ -188,11 +212,19 @@ def plot_frontier(table: pd.DataFrame, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, group in table.groupby("method"):
         group = group.sort_values("kl")
-        ax.errorbar(group["kl"], group["gold_score"], xerr=group["kl_ci95"], yerr=group["gold_ci95"], marker="o",
-                    capsize=3, label=method)  # fmt: skip
+        ax.errorbar(
+            group["kl"],
+            group["gold_score"],
+            xerr=group["kl_ci95"],
+            yerr=group["gold_ci95"],
+            marker="o",
+            capsize=3,
+            label=method,
+        )
         for row in group.itertuples():
-            ax.annotate(f"{row.value:g}", (row.kl, row.gold_score), textcoords="offset points", xytext=(4, -10),
-                        fontsize=8)  # fmt: skip
+            ax.annotate(
+                f"{row.value:g}", (row.kl, row.gold_score), textcoords="offset points", xytext=(4, -10), fontsize=8
+            )
     best = table[table["pareto"]]
     ax.scatter(best["kl"], best["gold_score"], s=160, facecolors="none", edgecolors="black", label="Pareto-optimal")
     ax.set_xlabel("KL to SFT (nats per sequence)")

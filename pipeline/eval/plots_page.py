@@ -49,9 +49,14 @@ def render_plot(entry: Mapping[str, Any], name: str, root: Path) -> str:
 def plots_page(plots: Mapping[str, Sequence[Mapping[str, Any]]], root: Path, *, title: str = "Pipeline plots") -> str:
     """The whole page: every plot of `plots` (the `data` of `dvc plots show --json`), in its order."""
     figures = [render_plot(entry, name, root) for name, entries in plots.items() for entry in entries]
-    style = ("body{font-family:sans-serif;margin:24px}figure{display:inline-block;vertical-align:top;margin:12px;"
-             "border:1px solid #ddd;padding:8px}figcaption{font-weight:bold;margin-bottom:6px}"
-             "img{max-width:640px}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(figures)
-            + "\n</body></html>\n")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;margin:24px}figure{display:inline-block;vertical-align:top;margin:12px;"
+        "border:1px solid #ddd;padding:8px}figcaption{font-weight:bold;margin-bottom:6px}"
+        "img{max-width:640px}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        + "\n".join(figures)
+        + "\n</body></html>\n"
+    )

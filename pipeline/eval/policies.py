@@ -148,12 +148,20 @@ def samples_table(results: Mapping[str, PolicyResult], prompts: Sequence[str]) -
     """Every policy's completion of every prompt, long format (policy, prompt, completion, gold, reward, length,
     ended): the table MLflow shows and compares across runs."""
     rows = [
-        {"policy": name, "prompt": prompt, "completion": text, "gold": gold, "reward": reward, "length": length,
-         "ended": ended}
+        {
+            "policy": name,
+            "prompt": prompt,
+            "completion": text,
+            "gold": gold,
+            "reward": reward,
+            "length": length,
+            "ended": ended,
+        }
         for name, result in results.items()
-        for prompt, text, gold, reward, length, ended in zip(prompts, result.texts, result.gold, result.rewards,
-                                                             result.lengths, result.ended, strict=True)
-    ]  # fmt: skip
+        for prompt, text, gold, reward, length, ended in zip(
+            prompts, result.texts, result.gold, result.rewards, result.lengths, result.ended, strict=True
+        )
+    ]
     return pd.DataFrame(rows)
 
 
@@ -192,14 +200,16 @@ def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, b
     """Reward-model scores of sampled completions (read at their last token). Shape: (N,), on the CPU."""
     device = next(reward_model.parameters()).device
     reward_model.eval()
-    lengths = [len(p) + len(c) + e for p, c, e in zip(samples.prompt_ids, samples.completion_ids, samples.ended,
-                                                      strict=True)]  # fmt: skip
+    lengths = [
+        len(p) + len(c) + e for p, c, e in zip(samples.prompt_ids, samples.completion_ids, samples.ended, strict=True)
+    ]
     out = torch.empty(len(lengths))
     for index in length_sorted_batches(lengths, batch_size):
         batch = select(samples, index)
         tensors = response_batch(batch.prompt_ids, batch.completion_ids, batch.ended, eos_id=eos_id, pad_id=pad_id)
-        scores = reward_model(input_ids=tensors["input_ids"].to(device),
-                              attention_mask=tensors["attention_mask"].to(device)).logits[:, 0]  # fmt: skip
+        scores = reward_model(
+            input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device)
+        ).logits[:, 0]
         out[torch.tensor(index)] = scores.float().cpu()
     return out
 
@@ -257,10 +267,12 @@ def evaluate_policies(
         n *= 2
     if "bon" not in results:  # n_max is not a power of 2
         pick = best_of_n_index(pool_rewards)
-        results["bon"] = result("bon", select(pool, [p * n_max + int(k) for p, k in enumerate(pick)]),
-                                best_of_n_kl(n_max))  # fmt: skip
-    metrics = {f"{name}/{key}": value for name, res in results.items()
-               for key, value in summarize(res, results["sft"]).items()}  # fmt: skip
+        results["bon"] = result(
+            "bon", select(pool, [p * n_max + int(k) for p, k in enumerate(pick)]), best_of_n_kl(n_max)
+        )
+    metrics = {
+        f"{name}/{key}": value for name, res in results.items() for key, value in summarize(res, results["sft"]).items()
+    }
     if cfg.pass_k and isinstance(judge, VerifierJudge):  # a verifier: accuracy over k samples per prompt
         answers = lookup_answers(judge.answers, prompts)
         repeated = [p for p in prompts for _ in range(cfg.pass_k)]

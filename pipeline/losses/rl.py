@@ -112,8 +112,13 @@ CRITIC_FREE = frozenset(ADVANTAGE_ESTIMATORS) - {"gae"}
 # How each estimator turns per-token losses into one number: the mean over all response tokens of the minibatch
 # (PPO as the N+ details paper and OpenRLHF do it), the mean over sequences of each sequence's token mean (the GRPO
 # paper), or the token sum over a constant (Dr. GRPO: rows x max_new_tokens, so long answers get no smaller weight).
-LOSS_AGGREGATION = {"gae": "token_mean", "grpo": "sequence_mean", "dr_grpo": "token_sum", "rloo": "token_mean",
-                    "reinforce_pp": "token_mean"}  # fmt: skip
+LOSS_AGGREGATION = {
+    "gae": "token_mean",
+    "grpo": "sequence_mean",
+    "dr_grpo": "token_sum",
+    "rloo": "token_mean",
+    "reinforce_pp": "token_mean",
+}
 
 
 def aggregate_loss(per_token: torch.Tensor, mask: torch.Tensor, how: str, *, max_tokens: int) -> torch.Tensor:
@@ -199,8 +204,10 @@ def estimate_advantages(
     if estimator not in GROUP_ESTIMATORS:
         raise ValueError(f"ppo.advantage_estimator: unknown {estimator!r}; valid: {', '.join(ADVANTAGE_ESTIMATORS)}")
     if group_size < 2 or len(token_rewards) % group_size:
-        raise ValueError(f"ppo.advantage_estimator {estimator!r} needs groups of >= 2 samples per prompt; got "
-                         f"{len(token_rewards)} rows in groups of {group_size} (set ppo.num_generations)")  # fmt: skip
+        raise ValueError(
+            f"ppo.advantage_estimator {estimator!r} needs groups of >= 2 samples per prompt; got "
+            f"{len(token_rewards)} rows in groups of {group_size} (set ppo.num_generations)"
+        )
     sequence_rewards = (token_rewards * mask.to(token_rewards.dtype)).sum(1)
     if estimator == "rloo":
         advantages = rloo_advantages(sequence_rewards, group_size)

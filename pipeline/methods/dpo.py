@@ -17,20 +17,36 @@ from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.dpo import dpo_rows, fit_dpo, reads_reference
 
 
-def run_dpo(cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, sft_dir: str,
-            hooks: Hooks = NO_HOOKS) -> Outcome | None:  # fmt: skip
+def run_dpo(
+    cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, sft_dir: str, hooks: Hooks = NO_HOOKS
+) -> Outcome | None:
     """Train on the train pairs, validate on val, then measure on `dpo.kl_prompts` val prompts. None on ranks > 0."""
     dpo = cfg.dpo
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     rows = {s: dpo_rows(pairs_dir, reference_dir, s, tokenizer, dpo) for s in ("train", "val")}
-    policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
-                                  disable_dropout=dpo.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+    policy = prepare_for_training(
+        build_causal_lm(cfg.model, tokenizer, path=sft_dir),
+        cfg.model,
+        cfg.trainer,
+        disable_dropout=dpo.disable_dropout,
+        task="CAUSAL_LM",
+    )
     val = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION).head(dpo.kl_prompts)
     prompts = val["prompt"].tolist()
     check_room(policy, tokenizer, prompts, SamplingParams(dpo.max_new_tokens, 1.0, 0, 1.0, key="dpo.max_new_tokens"))
     counts = parameter_counts(policy)
-    module, result = fit_dpo(policy, tokenizer, rows["train"], rows["val"], dpo, cfg.trainer, seed=cfg.seed,
-                             logger=hooks.logger, resume=hooks.resume, ckpt_path=hooks.ckpt_path)  # fmt: skip
+    module, result = fit_dpo(
+        policy,
+        tokenizer,
+        rows["train"],
+        rows["val"],
+        dpo,
+        cfg.trainer,
+        seed=cfg.seed,
+        logger=hooks.logger,
+        resume=hooks.resume,
+        ckpt_path=hooks.ckpt_path,
+    )
     if not result.is_global_zero:
         return None
     metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(reads_reference(dpo))}
@@ -39,10 +55,17 @@ def run_dpo(cfg: Config, *, pairs_dir: str, reference_dir: str, data_dir: str, s
     device = inference_device()
     reference = None if cfg.model.lora_r else frozen(build_causal_lm(cfg.model, tokenizer, path=sft_dir), device)
     objective, samples = sampled_objective(
-        module.policy.to(device), reference, tokenizer, prompts, gold_judge(cfg, [(f"{data_dir}/val.parquet", val)]),
-        max_new_tokens=dpo.max_new_tokens, seed=cfg.seed, compiled=cfg.generation.compile,
-    )  # fmt: skip
+        module.policy.to(device),
+        reference,
+        tokenizer,
+        prompts,
+        gold_judge(cfg, [(f"{data_dir}/val.parquet", val)]),
+        max_new_tokens=dpo.max_new_tokens,
+        seed=cfg.seed,
+        compiled=cfg.generation.compile,
+    )
     metrics.update(objective)
     table = pd.DataFrame({"prompt": prompts, "completion": samples.texts, "ended": samples.ended})
-    return Outcome(metrics, result.step, merged(module.policy), tokenizer, result.history,
-                   {"samples/dpo_val_samples.json": table})  # fmt: skip
+    return Outcome(
+        metrics, result.step, merged(module.policy), tokenizer, result.history, {"samples/dpo_val_samples.json": table}
+    )

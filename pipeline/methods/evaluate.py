@@ -29,8 +29,9 @@ class Evaluation(Outcome):
         return pd.DataFrame([{"policy": n, "kl": kl, "gold_score": g} for n, (kl, g) in self.points.items()])
 
 
-def run_evaluate(cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_dir: str,
-                 reward_dir: str) -> Evaluation:  # fmt: skip
+def run_evaluate(
+    cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_dir: str, reward_dir: str
+) -> Evaluation:
     device = inference_device()
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     load = lambda path: frozen(build_causal_lm(cfg.model, tokenizer, path=path), device)  # noqa: E731
@@ -39,9 +40,16 @@ def run_evaluate(cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_
     prompts = test["prompt"].tolist()
     judge = gold_judge(cfg, [(f"{data_dir}/test.parquet", test)])
     results, metrics = evaluate_policies(
-        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)}, load(sft_dir), reward_model, judge, tokenizer, prompts,
-        cfg.evaluate, seed=cfg.seed, compiled=cfg.generation.compile,
-    )  # fmt: skip
+        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)},
+        load(sft_dir),
+        reward_model,
+        judge,
+        tokenizer,
+        prompts,
+        cfg.evaluate,
+        seed=cfg.seed,
+        compiled=cfg.generation.compile,
+    )
     return Evaluation(
         metrics,
         tables={"samples/evaluate.json": samples_table(results, prompts)},

@@ -24,8 +24,10 @@ def gold_judge(cfg: Config, frames: Sequence[tuple[str, pd.DataFrame]], tokenize
         return judge
     for source, frame in frames:
         if "answer" not in frame:
-            raise ValueError(f"{source}: no answer column for judge.kind 'verifier'; set prepare.answer_column and "
-                             "rerun prepare (dvc repro)")  # fmt: skip
+            raise ValueError(
+                f"{source}: no answer column for judge.kind 'verifier'; set prepare.answer_column and "
+                "rerun prepare (dvc repro)"
+            )
         prompts, answers = frame["prompt"].tolist(), frame["answer"].tolist()
         judge.with_answers(dict(zip(prompts, answers, strict=True)))
         if tokenizer is not None:

@@ -31,12 +31,14 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     train_table = read_table(f"{data_dir}/train.parquet", PROMPT_COMPLETION)
     prompts = train_table["prompt"].unique().tolist()
     train = {"disable_dropout": ppo.disable_dropout}
-    policy = prepare_for_training(build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer,
-                                  task="CAUSAL_LM", **train)  # fmt: skip
+    policy = prepare_for_training(
+        build_causal_lm(cfg.model, tokenizer, path=sft_dir), cfg.model, cfg.trainer, task="CAUSAL_LM", **train
+    )
     value_model = None  # critic-free estimators never load one
     if ppo.advantage_estimator == "gae":
-        value_model = prepare_for_training(build_reward_model(cfg.model, tokenizer, reward_dir), cfg.model,
-                                           cfg.trainer, task="SEQ_CLS", **train)  # fmt: skip
+        value_model = prepare_for_training(
+            build_reward_model(cfg.model, tokenizer, reward_dir), cfg.model, cfg.trainer, task="SEQ_CLS", **train
+        )
     counts = parameter_counts(policy)
     counts["model/value_parameters"] = parameter_counts(value_model)["model/parameters"] if value_model else 0.0
     # Under LoRA the reference is the policy with its adapters disabled: no second copy.
@@ -47,13 +49,32 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         reward_model, stats = build_reward_model(cfg.model, tokenizer, reward_dir), RewardStats.read(reward_dir)
     judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train_table)], tokenizer).to("cpu")
     module, is_global_zero = fit_ppo(
-        policy, value_model, reference, reward_model, judge,
-        tokenizer, encode(tokenizer, prompts), ppo, cfg.trainer, reward_mean=stats.mean, reward_std=stats.std,
-        seed=cfg.seed, rank=hooks.rank, compiled_sampling=cfg.generation.compile, logger=hooks.logger,
-        resume=hooks.resume, ckpt_path=hooks.ckpt_path,
-    )  # fmt: skip
+        policy,
+        value_model,
+        reference,
+        reward_model,
+        judge,
+        tokenizer,
+        encode(tokenizer, prompts),
+        ppo,
+        cfg.trainer,
+        reward_mean=stats.mean,
+        reward_std=stats.std,
+        seed=cfg.seed,
+        rank=hooks.rank,
+        compiled_sampling=cfg.generation.compile,
+        logger=hooks.logger,
+        resume=hooks.resume,
+        ckpt_path=hooks.ckpt_path,
+    )
     if not is_global_zero:
         return None
     rollouts = pd.DataFrame(module.last_samples[: ppo.n_logged_samples])
-    return Outcome({**summarize_history(module.history), **counts}, len(module.history), merged(module.policy),
-                   tokenizer, module.history, {"samples/ppo_rollouts.json": rollouts})  # fmt: skip
+    return Outcome(
+        {**summarize_history(module.history), **counts},
+        len(module.history),
+        merged(module.policy),
+        tokenizer,
+        module.history,
+        {"samples/ppo_rollouts.json": rollouts},
+    )

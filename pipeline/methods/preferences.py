@@ -28,8 +28,15 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
         splits = {}
         for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
             prompts = frames[name]["prompt"].unique()
-            splits[name], stats = generate_pairs(model, tokenizer, list(prompts[:count]), prefs, judge,
-                                                 seed=cfg.seed + offset, compiled=cfg.generation.compile)  # fmt: skip
+            splits[name], stats = generate_pairs(
+                model,
+                tokenizer,
+                list(prompts[:count]),
+                prefs,
+                judge,
+                seed=cfg.seed + offset,
+                compiled=cfg.generation.compile,
+            )
             metrics.update({f"{name}/{key}": value for key, value in stats.items()})
     else:
         splits = dataset_pairs(prefs, cfg.seed, tokenizer)

@@ -24,13 +24,29 @@ def run_reward(cfg: Config, *, pairs_dir: str, sft_dir: str, hooks: Hooks = NO_H
     rm = cfg.reward
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     rows = {split: read_pairs(pairs_dir, split, tokenizer, rm.max_length) for split in ("train", "val")}
-    model = prepare_for_training(build_reward_model(cfg.model, tokenizer, sft_dir), cfg.model, cfg.trainer,
-                                 disable_dropout=rm.disable_dropout, task="SEQ_CLS")  # fmt: skip
+    model = prepare_for_training(
+        build_reward_model(cfg.model, tokenizer, sft_dir),
+        cfg.model,
+        cfg.trainer,
+        disable_dropout=rm.disable_dropout,
+        task="SEQ_CLS",
+    )
     counts = parameter_counts(model)
-    module, result = fit_reward(model, tokenizer, rows["train"], rows["val"], rm, cfg.trainer, seed=cfg.seed,
-                                logger=hooks.logger, resume=hooks.resume, ckpt_path=hooks.ckpt_path)  # fmt: skip
+    module, result = fit_reward(
+        model,
+        tokenizer,
+        rows["train"],
+        rows["val"],
+        rm,
+        cfg.trainer,
+        seed=cfg.seed,
+        logger=hooks.logger,
+        resume=hooks.resume,
+        ckpt_path=hooks.ckpt_path,
+    )
     if not result.is_global_zero:
         return None
     stats = RewardStats(mean=result.metrics["val/reward_mean"], std=result.metrics["val/reward_std"])
-    return RewardOutcome({**result.metrics, **counts}, result.step, merged(module.model), tokenizer, result.history,
-                         stats=stats)  # fmt: skip
+    return RewardOutcome(
+        {**result.metrics, **counts}, result.step, merged(module.model), tokenizer, result.history, stats=stats
+    )

@@ -21,18 +21,39 @@ def run_sft(cfg: Config, *, data_dir: str, tokenizer_dir: str, hooks: Hooks = NO
     tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code=cfg.model.trust_remote_code)
     frames = {s: read_table(f"{data_dir}/{s}.parquet", PROMPT_COMPLETION) for s in ("train", "val")}
     rows = {
-        s: tokenize_rows(tokenizer, f["prompt"].tolist(), f["completion"].tolist(), sft.max_length,
-                         f"{data_dir}/{s}.parquet", on_invalid=sft.on_invalid)
+        s: tokenize_rows(
+            tokenizer,
+            f["prompt"].tolist(),
+            f["completion"].tolist(),
+            sft.max_length,
+            f"{data_dir}/{s}.parquet",
+            on_invalid=sft.on_invalid,
+        )
         for s, f in frames.items()
-    }  # fmt: skip
-    model = prepare_for_training(build_causal_lm(cfg.model, tokenizer), cfg.model, cfg.trainer,
-                                 disable_dropout=sft.disable_dropout, task="CAUSAL_LM")  # fmt: skip
+    }
+    model = prepare_for_training(
+        build_causal_lm(cfg.model, tokenizer),
+        cfg.model,
+        cfg.trainer,
+        disable_dropout=sft.disable_dropout,
+        task="CAUSAL_LM",
+    )
     prompts = frames["val"]["prompt"].head(sft.n_samples).tolist()
     sampling = SamplingParams(sft.max_new_tokens, 1.0, 0, 1.0, key="sft.max_new_tokens")
     check_room(model, tokenizer, prompts, sampling)  # before training, not after it
     counts = parameter_counts(model)
-    module, result = fit_sft(model, tokenizer, rows["train"], rows["val"], sft, cfg.trainer, seed=cfg.seed,
-                             logger=hooks.logger, resume=hooks.resume, ckpt_path=hooks.ckpt_path)  # fmt: skip
+    module, result = fit_sft(
+        model,
+        tokenizer,
+        rows["train"],
+        rows["val"],
+        sft,
+        cfg.trainer,
+        seed=cfg.seed,
+        logger=hooks.logger,
+        resume=hooks.resume,
+        ckpt_path=hooks.ckpt_path,
+    )
     if not result.is_global_zero:
         return None
     model = merged(module.model)  # what is saved is what samples

@@ -62,20 +62,24 @@ def context_length(model: PreTrainedModel) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def check_room(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-               params: SamplingParams) -> None:  # fmt: skip
+def check_room(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], params: SamplingParams
+) -> None:
     """Raise, naming `params.key`, when sampling `prompts` would be refused for want of context: a stage that samples
     after training calls this before it trains."""
     _check_room(encode(tokenizer, prompts), params, context_length(model), tokenizer)
 
 
-def _check_room(prompt_ids: Sequence[Sequence[int]], params: SamplingParams, context: int | None,
-                tokenizer: PreTrainedTokenizerBase) -> None:  # fmt: skip
+def _check_room(
+    prompt_ids: Sequence[Sequence[int]], params: SamplingParams, context: int | None, tokenizer: PreTrainedTokenizerBase
+) -> None:
     if context is None:
         return
     if params.max_new_tokens >= context:
-        raise ValueError(f"{params.key}: {params.max_new_tokens} new tokens can never fit the model's context of "
-                         f"{context} positions (a prompt takes at least one); set it below {context}")  # fmt: skip
+        raise ValueError(
+            f"{params.key}: {params.max_new_tokens} new tokens can never fit the model's context of "
+            f"{context} positions (a prompt takes at least one); set it below {context}"
+        )
     full = [i for i, ids in enumerate(prompt_ids) if len(ids) >= context]
     if full:
         first = prompt_ids[full[0]]
@@ -206,8 +210,9 @@ class PreallocatedLayer(DynamicLayer):
         self.key_buffer: torch.Tensor | None = None
         self.value_buffer: torch.Tensor | None = None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
-               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start = self.get_seq_length()
@@ -222,9 +227,14 @@ class PreallocatedLayer(DynamicLayer):
     def _holds(self, end: int) -> bool:
         """Whether the buffer has room for `end` positions and `keys` is still a view of its prefix."""
         buffer = self.key_buffer
-        return (buffer is not None and end <= buffer.shape[-2] and self.keys.numel() > 0
-                and self.keys.data_ptr() == buffer.data_ptr() and self.keys.stride() == buffer.stride()
-                and self.keys.shape[:-2] == buffer.shape[:-2])  # fmt: skip
+        return (
+            buffer is not None
+            and end <= buffer.shape[-2]
+            and self.keys.numel() > 0
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.keys.stride() == buffer.stride()
+            and self.keys.shape[:-2] == buffer.shape[:-2]
+        )
 
     def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, start: int, end: int) -> None:
         held = 0 if self.key_buffer is None else self.key_buffer.shape[-2]

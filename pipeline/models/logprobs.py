@@ -42,8 +42,9 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     if shifted.dtype == torch.float32:
         return -F.cross_entropy(shifted.transpose(1, 2), targets, reduction="none")
     # Lower precision: upcast one sequence at a time, never a float32 copy of the whole (B, T, V).
-    return torch.stack([-F.cross_entropy(row.float(), t, reduction="none") for row, t in zip(shifted, targets,
-                                                                                           strict=True)])  # fmt: skip
+    return torch.stack(
+        [-F.cross_entropy(row.float(), t, reduction="none") for row, t in zip(shifted, targets, strict=True)]
+    )
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -114,8 +115,9 @@ def lean_token_logps(
     logps, entropies = [], []
     for start in range(0, flat.shape[0], chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
-        chunk_logps, chunk_entropy = checkpoint(_chunk_logps, flat[chunk], flat_targets[chunk], head, temperature,
-                                                with_entropy, use_reentrant=False)  # fmt: skip
+        chunk_logps, chunk_entropy = checkpoint(
+            _chunk_logps, flat[chunk], flat_targets[chunk], head, temperature, with_entropy, use_reentrant=False
+        )
         logps.append(chunk_logps)
         entropies.append(chunk_entropy)
     shape = targets.shape
@@ -194,8 +196,13 @@ def completion_logps(
     result = torch.empty(len(prompt_ids))
     lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     for index in length_sorted_batches(lengths, batch_size):
-        batch = response_batch([prompt_ids[i] for i in index], [completion_ids[i] for i in index],
-                               [ended[i] for i in index], eos_id=eos_id, pad_id=pad_id)  # fmt: skip
+        batch = response_batch(
+            [prompt_ids[i] for i in index],
+            [completion_ids[i] for i in index],
+            [ended[i] for i in index],
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
         input_ids, mask = batch["input_ids"].to(device), batch["loss_mask"].to(device)
         logps, _ = model_token_logps(model, input_ids, batch["attention_mask"].to(device))
         result[torch.tensor(index)] = masked_logps(logps, mask).float().cpu()

@@ -18,8 +18,9 @@ from pipeline.models.logprobs import model_token_logps
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs of chosen and rejected, each (B,), from one forward pass over the 2B sequences
     (padded, or packed: `PairCollator(packing=True)`)."""
-    logps, _ = model_token_logps(model, batch["input_ids"], batch["attention_mask"],
-                                 position_ids=batch.get("position_ids"))  # fmt: skip
+    logps, _ = model_token_logps(
+        model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids")
+    )
     return per_sequence(logps * batch["loss_mask"][:, 1:], batch).chunk(2)
 
 

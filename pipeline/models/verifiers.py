@@ -99,8 +99,10 @@ def load_checker(name: str) -> Callable[[str, str, str], float]:
         try:
             importlib.import_module("math_verify")
         except ImportError as error:
-            raise ValueError(f"judge.verifier: 'math' needs the math-verify package ({error}); pip install "
-                             "math-verify, or use judge.verifier: exact") from None  # fmt: skip
+            raise ValueError(
+                f"judge.verifier: 'math' needs the math-verify package ({error}); pip install "
+                "math-verify, or use judge.verifier: exact"
+            ) from None
         return math_score
     parts = name.split(":")
     if len(parts) != 3 or parts[0] != "python" or not all(parts[1:]):
@@ -108,8 +110,10 @@ def load_checker(name: str) -> Callable[[str, str, str], float]:
     try:
         function = getattr(importlib.import_module(parts[1]), parts[2])
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"judge.verifier: cannot import {parts[2]!r} from module {parts[1]!r} ({error}); the "
-                         "module must be importable from the project root") from None  # fmt: skip
+        raise ValueError(
+            f"judge.verifier: cannot import {parts[2]!r} from module {parts[1]!r} ({error}); the "
+            "module must be importable from the project root"
+        ) from None
     if not callable(function):
         raise ValueError(f"judge.verifier: {name!r} is not callable")
     return function
@@ -125,8 +129,14 @@ class Verifier:
         cwd: where the worker runs (the project root: `python:` modules are imported from there).
     """
 
-    def __init__(self, name: str, timeout_s: float, format_pattern: str | None = None, format_weight: float = 0.0,
-                 cwd: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        timeout_s: float,
+        format_pattern: str | None = None,
+        format_weight: float = 0.0,
+        cwd: str | None = None,
+    ) -> None:
         self.name, self.timeout_s, self.cwd = name, timeout_s, cwd
         self.format = re.compile(format_pattern) if format_pattern else None
         self.format_weight = format_weight
@@ -135,8 +145,13 @@ class Verifier:
         self._start()
 
     def _start(self) -> None:
-        self._worker = subprocess.Popen([sys.executable, "-m", "pipeline.models.verifiers"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, cwd=self.cwd, text=True)  # fmt: skip
+        self._worker = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.models.verifiers"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=self.cwd,
+            text=True,
+        )
         assert self._worker.stdin is not None
         self._worker.stdin.write(json.dumps(self.name) + "\n")  # the first line names the checker
         self._worker.stdin.flush()
@@ -168,8 +183,9 @@ class Verifier:
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str]) -> list[float]:
         """Each response's check plus its format reward."""
-        return self.with_format([self.check(p, r, a) for p, r, a in zip(prompts, responses, answers, strict=True)],
-                                responses)  # fmt: skip
+        return self.with_format(
+            [self.check(p, r, a) for p, r, a in zip(prompts, responses, answers, strict=True)], responses
+        )
 
     def with_format(self, scores: Sequence[float], responses: Sequence[str]) -> list[float]:
         """`scores` plus `format_weight` for each response matching `format_pattern`."""

@@ -20,8 +20,28 @@ import random
 import pandas as pd
 
 MAX_OPERAND = 20
-NAMES = ("Ava", "Ben", "Cleo", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivo", "Jo", "Kai", "Lea", "Max", "Nia", "Oto",
-         "Pia", "Quin", "Rui", "Sam", "Tess")  # fmt: skip
+NAMES = (
+    "Ava",
+    "Ben",
+    "Cleo",
+    "Dan",
+    "Eve",
+    "Finn",
+    "Gus",
+    "Hana",
+    "Ivo",
+    "Jo",
+    "Kai",
+    "Lea",
+    "Max",
+    "Nia",
+    "Oto",
+    "Pia",
+    "Quin",
+    "Rui",
+    "Sam",
+    "Tess",
+)
 PROMPT = "Q: {name} has {a} coins and finds {b} more. How many coins now?\nA:"
 COMPLETION = " {a} + {b} = {s}. #### {s}"
 
@@ -31,8 +51,11 @@ def _row(name: str, a: int, b: int, rng: random.Random, frac_wrong: float) -> di
     stated = total
     if rng.random() < frac_wrong:
         stated = max(0, total + rng.choice((-2, -1, 1, 2)))
-    return {"prompt": PROMPT.format(name=name, a=a, b=b), "completion": COMPLETION.format(a=a, b=b, s=stated),
-            "answer": str(total)}  # fmt: skip
+    return {
+        "prompt": PROMPT.format(name=name, a=a, b=b),
+        "completion": COMPLETION.format(a=a, b=b, s=stated),
+        "answer": str(total),
+    }
 
 
 def arithmetic_splits(n_train: int, n_val: int, n_test: int, frac_wrong: float, seed: int) -> dict[str, pd.DataFrame]:
@@ -41,8 +64,10 @@ def arithmetic_splits(n_train: int, n_val: int, n_test: int, frac_wrong: float, 
     questions = [(name, a, b) for name in NAMES for a in range(MAX_OPERAND) for b in range(MAX_OPERAND)]
     rng.shuffle(questions)
     if n_val + n_test >= len(questions):
-        raise ValueError(f"prepare.n_val + prepare.n_test: {n_val + n_test} leaves no arithmetic prompt for training "
-                         f"({len(questions)} distinct questions); lower them")  # fmt: skip
+        raise ValueError(
+            f"prepare.n_val + prepare.n_test: {n_val + n_test} leaves no arithmetic prompt for training "
+            f"({len(questions)} distinct questions); lower them"
+        )
     test, val = questions[:n_test], questions[n_test : n_test + n_val]
     train = questions[n_test + n_val :]
     rows = {

@@ -212,20 +212,34 @@ def checked_pairs(
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """One split's pairs as the stage writes them: screened (`screen_pairs`, by `cfg.on_invalid`), validated against
     the `PREFERENCE_PAIRS` schema, and never empty; with their counts (`invalid/*`, `pairs_written`)."""
-    kept, counts = screen_pairs(frame, tokenizer, max_length=cfg.max_length, on_invalid=cfg.on_invalid,
-                                source=f"preferences {split} pairs", held_out=held_out,
-                                dedupe=cfg.mode == "dataset")  # fmt: skip
+    kept, counts = screen_pairs(
+        frame,
+        tokenizer,
+        max_length=cfg.max_length,
+        on_invalid=cfg.on_invalid,
+        source=f"preferences {split} pairs",
+        held_out=held_out,
+        dedupe=cfg.mode == "dataset",
+    )
     if kept.empty:  # before validation, whose dtype checks an empty table fails less clearly
-        raise ValueError(f"preferences: no valid {split} pairs were left; see the invalid/* counts {counts}. With "
-                         "generated pairs, all samples of each prompt may have scored the same (a verifier judge on "
-                         "a model that is never right): train SFT longer, raise preferences.k, or add a format "
-                         "reward (judge.format_pattern)")  # fmt: skip
+        raise ValueError(
+            f"preferences: no valid {split} pairs were left; see the invalid/* counts {counts}. With "
+            "generated pairs, all samples of each prompt may have scored the same (a verifier judge on "
+            "a model that is never right): train SFT longer, raise preferences.k, or add a format "
+            "reward (judge.format_pattern)"
+        )
     kept = validate_frame(kept, PREFERENCE_PAIRS, f"preferences {split} pairs")
     return kept, {**counts, "pairs_written": float(len(kept))}
 
 
 def generate_pairs(
-    model, tokenizer, prompts: Sequence[str], cfg: PreferencesConfig, judge: Judge, *, seed: int,
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: PreferencesConfig,
+    judge: Judge,
+    *,
+    seed: int,
     compiled: bool = False,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Sample `cfg.k` completions per prompt, score them with the gold judge and label pairs.
@@ -235,8 +249,9 @@ def generate_pairs(
     model's context cut short as `samples/stopped_by_context`. `compiled`: see
     `SamplingParams.compiled`.
     """
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled,
-                            key="preferences.max_new_tokens")
+    params = SamplingParams(
+        cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, compiled, key="preferences.max_new_tokens"
+    )
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
     golds = judge.score(repeated, samples.texts)
@@ -247,9 +262,13 @@ def generate_pairs(
         scores[prompt].append(gold)
     rng = np.random.default_rng(seed)
     table, stats = pairs_from_samples(
-        list(prompts), list(responses.values()), list(scores.values()), tau=cfg.tau,
-        min_gold_gap=cfg.min_gold_gap, rng=rng,
-    )  # fmt: skip
+        list(prompts),
+        list(responses.values()),
+        list(scores.values()),
+        tau=cfg.tau,
+        min_gold_gap=cfg.min_gold_gap,
+        rng=rng,
+    )
     stats["samples/gold_mean"] = float(np.mean(golds))
     stats["samples/eos_rate"] = float(np.mean(samples.ended))
     stats["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))
@@ -308,8 +327,13 @@ def read_dataset_pairs(
         read = parse_turns if conversational else hh_turns
         chosen, rejected = read(values["chosen"], at["chosen"]), read(values["rejected"], at["rejected"])
         prompt, chosen_text, rejected_text = _pair_turns(values.get("prompt"), chosen, rejected, at)
-        rows.append((render_prompt(tokenizer, prompt), render_completion(tokenizer, chosen_text, conversational=True),
-                     render_completion(tokenizer, rejected_text, conversational=True)))  # fmt: skip
+        rows.append(
+            (
+                render_prompt(tokenizer, prompt),
+                render_completion(tokenizer, chosen_text, conversational=True),
+                render_completion(tokenizer, rejected_text, conversational=True),
+            )
+        )
     return pd.DataFrame(rows, columns=["prompt", "chosen", "rejected"])
 
 

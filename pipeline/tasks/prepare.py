@@ -79,6 +79,7 @@ def dataset_splits(cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizer
 def _render_prompts(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
     return frame.assign(prompt=[render_prompt(tokenizer, prompt) for prompt in frame["prompt"]])
 
+
 def _map_columns(table: pd.DataFrame, cfg: PrepareConfig) -> pd.DataFrame:
     wanted = {"prepare.prompt_column": cfg.prompt_column}
     if cfg.completion_column is not None:

@@ -24,17 +24,28 @@ def machine_tags() -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {
-        "sys.torch": torch.__version__, "sys.python": platform.python_version(), "sys.platform": platform.platform(),
-        "sys.cpu": cpu, "sys.cpu_count": str(os.cpu_count()), "sys.threads": str(torch.get_num_threads()),
+        "sys.torch": torch.__version__,
+        "sys.python": platform.python_version(),
+        "sys.platform": platform.platform(),
+        "sys.cpu": cpu,
+        "sys.cpu_count": str(os.cpu_count()),
+        "sys.threads": str(torch.get_num_threads()),
         "sys.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "sys.cuda": str(torch.version.cuda),
         "sys.deterministic_algorithms": str(torch.are_deterministic_algorithms_enabled()),
         "sys.cudnn_deterministic": str(torch.backends.cudnn.deterministic),
-    }  # fmt: skip
+    }
 
 
-_ARROW_TYPES = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer", "double": "double",
-                "float": "float", "bool": "boolean"}  # fmt: skip
+_ARROW_TYPES = {
+    "string": "string",
+    "large_string": "string",
+    "int64": "long",
+    "int32": "integer",
+    "double": "double",
+    "float": "float",
+    "bool": "boolean",
+}
 _CONTEXTS = {"train": "training", "val": "validation", "validation": "validation", "test": "test"}
 
 
@@ -49,7 +60,14 @@ def input_tables(paths: list[str]) -> list[TableInput]:
     for file in files:
         meta = pq.ParquetFile(file)
         columns = {f.name: _ARROW_TYPES.get(str(f.type), "string") for f in meta.schema_arrow}
-        tables.append(TableInput(name=f"{file.parent.name}/{file.stem}", digest=dvc_md5(file), source=str(file),
-                                 columns=columns, num_rows=meta.metadata.num_rows,
-                                 context=_CONTEXTS.get(file.stem, file.stem)))  # fmt: skip
+        tables.append(
+            TableInput(
+                name=f"{file.parent.name}/{file.stem}",
+                digest=dvc_md5(file),
+                source=str(file),
+                columns=columns,
+                num_rows=meta.metadata.num_rows,
+                context=_CONTEXTS.get(file.stem, file.stem),
+            )
+        )
     return tables

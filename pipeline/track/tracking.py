@@ -146,8 +146,7 @@ def open_store(uri: str) -> MlflowClient:
 
 def mark_killed(client: MlflowClient, experiment_id: str, group: str, stage: str) -> list[str]:
     """Runs of this stage and pipeline run still `RUNNING` belong to a killed process: mark them KILLED."""
-    query = (f"tags.`{GROUP_TAG}` = '{group}' and tags.`{STAGE_TAG}` = '{stage}' and "
-             "attributes.status = 'RUNNING'")  # fmt: skip
+    query = f"tags.`{GROUP_TAG}` = '{group}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'"
     stale = [run.info.run_id for run in client.search_runs([experiment_id], filter_string=query)]
     for run_id in stale:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
@@ -414,13 +413,18 @@ class StageRun:
 
         inputs = [
             DatasetInput(
-                Dataset(name=t.name, digest=t.digest[:36], source_type="local", source=json.dumps({"uri": t.source}),
-                        schema=json.dumps({"mlflow_colspec": [{"name": c, "type": k} for c, k in t.columns.items()]}),
-                        profile=json.dumps({"num_rows": t.num_rows})),
+                Dataset(
+                    name=t.name,
+                    digest=t.digest[:36],
+                    source_type="local",
+                    source=json.dumps({"uri": t.source}),
+                    schema=json.dumps({"mlflow_colspec": [{"name": c, "type": k} for c, k in t.columns.items()]}),
+                    profile=json.dumps({"num_rows": t.num_rows}),
+                ),
                 tags=[InputTag("mlflow.data.context", t.context)],
             )
             for t in tables
-        ]  # fmt: skip
+        ]
         if inputs:
             log_inputs(self.client, self.run_id, inputs)
             log_inputs(self.client, self.parent_run_id, inputs)  # the pipeline's inputs, on its run
@@ -444,16 +448,21 @@ def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'group'",
-                              max_results=5000)  # fmt: skip
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'group'", max_results=5000
+    )
     # The evaluate stage's own run holds every evaluation metric; the parent only the headline ones.
     query = f"tags.`{STAGE_TAG}` = 'evaluate' and attributes.status = 'FINISHED'"
-    evaluations = client.search_runs([experiment.experiment_id], filter_string=query, max_results=5000,
-                                     order_by=["attributes.end_time ASC"])  # fmt: skip
+    evaluations = client.search_runs(
+        [experiment.experiment_id], filter_string=query, max_results=5000, order_by=["attributes.end_time ASC"]
+    )
     evaluated = {run.data.tags.get(GROUP_TAG): dict(run.data.metrics) for run in evaluations}  # the latest wins
     return [
-        {"run_group": run.data.tags.get(GROUP_TAG, run.info.run_name), "params": dict(run.data.params),
-         "metrics": {**evaluated.get(run.data.tags.get(GROUP_TAG), {}), **run.data.metrics}}
+        {
+            "run_group": run.data.tags.get(GROUP_TAG, run.info.run_name),
+            "params": dict(run.data.params),
+            "metrics": {**evaluated.get(run.data.tags.get(GROUP_TAG), {}), **run.data.metrics},
+        }
         for run in runs
         if "sft/gold_score" in run.data.metrics
-    ]  # fmt: skip
+    ]

@@ -71,9 +71,15 @@ class RowsDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         weights = [self.weight(r) for r in self.train_rows] if self.weight and self.accumulate > 1 else None
-        sampler = LengthGroupedBatchSampler([self.length(r) for r in self.train_rows], self.batch_size, self.seed,
-                                            accumulate=self.accumulate, weights=weights, rank=rank,
-                                            world_size=world_size)  # fmt: skip
+        sampler = LengthGroupedBatchSampler(
+            [self.length(r) for r in self.train_rows],
+            self.batch_size,
+            self.seed,
+            accumulate=self.accumulate,
+            weights=weights,
+            rank=rank,
+            world_size=world_size,
+        )
         if self._resume is not None:
             sampler.epoch, sampler.skip = self._resume
             self._resume = None
@@ -82,8 +88,12 @@ class RowsDataModule(pl.LightningDataModule):
         generator = torch.Generator().manual_seed(self.seed)
         if weights is None:
             return DataLoader(self.train_rows, batch_sampler=sampler, collate_fn=self.collate, generator=generator)
-        return DataLoader(_Tagged(self.train_rows), batch_sampler=sampler, collate_fn=_TaggedCollate(self.collate),
-                          generator=generator)  # fmt: skip
+        return DataLoader(
+            _Tagged(self.train_rows),
+            batch_sampler=sampler,
+            collate_fn=_TaggedCollate(self.collate),
+            generator=generator,
+        )
 
     def val_dataloader(self) -> DataLoader:
         order = sorted(range(len(self.val_rows)), key=lambda i: self.length(self.val_rows[i]))
@@ -91,7 +101,13 @@ class RowsDataModule(pl.LightningDataModule):
         sampler = None
         if self.trainer is not None and self.trainer.world_size > 1:  # what Lightning's own sampler did: each rank a
             # strided share, padded with the first rows so that every rank runs as many (collective) steps
-            sampler = DistributedSampler(rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank,
-                                         shuffle=False)  # fmt: skip
-        return DataLoader(rows, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate,
-                          generator=torch.Generator().manual_seed(self.seed))  # fmt: skip
+            sampler = DistributedSampler(
+                rows, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return DataLoader(
+            rows,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed),
+        )

@@ -61,8 +61,12 @@ class DPOModule(pl.LightningModule):
         self.policy = policy
         self.reference_free = loss_type in REFERENCE_FREE_LOSSES
         if self.reference_free:
-            self.loss_args = {"beta": beta, "loss_type": loss_type, "simpo_gamma": simpo_gamma,
-                              "orpo_lambda": orpo_lambda}  # fmt: skip
+            self.loss_args = {
+                "beta": beta,
+                "loss_type": loss_type,
+                "simpo_gamma": simpo_gamma,
+                "orpo_lambda": orpo_lambda,
+            }
         else:
             self.loss_args = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
         self.optim_args = {"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps}
@@ -77,9 +81,12 @@ class DPOModule(pl.LightningModule):
         else:
             reference_chosen_logps, reference_rejected_logps = batch["reference_logps"].to(policy_chosen_logps).chunk(2)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                policy_chosen_logps,
+                policy_rejected_logps,
+                reference_chosen_logps,
+                reference_rejected_logps,
                 **self.loss_args,
-            )  # fmt: skip
+            )
         return {
             "loss": losses.mean(),
             "rewards/chosen": chosen_rewards.mean(),
@@ -109,13 +116,30 @@ class DPOModule(pl.LightningModule):
         return build_optimizer(self.policy, precision=str(self.trainer.precision), **self.optim_args)
 
 
-def fit_dpo(policy, tokenizer, train: Sequence, val: Sequence, cfg: DPOConfig, trainer: TrainerConfig, *, seed: int,
-            logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
-            ) -> tuple[DPOModule, FitResult]:  # fmt: skip
+def fit_dpo(
+    policy,
+    tokenizer,
+    train: Sequence,
+    val: Sequence,
+    cfg: DPOConfig,
+    trainer: TrainerConfig,
+    *,
+    seed: int,
+    logger: Any = False,
+    resume: ResumeFactory | None = None,
+    ckpt_path: str | None = None,
+) -> tuple[DPOModule, FitResult]:
     """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`attach_reference`;
     reference-free losses read none)."""
-    module = DPOModule(policy, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                       simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda, **optim_args(cfg))  # fmt: skip
+    module = DPOModule(
+        policy,
+        beta=cfg.beta,
+        loss_type=cfg.loss,
+        label_smoothing=cfg.label_smoothing,
+        simpo_gamma=cfg.simpo_gamma,
+        orpo_lambda=cfg.orpo_lambda,
+        **optim_args(cfg),
+    )
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
     data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
     return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

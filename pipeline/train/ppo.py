@@ -104,8 +104,12 @@ def summarize_history(history: Sequence[dict[str, float]]) -> dict[str, float]:
     frame = pd.DataFrame(list(history))
     window = max(1, len(frame) // 10)
     metrics = {f"final/{k}": float(frame[k].tail(window).mean()) for k in frame.columns if k != "step"}
-    metrics.update({f"start/{k}": float(frame[k].head(window).mean())
-                    for k in ("objective/gold_scores", "objective/scores", "objective/kl")})  # fmt: skip
+    metrics.update(
+        {
+            f"start/{k}": float(frame[k].head(window).mean())
+            for k in ("objective/gold_scores", "objective/scores", "objective/kl")
+        }
+    )
     metrics["perf/tokens_per_s"] = float(frame["perf/tokens_per_s"].median())
     return metrics
 
@@ -143,8 +147,9 @@ class PPOModule(pl.LightningModule):
         self.reward_mean, self.reward_std = reward_mean, reward_std
         self.accumulate, self.compiled_sampling = accumulate, compiled_sampling
         if (value_model is None) != (cfg.advantage_estimator != "gae"):
-            raise ValueError(f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae "
-                             "and only by gae")  # fmt: skip
+            raise ValueError(
+                f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae and only by gae"
+            )
         self.aggregation = LOSS_AGGREGATION[cfg.advantage_estimator]
         self.kl_ctl = (
             AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
@@ -156,21 +161,29 @@ class PPOModule(pl.LightningModule):
 
     def _sequences(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, token-aligned response mask) of the rollout, on the device."""
-        batch = response_batch(samples.prompt_ids, samples.completion_ids, samples.ended,
-                               eos_id=self.tokenizer.eos_token_id, pad_id=self.tokenizer.pad_token_id)  # fmt: skip
+        batch = response_batch(
+            samples.prompt_ids,
+            samples.completion_ids,
+            samples.ended,
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.tokenizer.pad_token_id,
+        )
         batch = {key: value.to(self.device) for key, value in batch.items()}
         return batch["input_ids"], batch["attention_mask"], batch["loss_mask"][:, 1:].float()
 
-    def _logps(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
-        return model_token_logps(model, input_ids, attention_mask, temperature=self.cfg.temperature,
-                                 with_entropy=with_entropy)  # fmt: skip
+    def _logps(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_entropy: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return model_token_logps(
+            model, input_ids, attention_mask, temperature=self.cfg.temperature, with_entropy=with_entropy
+        )
 
     @torch.no_grad()
     def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
         cfg = self.cfg
-        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling,
-                                key="ppo.max_new_tokens")
+        params = SamplingParams(
+            cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling, key="ppo.max_new_tokens"
+        )
         seed = self.seed + 7919 * step + self.global_rank
         group = cfg.num_generations
         prompt_ids = [ids for ids in prompt_ids for _ in range(group)]  # each prompt's samples are consecutive rows
@@ -204,8 +217,9 @@ class PPOModule(pl.LightningModule):
         rewards[torch.arange(len(last), device=self.device), last] += scores
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
-        advantages, returns = estimate_advantages(cfg.advantage_estimator, rewards, mask, values=values,
-                                                  group_size=group, gamma=cfg.gamma, lam=cfg.lam)  # fmt: skip
+        advantages, returns = estimate_advantages(
+            cfg.advantage_estimator, rewards, mask, values=values, group_size=group, gamma=cfg.gamma, lam=cfg.lam
+        )
         if not (torch.isfinite(advantages).all() and (returns is None or torch.isfinite(returns).all())):
             raise PPOHealthError(
                 f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
@@ -276,28 +290,39 @@ class PPOModule(pl.LightningModule):
         """What the loss of `rows` averages over: their response tokens (token mean) or the rows themselves."""
         return mask[rows].sum() if self.aggregation == "token_mean" else len(rows)
 
-    def _backward(self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor | float
-                  ) -> dict[str, torch.Tensor]:  # fmt: skip
+    def _backward(
+        self, rollout: Rollout, index: torch.Tensor, *, weight: torch.Tensor | float
+    ) -> dict[str, torch.Tensor]:
         """Policy (+ KL, + value) losses of the rows `index`, backpropagated times `weight`; their detached stats."""
         cfg = self.cfg
         ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
         logps, entropy = self._logps(self.policy, ids, am, with_entropy=True)
         aggregation = {"aggregation": self.aggregation, "max_tokens": cfg.max_new_tokens}
-        pg_loss, pg_stats = clipped_policy_loss(logps, rollout.logps[index], rollout.advantages[index], mask,
-                                                cliprange=cfg.cliprange, **aggregation)  # fmt: skip
+        pg_loss, pg_stats = clipped_policy_loss(
+            logps, rollout.logps[index], rollout.advantages[index], mask, cliprange=cfg.cliprange, **aggregation
+        )
         loss = pg_loss
-        stats = {"loss/policy_avg": pg_loss.detach(), "policy/approxkl_avg": pg_stats["approxkl"],
-                 "policy/clipfrac_avg": pg_stats["clipfrac"], "policy/entropy_avg": masked_mean(entropy, mask),
-                 "val/ratio": pg_stats["ratio"]}  # fmt: skip
+        stats = {
+            "loss/policy_avg": pg_loss.detach(),
+            "policy/approxkl_avg": pg_stats["approxkl"],
+            "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "policy/entropy_avg": masked_mean(entropy, mask),
+            "val/ratio": pg_stats["ratio"],
+        }
         if cfg.kl_in == "loss":  # k3 of the current policy against the reference, per token (GRPO)
-            kl_loss = aggregate_loss(kl_estimate(logps, rollout.ref_logps[index], "k3"), mask, self.aggregation,
-                                     max_tokens=cfg.max_new_tokens)  # fmt: skip
+            kl_loss = aggregate_loss(
+                kl_estimate(logps, rollout.ref_logps[index], "k3"),
+                mask,
+                self.aggregation,
+                max_tokens=cfg.max_new_tokens,
+            )
             loss = loss + cfg.kl_loss_coef * kl_loss
             stats["loss/kl_avg"] = kl_loss.detach()
         if self.value_model is not None:
             values = token_values(self.value_model, ids, am)[:, :-1]
-            vf_loss, vf_clipfrac = clipped_value_loss(values, rollout.values[index], rollout.returns[index], mask,
-                                                      cliprange=cfg.cliprange_value)  # fmt: skip
+            vf_loss, vf_clipfrac = clipped_value_loss(
+                values, rollout.values[index], rollout.returns[index], mask, cliprange=cfg.cliprange_value
+            )
             loss = loss + cfg.vf_coef * vf_loss
             stats.update({"loss/value_avg": vf_loss.detach(), "val/clipfrac_avg": vf_clipfrac})
         self.manual_backward(loss if self.accumulate == 1 else loss * weight)
@@ -352,18 +377,38 @@ class PPOModule(pl.LightningModule):
         self.history = checkpoint["ppo"]["history"]
 
     def configure_optimizers(self):
-        args = {"weight_decay": 0.0, "warmup_steps": self.cfg.warmup_rollouts, "max_steps": self.cfg.rollouts,
-                "precision": str(self.trainer.precision)}
+        args = {
+            "weight_decay": 0.0,
+            "warmup_steps": self.cfg.warmup_rollouts,
+            "max_steps": self.cfg.rollouts,
+            "precision": str(self.trainer.precision),
+        }
         optimizers = [build_optimizer(self.policy, lr=self.cfg.lr, **args)]
         if self.value_model is not None:
             optimizers.append(build_optimizer(self.value_model, lr=self.cfg.value_lr, **args))
         return optimizers
 
 
-def fit_ppo(policy, value_model, reference, reward_model, judge, tokenizer, prompt_ids: Sequence[list[int]],
-            cfg: PPOConfig, trainer: TrainerConfig, *, reward_mean: float, reward_std: float, seed: int, rank: int = 0,
-            compiled_sampling: bool = False, logger: Any = False, resume: ResumeFactory | None = None,
-            ckpt_path: str | None = None) -> tuple[PPOModule, bool]:  # fmt: skip
+def fit_ppo(
+    policy,
+    value_model,
+    reference,
+    reward_model,
+    judge,
+    tokenizer,
+    prompt_ids: Sequence[list[int]],
+    cfg: PPOConfig,
+    trainer: TrainerConfig,
+    *,
+    reward_mean: float,
+    reward_std: float,
+    seed: int,
+    rank: int = 0,
+    compiled_sampling: bool = False,
+    logger: Any = False,
+    resume: ResumeFactory | None = None,
+    ckpt_path: str | None = None,
+) -> tuple[PPOModule, bool]:
     """Online RL of `policy` (`cfg.advantage_estimator`: PPO with `value_model`, or a critic-free estimator with
     None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off.
 
@@ -371,14 +416,30 @@ def fit_ppo(policy, value_model, reference, reward_model, judge, tokenizer, prom
         (the module, whose `history` holds every rollout's metrics; whether this process is rank 0).
     """
     module = PPOModule(
-        policy=policy, value_model=value_model, reference=reference, reward_model=reward_model, judge=judge,
-        tokenizer=tokenizer, cfg=cfg, reward_mean=reward_mean, reward_std=reward_std, seed=seed,
-        accumulate=trainer.accumulate_grad_batches, compiled_sampling=compiled_sampling,
-    )  # fmt: skip
+        policy=policy,
+        value_model=value_model,
+        reference=reference,
+        reward_model=reward_model,
+        judge=judge,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        reward_mean=reward_mean,
+        reward_std=reward_std,
+        seed=seed,
+        accumulate=trainer.accumulate_grad_batches,
+        compiled_sampling=compiled_sampling,
+    )
     batches = PromptBatches(len(prompt_ids), cfg.prompts_per_rollout, cfg.rollouts, seed + rank)
     loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
     callback = resume_callback(resume, batches, unit="rollouts")
-    fitter = build_trainer(trainer, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=logger,
-                           callbacks=[callback] if callback else [])  # fmt: skip
+    fitter = build_trainer(
+        trainer,
+        max_steps=-1,
+        max_epochs=1,
+        val_every_n_steps=None,
+        grad_clip=0.0,
+        logger=logger,
+        callbacks=[callback] if callback else [],
+    )
     fitter.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
     return module, fitter.is_global_zero

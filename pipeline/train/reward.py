@@ -86,8 +86,9 @@ def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
 
 
 def _packed_scores(model: torch.nn.Module, head: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    hidden = backbone(model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch["position_ids"]).last_hidden_state  # (R, L, H)  # fmt: skip
+    hidden = backbone(model)(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    ).last_hidden_state  # (R, L, H)
     return head(hidden.flatten(0, 1)[batch["last_token"]])[:, 0]
 
 
@@ -166,9 +167,19 @@ class RewardModule(pl.LightningModule):
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)
 
 
-def fit_reward(model, tokenizer, train: Sequence, val: Sequence, cfg: RewardConfig, trainer: TrainerConfig, *,
-               seed: int, logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
-               ) -> tuple[RewardModule, FitResult]:  # fmt: skip
+def fit_reward(
+    model,
+    tokenizer,
+    train: Sequence,
+    val: Sequence,
+    cfg: RewardConfig,
+    trainer: TrainerConfig,
+    *,
+    seed: int,
+    logger: Any = False,
+    resume: ResumeFactory | None = None,
+    ckpt_path: str | None = None,
+) -> tuple[RewardModule, FitResult]:
     """A Bradley-Terry reward model on tokenised pairs (`batches.read_pairs`)."""
     module = RewardModule(model, margin=cfg.margin, center_coef=cfg.center_coef, **optim_args(cfg))
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)

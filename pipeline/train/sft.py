@@ -88,12 +88,29 @@ class SFTModule(pl.LightningModule):
         return build_optimizer(self.model, precision=str(self.trainer.precision), **self.optim_args)
 
 
-def fit_sft(model, tokenizer, train: Sequence, val: Sequence, cfg: SFTConfig, trainer: TrainerConfig, *, seed: int,
-            logger: Any = False, resume: ResumeFactory | None = None, ckpt_path: str | None = None
-            ) -> tuple[SFTModule, FitResult]:  # fmt: skip
+def fit_sft(
+    model,
+    tokenizer,
+    train: Sequence,
+    val: Sequence,
+    cfg: SFTConfig,
+    trainer: TrainerConfig,
+    *,
+    seed: int,
+    logger: Any = False,
+    resume: ResumeFactory | None = None,
+    ckpt_path: str | None = None,
+) -> tuple[SFTModule, FitResult]:
     """Completion-only SFT of `model` on tokenised rows (`batches.tokenize_rows`)."""
     module = SFTModule(model, **optim_args(cfg))
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
-    data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches,
-                          weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
+    data = RowsDataModule(
+        train,
+        val,
+        collate,
+        cfg.batch_size,
+        seed,
+        accumulate=trainer.accumulate_grad_batches,
+        weight=lambda row: len(row.completion_ids) + 1,
+    )
     return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

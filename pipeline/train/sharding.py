@@ -34,8 +34,10 @@ def build_strategy(cfg: TrainerConfig) -> str | ModelParallelStrategy:
     if cfg.strategy != FSDP:
         return cfg.strategy
     if not isinstance(cfg.devices, int):
-        raise ConfigError(f"trainer.devices: {cfg.devices!r} with trainer.strategy: fsdp; give the number of devices "
-                          "(processes) per node, e.g. trainer.devices: 2")  # fmt: skip
+        raise ConfigError(
+            f"trainer.devices: {cfg.devices!r} with trainer.strategy: fsdp; give the number of devices "
+            "(processes) per node, e.g. trainer.devices: 2"
+        )
     on_cpu = cfg.accelerator == "cpu" or (cfg.accelerator == "auto" and not torch.cuda.is_available())
     return ModelParallelStrategy(
         data_parallel_size=cfg.devices * cfg.num_nodes,  # every process holds a shard: no tensor parallelism

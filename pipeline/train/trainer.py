@@ -236,9 +236,15 @@ def fit_and_validate(
     """
     throughput, history = Throughput(), History()
     callbacks = [throughput, history, *([resume] if resume is not None else [])]
-    trainer = build_trainer(trainer_cfg, max_steps=cfg.max_steps, val_every_n_steps=cfg.val_every_n_steps,
-                            grad_clip=cfg.grad_clip, logger=logger, callbacks=callbacks,
-                            accumulate_grad_batches=trainer_cfg.accumulate_grad_batches)  # fmt: skip
+    trainer = build_trainer(
+        trainer_cfg,
+        max_steps=cfg.max_steps,
+        val_every_n_steps=cfg.val_every_n_steps,
+        grad_clip=cfg.grad_clip,
+        logger=logger,
+        callbacks=callbacks,
+        accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
     gather(module)  # under FSDP: rank 0's module holds plain, trained models again

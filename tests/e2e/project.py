@@ -110,11 +110,19 @@ class Project:
 
     def run(self, *args: str, timeout: float = 900, check: bool = True) -> str:
         try:
-            done = subprocess.run(args, cwd=self.path, env=self.env, capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL)  # fmt: skip
+            done = subprocess.run(
+                args,
+                cwd=self.path,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as error:
-            raise AssertionError(f"{' '.join(args)} still running after {timeout:.0f} s:\n{error.stdout}\n"
-                                 f"{error.stderr}") from None  # fmt: skip
+            raise AssertionError(
+                f"{' '.join(args)} still running after {timeout:.0f} s:\n{error.stdout}\n{error.stderr}"
+            ) from None
         if done.returncode and check:
             raise AssertionError(
                 f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
@@ -136,9 +144,16 @@ class Project:
         with the status and the workers' logs, and its workers are killed."""
         log = self.path.parent / f"{self.path.name}-queue-start.log"
         with log.open("w") as out:
-            subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=self.path,
-                           env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, timeout=120,
-                           check=True)  # fmt: skip
+            subprocess.run(
+                [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+                cwd=self.path,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=120,
+                check=True,
+            )
         deadline, asked, status = time.monotonic() + timeout, time.monotonic(), ""
         while time.monotonic() < deadline:
             if names <= self.experiment_refs() or time.monotonic() - asked > 30:
@@ -167,8 +182,10 @@ class Project:
         """`dvc queue logs` of every task that `status` (a `dvc queue status` table) shows as failed."""
         failed = [line.split()[0] for line in status.splitlines() if line.split()[-1:] == ["Failed"]]
         # A task that failed in DVC's setup has no log: DVC says so and exits 255.
-        logs = {task: self.run(sys.executable, "-m", "dvc", "queue", "logs", task, timeout=120, check=False)
-                for task in failed}  # fmt: skip
+        logs = {
+            task: self.run(sys.executable, "-m", "dvc", "queue", "logs", task, timeout=120, check=False)
+            for task in failed
+        }
         return "\n".join(f"== {task}\n{text[-8000:]}" for task, text in logs.items())
 
     def experiments(self, *remote: str) -> list[str]:
@@ -193,8 +210,11 @@ class Project:
             logs = self.failed_task_logs(status)
             experiment = client.get_experiment_by_name("alignment")
             runs = client.search_runs([experiment.experiment_id], max_results=1000) if experiment else []
-            failed = [r.info.run_name for r in runs if r.data.tags.get("align.run_group") in points
-                      and r.info.status == "FAILED"]  # fmt: skip
+            failed = [
+                r.info.run_name
+                for r in runs
+                if r.data.tags.get("align.run_group") in points and r.info.status == "FAILED"
+            ]
             assert not failed and "failed to run:" not in logs, f"a stage failed: {failed}\n{status}\n{logs}"
             rounds.append(f"round {attempt + 1} (-j {jobs if attempt == 0 else 1}):\n{status}\n{logs}")
             todo = sorted(set(points) - set(self.experiments()))

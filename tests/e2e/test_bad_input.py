@@ -62,8 +62,14 @@ def _chat_data(tmp_path, broken_row: dict | None) -> dict:
     if broken_row is not None:
         rows[5] = broken_row
     files = write_jsonl(tmp_path / "chat.jsonl", rows)
-    return {"source": "dataset", "dataset_path": "json", "data_files": files, "messages_column": "messages",
-            "n_val": 4, "n_test": 4}  # fmt: skip
+    return {
+        "source": "dataset",
+        "dataset_path": "json",
+        "data_files": files,
+        "messages_column": "messages",
+        "n_val": 4,
+        "n_test": 4,
+    }
 
 
 @pytest.mark.slow  # builds hub stand-ins and runs the stage
@@ -86,8 +92,9 @@ def test_bad_conversation_names_file_row_column_and_writes_nothing(tmp_path, mon
 @pytest.mark.slow  # builds hub stand-ins and runs the stage
 def test_classifier_label_it_does_not_have_names_the_key_and_writes_nothing(tmp_path, monkeypatch, hub):
     judge = {"kind": "classifier", "path": hub["classifier"], "label": "HAPPY"}
-    error = _prepare(tmp_path, monkeypatch, model={"base": hub["model"]}, prepare=_chat_data(tmp_path, None),
-                     judge=judge)  # fmt: skip
+    error = _prepare(
+        tmp_path, monkeypatch, model={"base": hub["model"]}, prepare=_chat_data(tmp_path, None), judge=judge
+    )
     assert "judge.label: 'HAPPY' is not a label of classifier" in error
     assert "its labels are NEGATIVE, POSITIVE" in error
     assert not (tmp_path / "data").exists() and not (tmp_path / "reports").exists()
@@ -99,8 +106,9 @@ def test_tracking_server_down_fails_before_any_work_naming_the_variable(tmp_path
     env = launch_environment(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     env.pop("DVC_ROOT", None)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.prepare"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     assert done.returncode != 0
     assert "MLFLOW_TRACKING_URI=http://127.0.0.1:9: the tracking server does not answer" in done.stderr
@@ -126,8 +134,13 @@ GOOD_LINES = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
 )  # fmt: skip
 def test_bad_data_file_names_the_file_and_line_and_writes_nothing(tmp_path, monkeypatch, content, message):
     (tmp_path / "rows.jsonl").write_bytes(content)
-    data = {"source": "dataset", "dataset_path": "json", "data_files": str(tmp_path / "rows.jsonl"), "n_val": 2,
-            "n_test": 2}  # fmt: skip
+    data = {
+        "source": "dataset",
+        "dataset_path": "json",
+        "data_files": str(tmp_path / "rows.jsonl"),
+        "n_val": 2,
+        "n_test": 2,
+    }
     error = _prepare(tmp_path, monkeypatch, prepare=data)
     assert message in error, error[-2000:]
     assert not (tmp_path / "data").exists() and not (tmp_path / "models").exists()
@@ -139,8 +152,15 @@ GSM8K_LINES = [
      "answer": f"He has {i} + 2 = <<{i}+2={i + 2}>>{i + 2} apples.\n#### {i + 2}"}
     for i in range(30)
 ]  # fmt: skip
-GSM8K = {"source": "dataset", "dataset_path": "json", "prompt_column": "question", "completion_column": "answer",
-         "answer_column": "answer", "n_val": 2, "n_test": 2}  # fmt: skip
+GSM8K = {
+    "source": "dataset",
+    "dataset_path": "json",
+    "prompt_column": "question",
+    "completion_column": "answer",
+    "answer_column": "answer",
+    "n_val": 2,
+    "n_test": 2,
+}
 
 
 @pytest.mark.slow

@@ -10,8 +10,14 @@ pytestmark = pytest.mark.slow
 
 def test_sft_stage_under_ddp_logs_one_run_and_writes_once(tmp_path, upstream):
     # Checkpoints every 3 of the 8 steps and at the end: Lightning's save is collective, so every rank must call it.
-    ddp = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "log_every_n_steps": 2, "checkpoint_every_n_steps": 3,
-           "keep_checkpoints": True}  # fmt: skip
+    ddp = {
+        "accelerator": "cpu",
+        "devices": 2,
+        "strategy": "ddp",
+        "log_every_n_steps": 2,
+        "checkpoint_every_n_steps": 3,
+        "keep_checkpoints": True,
+    }
     project = Project.copy_of(upstream.path, tmp_path / "repo")  # prepare reproduced; the strategy reruns sft
     for key, value in ddp.items():
         project.set_param("trainer", key, value)

@@ -91,8 +91,14 @@ def test_a_server_lost_mid_stage_fails_it_in_one_line_and_the_rerun_resumes_into
     project.env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     assert subprocess.run([*make, "ui"], capture_output=True, text=True, timeout=300).returncode == 0
     try:
-        stage = subprocess.Popen([sys.executable, "-m", "stages.sft"], cwd=project.path, env=project.env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        stage = subprocess.Popen(
+            [sys.executable, "-m", "stages.sft"],
+            cwd=project.path,
+            env=project.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         while not list(project.path.glob(".checkpoints/sft/*/step-*.ckpt")) and time.monotonic() < deadline:
             assert stage.poll() is None, stage.communicate()

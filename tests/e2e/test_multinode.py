@@ -42,12 +42,26 @@ def _project(upstream: Project, path: Path, **trainer) -> Project:
 def _torchrun_nodes(project: Project, nodes: int = 2) -> list[subprocess.Popen]:
     """`torchrun` once per node, as a cluster scheduler would start it on each, meeting at one rendezvous."""
     endpoint = f"127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=sft", "--max-restarts=0",
-               "-m", "stages.sft"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nodes}",
+        "--nproc-per-node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        "--rdzv-id=sft",
+        "--max-restarts=0",
+        "-m",
+        "stages.sft",
+    ]
     logs = [open(project.path.parent / f"{project.path.name}-node{n}.log", "w") for n in range(nodes)]  # noqa: SIM115
-    return [subprocess.Popen(command, cwd=project.path, env=project.env, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL) for log in logs]  # fmt: skip
+    return [
+        subprocess.Popen(
+            command, cwd=project.path, env=project.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        for log in logs
+    ]
 
 
 def _node_logs(project: Project, tail: int | None = 6000) -> str:

@@ -155,5 +155,6 @@ def _check_mlflow_conventions(project: Project, client: MlflowClient, runs: list
     table = json.loads(Path(client.download_artifacts(evaluate, "samples/evaluate.json")).read_text())
     assert {"policy", "prompt", "completion", "gold", "length"} <= set(table["columns"])
     assert {row[table["columns"].index("policy")] for row in table["data"]} >= {"sft", "ppo", "dpo"}
-    assert "samples/ppo_rollouts.json" in {a.path for a in client.list_artifacts(stage_runs["ppo"].info.run_id,
-                                                                                "samples")}  # fmt: skip
+    assert "samples/ppo_rollouts.json" in {
+        a.path for a in client.list_artifacts(stage_runs["ppo"].info.run_id, "samples")
+    }

@@ -58,14 +58,21 @@ def test_chat_preset_llama_chat_model_conversational_data_classifier_judge_lora(
     hub = tmp_path / "hub"
     hub.mkdir()
     data = write_jsonl(hub / "ultrafeedback.jsonl", ultrafeedback_rows(160))
-    project = Project(tmp_path / "repo", preset="chat", overrides={
-        "model": {"base": chat_llama(hub / "chat-llama"), "lora_r": 8},
-        "trainer": {**CPU, "accumulate_grad_batches": 2},
-        "prepare": {"dataset_path": "json", "data_files": data},
-        "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
-        "judge": {"kind": "classifier", "path": sentiment_classifier(hub / "distilbert-imdb"), "label": "POSITIVE"},
-        "sft": PACKED, "reward": PACKED, "reference": PACKED, "dpo": PACKED,
-    })  # fmt: skip
+    project = Project(
+        tmp_path / "repo",
+        preset="chat",
+        overrides={
+            "model": {"base": chat_llama(hub / "chat-llama"), "lora_r": 8},
+            "trainer": {**CPU, "accumulate_grad_batches": 2},
+            "prepare": {"dataset_path": "json", "data_files": data},
+            "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
+            "judge": {"kind": "classifier", "path": sentiment_classifier(hub / "distilbert-imdb"), "label": "POSITIVE"},
+            "sft": PACKED,
+            "reward": PACKED,
+            "reference": PACKED,
+            "dpo": PACKED,
+        },
+    )
     _ran_everything(project)
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
     assert prepared["prompt"].str.startswith("<|im_start|>user\nWrite about this:").all()
@@ -88,13 +95,20 @@ def test_imdb_preset_gpt2_review_prefixes_classifier_judge(tmp_path):
     """Also padding-free batches in every stage that has them, on learned absolute positions."""
     hub = tmp_path / "hub"
     hub.mkdir()
-    project = Project(tmp_path / "repo", preset="imdb", overrides={
-        "model": {"base": gpt2_hub(hub / "gpt2")},
-        "trainer": CPU,
-        "prepare": {"dataset_path": "json", "data_files": write_jsonl(hub / "imdb.jsonl", imdb_rows(400))},
-        "judge": {"path": sentiment_classifier(hub / "distilbert-imdb")},
-        "sft": PACKED, "reward": PACKED, "reference": PACKED, "dpo": PACKED,
-    })  # fmt: skip
+    project = Project(
+        tmp_path / "repo",
+        preset="imdb",
+        overrides={
+            "model": {"base": gpt2_hub(hub / "gpt2")},
+            "trainer": CPU,
+            "prepare": {"dataset_path": "json", "data_files": write_jsonl(hub / "imdb.jsonl", imdb_rows(400))},
+            "judge": {"path": sentiment_classifier(hub / "distilbert-imdb")},
+            "sft": PACKED,
+            "reward": PACKED,
+            "reference": PACKED,
+            "dpo": PACKED,
+        },
+    )
     _ran_everything(project)
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
     assert (prepared["prompt"].str.split().str.len() == 8).all()  # review prefixes, as in the DPO paper
@@ -105,13 +119,17 @@ def test_hh_preset_pythia_dialogues_reward_model_judge(tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     data = write_jsonl(hub / "hh.jsonl", hh_rows(160))
-    project = Project(tmp_path / "repo", preset="hh", overrides={
-        "model": {"base": neox_hub(hub / "pythia")},
-        "trainer": CPU,
-        "prepare": {"dataset_path": "json", "data_files": data},
-        "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
-        "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
-    })  # fmt: skip
+    project = Project(
+        tmp_path / "repo",
+        preset="hh",
+        overrides={
+            "model": {"base": neox_hub(hub / "pythia")},
+            "trainer": CPU,
+            "prepare": {"dataset_path": "json", "data_files": data},
+            "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
+            "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
+        },
+    )
     _ran_everything(project)
     pairs = pd.read_parquet(project.path / "data/preferences/train.parquet")
     assert pairs["prompt"].str.endswith("\n\nHuman: And then?\n\nAssistant:").all()
@@ -124,8 +142,12 @@ def gsm8k_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b = rng.randint(2, 40), rng.randint(2, 40)
-        rows.append({"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
-                     "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"})  # fmt: skip
+        rows.append(
+            {
+                "question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+            }
+        )
     return rows
 
 
@@ -136,19 +158,30 @@ def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     rows = gsm8k_rows(300)
-    project = Project(tmp_path / "repo", preset="gsm8k", overrides={
-        "model": {"base": chat_llama(hub / "chat-llama")},
-        "trainer": CPU,
-        "prepare": {"dataset_path": "json", "dataset_name": None, "data_files": write_jsonl(hub / "gsm8k.jsonl", rows)},
-        # the stand-in's small vocabulary spells the numbers out in several tokens each; its context is 256
-        "sft": {"max_length": 200, "max_new_tokens": 16}, "preferences": {"max_length": 200},
-        "reward": {"max_length": 200}, "reference": {"max_length": 200}, "dpo": {"max_length": 200},
-        "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
-        "evaluate": {"pass_k": 4},
-        # an untrained stand-in is never right, so every sample would tie at 0 and leave no pairs: a format reward
-        # (a pattern random text matches now and then) separates them, and is exercised on the way
-        "judge": {"format_pattern": "[aeiou]{2}", "format_weight": 0.5},
-    })  # fmt: skip
+    project = Project(
+        tmp_path / "repo",
+        preset="gsm8k",
+        overrides={
+            "model": {"base": chat_llama(hub / "chat-llama")},
+            "trainer": CPU,
+            "prepare": {
+                "dataset_path": "json",
+                "dataset_name": None,
+                "data_files": write_jsonl(hub / "gsm8k.jsonl", rows),
+            },
+            # the stand-in's small vocabulary spells the numbers out in several tokens each; its context is 256
+            "sft": {"max_length": 200, "max_new_tokens": 16},
+            "preferences": {"max_length": 200},
+            "reward": {"max_length": 200},
+            "reference": {"max_length": 200},
+            "dpo": {"max_length": 200},
+            "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
+            "evaluate": {"pass_k": 4},
+            # an untrained stand-in is never right, so every sample would tie at 0 and leave no pairs: a format reward
+            # (a pattern random text matches now and then) separates them, and is exercised on the way
+            "judge": {"format_pattern": "[aeiou]{2}", "format_weight": 0.5},
+        },
+    )
     assert project.ran(project.dvc("repro")) == STAGES
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
     assert prepared["answer"].str.contains("#### ").all()  # the reference answer travels with each row
@@ -159,7 +192,8 @@ def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
     metrics = project.report("metrics")
     for policy in ("sft", "ppo", "dpo"):
         assert {f"{policy}/pass_at_1", f"{policy}/pass_at_4", f"{policy}/mean_at_4", f"{policy}/maj_at_4"} <= set(
-            metrics), policy  # fmt: skip
+            metrics
+        ), policy
         assert 0.0 <= metrics[f"{policy}/pass_at_1"] <= metrics[f"{policy}/pass_at_4"] <= 1.0
     assert metrics["judge/verifier_timeouts"] == 0.0
     ppo = project.report("ppo")

@@ -27,9 +27,14 @@ def _kill_mid_stage(project: Project, stage: str, *flags: str) -> int:
     """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written. The stage
     starts cold (no warm server, tests/conftest.py): the process killed is the stage itself, as for a user."""
     cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
-    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", *flags, "-s", stage], cwd=project.path,
-                               env=cold, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", *flags, "-s", stage],
+        cwd=project.path,
+        env=cold,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     folder = project.path / ".checkpoints" / stage
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:

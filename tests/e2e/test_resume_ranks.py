@@ -45,8 +45,14 @@ def _kill_rank_after_checkpoint(project: Project, stage: str, rank: int) -> int:
     cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
     log = project.path.parent / f"{project.path.name}-killed.log"
     with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "-s", stage], cwd=project.path, env=cold,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "-s", stage],
+            cwd=project.path,
+            env=cold,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     dvc, folder = psutil.Process(process.pid), project.path / ".checkpoints" / stage
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:

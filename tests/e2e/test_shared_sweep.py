@@ -62,14 +62,24 @@ def postgres_backed_mlflow() -> Iterator[Servers]:
     root = Path(tempfile.mkdtemp(prefix="align-pg-"))
     root.chmod(0o755)
     mlflow_port = free_port()
-    make = ["make", "--no-print-directory", "-C", str(ROOT), f"MLFLOW_STORE={root}", f"MLFLOW_PORT={mlflow_port}",
-            f"PG_DIR={root / 'pg'}", f"PG_PORT={free_port()}"]  # fmt: skip
+    make = [
+        "make",
+        "--no-print-directory",
+        "-C",
+        str(ROOT),
+        f"MLFLOW_STORE={root}",
+        f"MLFLOW_PORT={mlflow_port}",
+        f"PG_DIR={root / 'pg'}",
+        f"PG_PORT={free_port()}",
+    ]
     try:
         started = subprocess.run([*make, "ui-postgres"], capture_output=True, text=True, timeout=400)
         assert started.returncode == 0, started.stdout + started.stderr
         assert "PostgreSQL: postgresql+psycopg://mlflow@127.0.0.1:" in started.stdout, started.stdout
-        pids = {"postgres": int((root / "pg/data/postmaster.pid").read_text().split()[0]),
-                "mlflow": int((root / ".mlflow-server.pid").read_text())}  # fmt: skip
+        pids = {
+            "postgres": int((root / "pg/data/postmaster.pid").read_text().split()[0]),
+            "mlflow": int((root / ".mlflow-server.pid").read_text()),
+        }
         yield Servers(f"http://127.0.0.1:{mlflow_port}", make, pids)
     finally:
         stopped = subprocess.run([*make, "ui-stop", "postgres-stop"], capture_output=True, text=True, timeout=120)
@@ -188,12 +198,20 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
         assert (analyst.path / "reports/frontier.png").stat().st_size > 0
 
         # The server gone: a stage fails within seconds, naming the tracking URI, and writes nothing.
-        assert "MLflow UI stopped" in subprocess.run([*servers.make, "ui-stop"], capture_output=True, text=True,
-                                                     timeout=120).stdout  # fmt: skip
+        assert (
+            "MLflow UI stopped"
+            in subprocess.run([*servers.make, "ui-stop"], capture_output=True, text=True, timeout=120).stdout
+        )
         (analyst.path / "reports/prepare.json").unlink(missing_ok=True)
         began = time.monotonic()
-        failed = subprocess.run(["python", "-m", "stages.prepare"], cwd=analyst.path, env=analyst.env,
-                                capture_output=True, text=True, timeout=300)  # fmt: skip
+        failed = subprocess.run(
+            ["python", "-m", "stages.prepare"],
+            cwd=analyst.path,
+            env=analyst.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert failed.returncode != 0 and time.monotonic() - began < 60, failed.stderr[-3000:]
         assert f"MLFLOW_TRACKING_URI={servers.uri}: the tracking server does not answer" in failed.stderr
         assert not (analyst.path / "reports/prepare.json").exists()

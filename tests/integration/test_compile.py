@@ -17,11 +17,17 @@ from tests.integration.helpers import sampling_case, sft_loss_and_grads, tiny_mo
 
 
 @pytest.mark.slow
-def test_compiled_body_trains_like_eager_and_generates_eagerly(model_cfg, cpu_trainer_cfg, tokenizer, reviews,
-                                                               tmp_path):  # fmt: skip
+def test_compiled_body_trains_like_eager_and_generates_eagerly(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
     eager = tiny_model(model_cfg, tokenizer)
-    compiled = prepare_for_training(copy.deepcopy(eager), model_cfg, dataclasses.replace(cpu_trainer_cfg, compile=True),
-                                    disable_dropout=True, task="CAUSAL_LM")  # fmt: skip
+    compiled = prepare_for_training(
+        copy.deepcopy(eager),
+        model_cfg,
+        dataclasses.replace(cpu_trainer_cfg, compile=True),
+        disable_dropout=True,
+        task="CAUSAL_LM",
+    )
     prepare_for_training(eager, model_cfg, cpu_trainer_cfg, disable_dropout=True, task="CAUSAL_LM")
     assert compiled.transformer._compiled_call_impl is not None and eager.transformer._compiled_call_impl is None
     collate = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
@@ -35,8 +41,10 @@ def test_compiled_body_trains_like_eager_and_generates_eagerly(model_cfg, cpu_tr
     params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0)
     prompts = [r.prompt_ids for r in rows[:6]]
     frames = dict(counters["frames"])
-    assert (sample_ids(compiled, tokenizer, prompts, params, batch_size=3, seed=5).completion_ids
-            == sample_ids(eager, tokenizer, prompts, params, batch_size=3, seed=5).completion_ids)  # fmt: skip
+    assert (
+        sample_ids(compiled, tokenizer, prompts, params, batch_size=3, seed=5).completion_ids
+        == sample_ids(eager, tokenizer, prompts, params, batch_size=3, seed=5).completion_ids
+    )
     assert dict(counters["frames"]) == frames and frames  # decoding compiled nothing new
     save_model(compiled, tokenizer, tmp_path / "compiled")
     saved = load_file(tmp_path / "compiled" / "model.safetensors")

@@ -30,11 +30,22 @@ with StageRun(ctx, "dpo", params, params, tags={"writer": group}, system_metrics
 
 def test_concurrent_stage_processes_on_a_fresh_sqlite_store_all_land(tmp_path):
     script = WRITER.replace("{steps}", str(STEPS)).replace("{{", "{").replace("}}", "}")
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-           "PATH": "/usr/bin:/bin"}  # fmt: skip
+    env = {
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+        "PATH": "/usr/bin:/bin",
+    }
     groups = [f"g{i}" for i in range(WRITERS)]
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), g], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for g in groups]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path), g],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for g in groups
+    ]
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready-{g}").exists() for g in groups) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -13,8 +13,9 @@ from pipeline.train.trainer import Throughput, build_trainer
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 
 
-def test_dpo_trains_the_policy_against_cached_reference(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path,
-                                                        tracking):  # fmt: skip
+def test_dpo_trains_the_policy_against_cached_reference(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
     path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
     reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
     policy = build_causal_lm(model_cfg, tokenizer, path=path)
@@ -30,18 +31,38 @@ def test_dpo_trains_the_policy_against_cached_reference(model_cfg, cpu_trainer_c
 
     rows = attach_reference(train, cached, "train")
     val_rows = attach_reference(val, reference_logps(reference, val, collate, batch_size=16), "val")
-    module = DPOModule(policy, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, lr=1e-2, weight_decay=0.0,
-                       warmup_steps=1, max_steps=6)  # fmt: skip
+    module = DPOModule(
+        policy,
+        beta=0.1,
+        loss_type="sigmoid",
+        label_smoothing=0.0,
+        lr=1e-2,
+        weight_decay=0.0,
+        warmup_steps=1,
+        max_steps=6,
+    )
     before_policy, before_reference = params_snapshot(module), params_snapshot(reference)
     with StageRun(tracking, "dpo", {}, {}) as run:
-        trainer = build_trainer(cpu_trainer_cfg, max_steps=6, val_every_n_steps=3, grad_clip=1.0,
-                                logger=run.lightning_logger(), callbacks=[Throughput()])  # fmt: skip
+        trainer = build_trainer(
+            cpu_trainer_cfg,
+            max_steps=6,
+            val_every_n_steps=3,
+            grad_clip=1.0,
+            logger=run.lightning_logger(),
+            callbacks=[Throughput()],
+        )
         trainer.fit(module, datamodule=RowsDataModule(rows, val_rows, collate, batch_size=8, seed=0))
     assert changed(before_policy, module) == set(before_policy)
     assert changed(before_reference, reference) == set()
     metrics = MlflowClient(tracking.tracking_uri).get_run(run.run_id).data.metrics
-    names = ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-             "logps/rejected"]  # fmt: skip
+    names = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ]
     assert {"train/loss", "val/loss", *names, *(f"val/{n}" for n in names)} <= set(metrics)
 
     # Sampled KL: zero against itself, positive once the policy has moved.
@@ -56,13 +77,17 @@ def test_cache_for_other_rows_is_refused(model_cfg, tokenizer, reviews, tmp_path
     import pytest
 
     cached = pd.DataFrame({"index": [0], "reference_chosen_logps": [-1.0], "reference_rejected_logps": [-2.0]})
-    with pytest.raises(ValueError, match=r"data/reference/train\.parquet: cached reference log-probs cover 1 rows "
-                                         r"but the pairs table has 4; rerun the reference stage"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"data/reference/train\.parquet: cached reference log-probs cover 1 rows "
+        r"but the pairs table has 4; rerun the reference stage",
+    ):
         attach_reference(tiny_pairs(tokenizer, reviews, 4), cached, "data/reference/train.parquet")
 
 
-def test_reference_free_losses_train_without_any_reference_log_probs(model_cfg, cpu_trainer_cfg, tokenizer, reviews,
-                                                                     tmp_path):  # fmt: skip
+def test_reference_free_losses_train_without_any_reference_log_probs(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
     import math
 
     path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
@@ -70,8 +95,16 @@ def test_reference_free_losses_train_without_any_reference_log_probs(model_cfg, 
     rows = tiny_pairs(tokenizer, reviews, 32)  # no reference attached: the cached log-probs are NaN
     assert all(math.isnan(r.reference_chosen_logps) for r in rows)
     for loss, extra in (("simpo", {"beta": 2.0, "simpo_gamma": 0.5}), ("orpo", {"beta": 0.1, "orpo_lambda": 0.1})):
-        module = DPOModule(build_causal_lm(model_cfg, tokenizer, path=path), loss_type=loss, label_smoothing=0.0,
-                           lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=4, **extra)  # fmt: skip
+        module = DPOModule(
+            build_causal_lm(model_cfg, tokenizer, path=path),
+            loss_type=loss,
+            label_smoothing=0.0,
+            lr=1e-2,
+            weight_decay=0.0,
+            warmup_steps=1,
+            max_steps=4,
+            **extra,
+        )
         before = params_snapshot(module)
         trainer = build_trainer(cpu_trainer_cfg, max_steps=4, val_every_n_steps=None, grad_clip=1.0, logger=False)
         trainer.fit(module, datamodule=RowsDataModule(rows, rows[:8], collate, batch_size=8, seed=0))

@@ -23,8 +23,14 @@ pytestmark = pytest.mark.slow  # launches processes
 
 def _fit(out, *args: str) -> tuple[dict, dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.sharded_fit", "--out", str(out), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.sharded_fit", "--out", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return json.loads((out / "run.json").read_text()), load_file(out / "weights.safetensors")
 
@@ -49,8 +55,23 @@ def test_a_rank_killed_mid_checkpoint_leaves_only_the_complete_one_before(tmp_pa
     connection instead of writing or renaming it, and the step-2 checkpoint is the one a resume takes."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     folder = tmp_path / "checkpoints"
-    command = [sys.executable, "-m", "tests.sharded_fit", "--out", str(tmp_path / "out"), "--method", "sft",
-               "--strategy", strategy, "--devices", "2", "--checkpoints", str(folder), "--die-at", "1:4"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "tests.sharded_fit",
+        "--out",
+        str(tmp_path / "out"),
+        "--method",
+        "sft",
+        "--strategy",
+        strategy,
+        "--devices",
+        "2",
+        "--checkpoints",
+        str(folder),
+        "--die-at",
+        "1:4",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000002.ckpt", "step-000000002.json"]

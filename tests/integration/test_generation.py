@@ -9,15 +9,26 @@ from tests.integration.helpers import sampling_case, tiny_rows
 
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama", "neox", "sliding qwen2"])
-def test_preallocated_cache_samples_the_concatenating_caches_tokens(architecture, model_cfg, tokenizer, reviews,
-                                                                     tmp_path, monkeypatch):  # fmt: skip
+def test_preallocated_cache_samples_the_concatenating_caches_tokens(
+    architecture, model_cfg, tokenizer, reviews, tmp_path, monkeypatch
+):
     if architecture == "sliding qwen2":  # a sliding-window layer (kept as transformers builds it) beside a full one
         model, tokenizer, prompts = sampling_case("llama", model_cfg, tokenizer, reviews, tmp_path)
-        model = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, layer_types=["sliding_attention", "full_attention"], sliding_window=6,
-            use_sliding_window=True, eos_token_id=model.generation_config.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id)).eval()  # fmt: skip
+        model = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=6,
+                use_sliding_window=True,
+                eos_token_id=model.generation_config.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        ).eval()
     else:
         model, tokenizer, prompts = sampling_case(architecture, model_cfg, tokenizer, reviews, tmp_path)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9)
@@ -32,8 +43,9 @@ def test_preallocated_cache_samples_the_concatenating_caches_tokens(architecture
     assert len(caches) == 3  # one per batch; a 12-token budget fits the first allocation (prompt width + 12)
     for max_length, cache in caches:
         full = [layer for layer in cache.layers if not layer.is_sliding]
-        assert full and all(isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == max_length
-                            for layer in full)  # fmt: skip
+        assert full and all(
+            isinstance(layer, PreallocatedLayer) and layer.key_buffer.shape[-2] == max_length for layer in full
+        )
         sliding = [layer for layer in cache.layers if layer.is_sliding]
         assert len(sliding) == (architecture == "sliding qwen2")
         assert not any(isinstance(layer, PreallocatedLayer) for layer in sliding)
@@ -76,9 +88,16 @@ def test_a_budget_or_prompt_without_room_fails_before_sampling_naming_the_key(mo
     model = _never_ending(model_cfg, tokenizer, 32)
     prompts = [r.prompt_ids[:6] for r in tiny_rows(tokenizer, reviews, 3)]
     with pytest.raises(ValueError, match=r"ppo.max_new_tokens: 32 new tokens can never fit the model's context of 32"):
-        sample_ids(model, tokenizer, prompts, SamplingParams(32, 1.0, 0, 1.0, key="ppo.max_new_tokens"),
-                   batch_size=2, seed=0)  # fmt: skip
+        sample_ids(
+            model, tokenizer, prompts, SamplingParams(32, 1.0, 0, 1.0, key="ppo.max_new_tokens"), batch_size=2, seed=0
+        )
     prompts.append(list(range(5, 37)))  # 32 tokens: no room left
     with pytest.raises(ValueError, match=r"prompt row 3 .* has 32 tokens .* no room for a response \(evaluate.max_new"):
-        sample_ids(model, tokenizer, prompts, SamplingParams(8, 1.0, 0, 1.0, key="evaluate.max_new_tokens"),
-                   batch_size=2, seed=0)  # fmt: skip
+        sample_ids(
+            model,
+            tokenizer,
+            prompts,
+            SamplingParams(8, 1.0, 0, 1.0, key="evaluate.max_new_tokens"),
+            batch_size=2,
+            seed=0,
+        )

@@ -17,8 +17,9 @@ from tests.integration.helpers import tiny_rows
 def _gpt2_like_checkpoint(tokenizer, path):
     """A save_pretrained dir shaped like `gpt2`: EOS but no pad token, vocab without the pad."""
     backend = tokenizer.backend_tokenizer
-    hub_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                            bos_token="<|endoftext|>")  # fmt: skip
+    hub_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
+    )
     config = GPT2Config(vocab_size=len(hub_tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2)
     GPT2LMHeadModel(config).save_pretrained(path, safe_serialization=True)
     hub_tokenizer.save_pretrained(path)

@@ -43,8 +43,7 @@ def test_classifier_judge_is_the_label_log_odds_or_probability(tmp_path):
         expected.append(positive - negative)  # two labels: log p / (1 - p) is the logit margin
     assert judge.score(PROMPTS, RESPONSES) == pytest.approx(expected, abs=1e-5)  # batches of 2, length-sorted
     probability = build_judge(_judge_cfg(kind="classifier", path=path, label="POSITIVE", score="probability"))
-    assert probability.score(PROMPTS, RESPONSES) == pytest.approx([1 / (1 + math.exp(-x)) for x in expected],
-                                                                  abs=1e-6)  # fmt: skip
+    assert probability.score(PROMPTS, RESPONSES) == pytest.approx([1 / (1 + math.exp(-x)) for x in expected], abs=1e-6)
     with_prompt = build_judge(_judge_cfg(kind="classifier", path=path, label="NEGATIVE", include_prompt=True))
     negative, positive = _logits(path, PROMPTS[0] + RESPONSES[0]).tolist()
     assert with_prompt.score(PROMPTS[:1], RESPONSES[:1]) == pytest.approx([negative - positive], abs=1e-5)
@@ -59,8 +58,11 @@ def test_label_scores_match_the_softmax_for_three_labels():
 
 def test_unknown_classifier_label_is_named_with_the_labels_there_are(tmp_path):
     path = sentiment_classifier(tmp_path / "cls")
-    with pytest.raises(ValueError, match=r"judge\.label: 'HAPPY' is not a label of classifier .*; its labels are "
-                                         r"NEGATIVE, POSITIVE"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"judge\.label: 'HAPPY' is not a label of classifier .*; its labels are "
+        r"NEGATIVE, POSITIVE",
+    ):
         build_judge(_judge_cfg(kind="classifier", path=path, label="HAPPY"))
 
 
@@ -74,14 +76,18 @@ def test_encoder_reward_model_judge_scores_the_text_pair(tmp_path):
 def test_pipeline_reward_model_as_judge_reads_at_the_appended_eos(tmp_path, model_cfg):
     hub = gpt2_hub(tmp_path / "gpt2")
     tokenizer = load_tokenizer(hub)
-    save_model(build_reward_model(dataclasses.replace(model_cfg, base=hub), tokenizer, hub), tokenizer,
-               tmp_path / "reward")  # fmt: skip
+    save_model(
+        build_reward_model(dataclasses.replace(model_cfg, base=hub), tokenizer, hub), tokenizer, tmp_path / "reward"
+    )
     judge = build_judge(_judge_cfg(kind="reward_model", path=str(tmp_path / "reward")))
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward").eval()
     expected = []
     for prompt, response in zip(PROMPTS, RESPONSES, strict=True):
-        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] + tokenizer(response, add_special_tokens=False)[
-            "input_ids"] + [tokenizer.eos_token_id]  # fmt: skip
+        ids = (
+            tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            + tokenizer(response, add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id]
+        )
         with torch.no_grad():
             expected.append(model(input_ids=torch.tensor([ids])).logits[0, 0].item())
     assert judge.score(PROMPTS, RESPONSES) == pytest.approx(expected, abs=1e-5)

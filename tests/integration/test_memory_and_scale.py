@@ -24,11 +24,23 @@ def llama_dir(tmp_path_factory):
 
 def _fit_sft(model, rows, trainer_cfg, *, batch_size, accumulate, steps=3):
     module = SFTModule(model, lr=3e-3, weight_decay=0.0, warmup_steps=1, max_steps=steps)
-    data = RowsDataModule(rows, rows[:4], SFTCollator(model.config.pad_token_id, model.config.eos_token_id),
-                          batch_size, seed=0, accumulate=accumulate,
-                          weight=lambda row: len(row.completion_ids) + 1)  # fmt: skip
-    trainer = build_trainer(trainer_cfg, max_steps=steps, val_every_n_steps=None, grad_clip=1.0, logger=False,
-                            accumulate_grad_batches=accumulate)  # fmt: skip
+    data = RowsDataModule(
+        rows,
+        rows[:4],
+        SFTCollator(model.config.pad_token_id, model.config.eos_token_id),
+        batch_size,
+        seed=0,
+        accumulate=accumulate,
+        weight=lambda row: len(row.completion_ids) + 1,
+    )
+    trainer = build_trainer(
+        trainer_cfg,
+        max_steps=steps,
+        val_every_n_steps=None,
+        grad_clip=1.0,
+        logger=False,
+        accumulate_grad_batches=accumulate,
+    )
     trainer.fit(module, data)
     return module
 
@@ -43,12 +55,14 @@ def test_accumulated_micro_batches_give_the_large_batch_weights(model_cfg, cpu_t
         torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6, msg=name)
 
 
-def test_lora_trains_adapters_only_and_saves_a_merged_self_contained_model(llama_dir, model_cfg, cpu_trainer_cfg,
-                                                                         tokenizer, reviews, tmp_path):  # fmt: skip
+def test_lora_trains_adapters_only_and_saves_a_merged_self_contained_model(
+    llama_dir, model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
     cfg = dataclasses.replace(model_cfg, base=llama_dir, lora_r=8)
     hub_tokenizer = load_tokenizer(llama_dir)
-    model = prepare_for_training(build_causal_lm(cfg, hub_tokenizer), cfg, cpu_trainer_cfg, disable_dropout=True,
-                                 task="CAUSAL_LM")  # fmt: skip
+    model = prepare_for_training(
+        build_causal_lm(cfg, hub_tokenizer), cfg, cpu_trainer_cfg, disable_dropout=True, task="CAUSAL_LM"
+    )
     counts = parameter_counts(model)
     assert 0 < counts["model/trainable_parameters"] < 0.2 * counts["model/parameters"]
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -73,8 +87,9 @@ def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(llama_dir, mod
     cfg = dataclasses.replace(model_cfg, base=llama_dir, lora_r=4)
     hub_tokenizer = load_tokenizer(llama_dir)
     base = build_causal_lm(cfg, hub_tokenizer).eval()
-    policy = prepare_for_training(build_causal_lm(cfg, hub_tokenizer), cfg, cpu_trainer_cfg, disable_dropout=True,
-                                  task="CAUSAL_LM").eval()  # fmt: skip
+    policy = prepare_for_training(
+        build_causal_lm(cfg, hub_tokenizer), cfg, cpu_trainer_cfg, disable_dropout=True, task="CAUSAL_LM"
+    ).eval()
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
@@ -95,8 +110,9 @@ def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(llama_dir, mod
 def test_lora_reward_model_trains_its_score_head_and_merges(llama_dir, model_cfg, cpu_trainer_cfg, tmp_path):
     cfg = dataclasses.replace(model_cfg, base=llama_dir, lora_r=4)
     hub_tokenizer = load_tokenizer(llama_dir)
-    model = prepare_for_training(build_reward_model(cfg, hub_tokenizer, llama_dir), cfg, cpu_trainer_cfg,
-                                 disable_dropout=True, task="SEQ_CLS")  # fmt: skip
+    model = prepare_for_training(
+        build_reward_model(cfg, hub_tokenizer, llama_dir), cfg, cpu_trainer_cfg, disable_dropout=True, task="SEQ_CLS"
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
     with torch.no_grad():
@@ -130,8 +146,9 @@ def test_activation_checkpointing_gives_the_same_gradients(llama_dir, model_cfg,
     for checkpointing in (False, True):
         torch.manual_seed(0)
         trainer_cfg = dataclasses.replace(cpu_trainer_cfg, gradient_checkpointing=checkpointing)
-        model = prepare_for_training(build_causal_lm(cfg, hub_tokenizer), cfg, trainer_cfg, disable_dropout=True,
-                                     task="CAUSAL_LM")  # fmt: skip
+        model = prepare_for_training(
+            build_causal_lm(cfg, hub_tokenizer), cfg, trainer_cfg, disable_dropout=True, task="CAUSAL_LM"
+        )
         assert model.is_gradient_checkpointing == checkpointing
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append({name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None})

@@ -26,8 +26,10 @@ def _model_dir(architecture, model_cfg, tokenizer, tmp_path):
 
 def _batches(tokenizer, reviews):
     # rejected cut to 1, 4 or all of its tokens: lengths differ within pairs, so padded rows waste tokens
-    pairs = [dataclasses.replace(p, rejected_ids=p.rejected_ids[: (1, 4, 99)[i % 3]])
-             for i, p in enumerate(tiny_pairs(tokenizer, reviews, 6))]  # fmt: skip
+    pairs = [
+        dataclasses.replace(p, rejected_ids=p.rejected_ids[: (1, 4, 99)[i % 3]])
+        for i, p in enumerate(tiny_pairs(tokenizer, reviews, 6))
+    ]
     padded = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)(pairs)
     packed = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=True)(pairs)
     assert len(packed["input_ids"]) < len(padded["input_ids"])  # sequences shared rows
@@ -54,13 +56,13 @@ def _assert_same(packed_grads, grads):
 
 
 @pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
-def test_packed_pairs_give_the_reward_model_the_same_scores_and_gradients(architecture, model_cfg, tokenizer,
-                                                                          reviews, tmp_path):  # fmt: skip
+def test_packed_pairs_give_the_reward_model_the_same_scores_and_gradients(
+    architecture, model_cfg, tokenizer, reviews, tmp_path
+):
     path, tokenizer, cfg = _model_dir(architecture, model_cfg, tokenizer, tmp_path)
     model = build_reward_model(cfg, tokenizer, path)
     zero_dropout(model)
-    module = RewardModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1, margin=0.5,
-                          center_coef=0.01)  # fmt: skip
+    module = RewardModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_steps=1, margin=0.5, center_coef=0.01)
     padded, packed = _batches(tokenizer, reviews)
     results = []
     for batch in (padded, packed):
@@ -77,8 +79,9 @@ def test_packed_pairs_give_the_reward_model_the_same_scores_and_gradients(archit
 
 @pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
-def test_packed_pairs_give_dpo_the_same_log_probs_losses_and_gradients(architecture, loss_type, model_cfg, tokenizer,
-                                                                       reviews, tmp_path):  # fmt: skip
+def test_packed_pairs_give_dpo_the_same_log_probs_losses_and_gradients(
+    architecture, loss_type, model_cfg, tokenizer, reviews, tmp_path
+):
     path, tokenizer, cfg = _model_dir(architecture, model_cfg, tokenizer, tmp_path)
     policy = build_causal_lm(cfg, tokenizer, path=path)
     zero_dropout(policy)
@@ -86,8 +89,16 @@ def test_packed_pairs_give_dpo_the_same_log_probs_losses_and_gradients(architect
     with torch.no_grad():  # stand-in reference log-probs: the policy's own, shifted apart
         logps = torch.cat(pair_logps(policy, padded))
         reference = logps - torch.linspace(-1.0, 1.0, len(logps))
-    module = DPOModule(policy, beta=0.5, loss_type=loss_type, label_smoothing=0.0, lr=1e-3, weight_decay=0.0,
-                       warmup_steps=0, max_steps=1)  # fmt: skip
+    module = DPOModule(
+        policy,
+        beta=0.5,
+        loss_type=loss_type,
+        label_smoothing=0.0,
+        lr=1e-3,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_steps=1,
+    )
     results = []
     for batch in (padded, packed):
         batch = {**batch, "reference_logps": reference}

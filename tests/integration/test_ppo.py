@@ -26,8 +26,18 @@ METRICS = [
 
 def _ppo_cfg(**overrides):
     base = load_config(read_params(ROOT / "params.yaml")).ppo
-    small = dict(rollouts=3, prompts_per_rollout=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, min_eos_rate=0.0,
-                 warmup_rollouts=1, lr=1e-3, value_lr=1e-3, kl_control="adaptive")  # fmt: skip
+    small = dict(
+        rollouts=3,
+        prompts_per_rollout=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        min_eos_rate=0.0,
+        warmup_rollouts=1,
+        lr=1e-3,
+        value_lr=1e-3,
+        kl_control="adaptive",
+    )
     return dataclasses.replace(base, **{**small, **overrides})
 
 
@@ -40,23 +50,31 @@ def _module(model_cfg, tokenizer, tmp_path, cfg):
         policy=build_causal_lm(model_cfg, tokenizer, path=sft),
         value_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")) if critic else None,
         reference=build_causal_lm(model_cfg, tokenizer, path=sft),
-        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")), judge=VaderJudge(),
-        tokenizer=tokenizer, cfg=cfg, reward_mean=0.0, reward_std=1.0, seed=0,
-    )  # fmt: skip
+        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),
+        judge=VaderJudge(),
+        tokenizer=tokenizer,
+        cfg=cfg,
+        reward_mean=0.0,
+        reward_std=1.0,
+        seed=0,
+    )
 
 
 def _fit(module, cpu_trainer_cfg, tokenizer, reviews, logger=False):
     prompt_ids = encode(tokenizer, [r.prompt for r in reviews[:40]])
     cfg = module.cfg
-    loader = DataLoader(prompt_ids, batch_sampler=PromptBatches(40, cfg.prompts_per_rollout, cfg.rollouts, 0),
-                        collate_fn=list)  # fmt: skip
-    trainer = build_trainer(cpu_trainer_cfg, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0,
-                            logger=logger)  # fmt: skip
+    loader = DataLoader(
+        prompt_ids, batch_sampler=PromptBatches(40, cfg.prompts_per_rollout, cfg.rollouts, 0), collate_fn=list
+    )
+    trainer = build_trainer(
+        cpu_trainer_cfg, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=logger
+    )
     trainer.fit(module, train_dataloaders=loader)
 
 
-def test_ppo_updates_policy_and_value_only_and_logs_every_metric(model_cfg, cpu_trainer_cfg, tokenizer, reviews,
-                                                                 tmp_path, tracking):  # fmt: skip
+def test_ppo_updates_policy_and_value_only_and_logs_every_metric(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
     module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg())
     policy, value = params_snapshot(module.policy), params_snapshot(module.value_model)
     reference, reward = params_snapshot(module.reference), params_snapshot(module.reward_model)
@@ -71,12 +89,20 @@ def test_ppo_updates_policy_and_value_only_and_logs_every_metric(model_cfg, cpu_
     assert len(module.history) == 3 and len(module.last_samples) == 8
 
 
-@pytest.mark.parametrize(("estimator", "kl_in"), [("grpo", "loss"), ("dr_grpo", "loss"), ("rloo", "reward"),
-                                                   ("reinforce_pp", "reward")])  # fmt: skip
-def test_critic_free_estimators_train_the_policy_alone(estimator, kl_in, model_cfg, cpu_trainer_cfg, tokenizer,
-                                                       reviews, tmp_path, tracking):  # fmt: skip
-    cfg = _ppo_cfg(advantage_estimator=estimator, num_generations=3, prompts_per_rollout=4, minibatch_size=6,
-                   kl_in=kl_in, kl_control="fixed")  # fmt: skip
+@pytest.mark.parametrize(
+    ("estimator", "kl_in"), [("grpo", "loss"), ("dr_grpo", "loss"), ("rloo", "reward"), ("reinforce_pp", "reward")]
+)
+def test_critic_free_estimators_train_the_policy_alone(
+    estimator, kl_in, model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
+    cfg = _ppo_cfg(
+        advantage_estimator=estimator,
+        num_generations=3,
+        prompts_per_rollout=4,
+        minibatch_size=6,
+        kl_in=kl_in,
+        kl_control="fixed",
+    )
     module = _module(model_cfg, tokenizer, tmp_path, cfg)
     policy, reference = params_snapshot(module.policy), params_snapshot(module.reference)
     with StageRun(tracking, "ppo", {}, {}) as run:
@@ -98,8 +124,11 @@ def test_critic_free_estimators_train_the_policy_alone(estimator, kl_in, model_c
 
 def test_health_gate_on_eos_rate_names_the_params(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
     module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(min_eos_rate=1.0))  # an untrained model rarely ends
-    with pytest.raises(PPOHealthError, match=r"responses ended with EOS, under ppo\.min_eos_rate = 1\.0; raise "
-                                             r"ppo\.missing_eos_penalty"):  # fmt: skip
+    with pytest.raises(
+        PPOHealthError,
+        match=r"responses ended with EOS, under ppo\.min_eos_rate = 1\.0; raise "
+        r"ppo\.missing_eos_penalty",
+    ):
         _fit(module, cpu_trainer_cfg, tokenizer, reviews)
 
 
@@ -117,8 +146,9 @@ def test_accumulated_micro_batches_give_the_minibatch_update(model_cfg, cpu_trai
         _fit(module, cpu_trainer_cfg, tokenizer, reviews)
         modules.append(module)
     for model in ("policy", "value_model"):
-        for (name, a), b in zip(getattr(modules[0], model).named_parameters(),
-                                getattr(modules[1], model).parameters(), strict=True):  # fmt: skip
+        for (name, a), b in zip(
+            getattr(modules[0], model).named_parameters(), getattr(modules[1], model).parameters(), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{model}.{name}")
 
 
@@ -126,14 +156,33 @@ def test_lora_ppo_holds_one_policy_copy(model_cfg, cpu_trainer_cfg, tokenizer, r
     lora_cfg = dataclasses.replace(model_cfg, lora_r=4)
     sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
     save_model(build_reward_model(model_cfg, tokenizer, sft), tokenizer, tmp_path / "reward")
-    policy = prepare_for_training(build_causal_lm(lora_cfg, tokenizer, path=sft), lora_cfg, cpu_trainer_cfg,
-                                  disable_dropout=True, task="CAUSAL_LM")  # fmt: skip
-    value = prepare_for_training(build_reward_model(lora_cfg, tokenizer, str(tmp_path / "reward")), lora_cfg,
-                                 cpu_trainer_cfg, disable_dropout=True, task="SEQ_CLS")  # fmt: skip
+    policy = prepare_for_training(
+        build_causal_lm(lora_cfg, tokenizer, path=sft),
+        lora_cfg,
+        cpu_trainer_cfg,
+        disable_dropout=True,
+        task="CAUSAL_LM",
+    )
+    value = prepare_for_training(
+        build_reward_model(lora_cfg, tokenizer, str(tmp_path / "reward")),
+        lora_cfg,
+        cpu_trainer_cfg,
+        disable_dropout=True,
+        task="SEQ_CLS",
+    )
     reward = build_reward_model(lora_cfg, tokenizer, str(tmp_path / "reward"))
-    module = PPOModule(policy=policy, value_model=value, reference=None, reward_model=reward, judge=VaderJudge(),
-                       tokenizer=tokenizer, cfg=_ppo_cfg(rollouts=1), reward_mean=0.0, reward_std=1.0,
-                       seed=0)  # fmt: skip
+    module = PPOModule(
+        policy=policy,
+        value_model=value,
+        reference=None,
+        reward_model=reward,
+        judge=VaderJudge(),
+        tokenizer=tokenizer,
+        cfg=_ppo_cfg(rollouts=1),
+        reward_mean=0.0,
+        reward_std=1.0,
+        seed=0,
+    )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(module) == count(policy) + count(value) + count(reward)  # no reference copy anywhere
     frozen = {n: p.detach().clone() for n, p in policy.named_parameters() if not p.requires_grad}

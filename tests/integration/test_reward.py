@@ -24,16 +24,37 @@ def test_reward_module_trains_and_logs_to_mlflow(model_cfg, cpu_trainer_cfg, tok
     model = build_reward_model(model_cfg, tokenizer, saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft"))
     module = RewardModule(model, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=6, margin=0.0, center_coef=0.0)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-    data = RowsDataModule(tiny_pairs(tokenizer, reviews, 48), tiny_pairs(tokenizer, reviews, 16, offset=100),
-                          collate, batch_size=8, seed=0)  # fmt: skip
+    data = RowsDataModule(
+        tiny_pairs(tokenizer, reviews, 48),
+        tiny_pairs(tokenizer, reviews, 16, offset=100),
+        collate,
+        batch_size=8,
+        seed=0,
+    )
     before = params_snapshot(module)
     with StageRun(tracking, "reward", {}, {}) as run:
-        trainer = build_trainer(cpu_trainer_cfg, max_steps=6, val_every_n_steps=3, grad_clip=1.0,
-                                logger=run.lightning_logger(), callbacks=[Throughput(), History()])  # fmt: skip
+        trainer = build_trainer(
+            cpu_trainer_cfg,
+            max_steps=6,
+            val_every_n_steps=3,
+            grad_clip=1.0,
+            logger=run.lightning_logger(),
+            callbacks=[Throughput(), History()],
+        )
         trainer.fit(module, datamodule=data)
     assert "model.score.weight" in changed(before, module) and len(changed(before, module)) > 10
     metrics = MlflowClient(tracking.tracking_uri).get_run(run.run_id).data.metrics
-    expected = {"train/loss", "train/accuracy", "val/loss", "val/accuracy", "val/margin", "val/reward_mean",
-                "val/reward_std", "val/gold_accuracy", "val/gold_spearman", "perf/tokens_per_s"}  # fmt: skip
+    expected = {
+        "train/loss",
+        "train/accuracy",
+        "val/loss",
+        "val/accuracy",
+        "val/margin",
+        "val/reward_mean",
+        "val/reward_std",
+        "val/gold_accuracy",
+        "val/gold_spearman",
+        "perf/tokens_per_s",
+    }
     assert expected <= set(metrics)
     assert -1.0 <= metrics["val/gold_spearman"] <= 1.0

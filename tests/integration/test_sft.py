@@ -122,8 +122,9 @@ def test_history_records_each_validation_with_its_own_value(model_cfg, cpu_train
 
 
 @pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
-def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture, model_cfg, tokenizer, reviews,
-                                                                     tmp_path):  # fmt: skip
+def test_packed_and_padded_batches_give_the_same_loss_and_gradients(
+    architecture, model_cfg, tokenizer, reviews, tmp_path
+):
     import dataclasses
 
     import torch
@@ -140,8 +141,10 @@ def test_packed_and_padded_batches_give_the_same_loss_and_gradients(architecture
         model = tiny_model(model_cfg, tokenizer)
     zero_dropout(model)
     # completions cut to 2, 5, 8 or full tokens: lengths vary, so short sequences share rows
-    rows = [dataclasses.replace(r, completion_ids=r.completion_ids[: (2, 5, 8, 99)[i % 4]])
-            for i, r in enumerate(tiny_rows(tokenizer, reviews, 12))]  # fmt: skip
+    rows = [
+        dataclasses.replace(r, completion_ids=r.completion_ids[: (2, 5, 8, 99)[i % 4]])
+        for i, r in enumerate(tiny_rows(tokenizer, reviews, 12))
+    ]
     padded = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)(rows)
     packed = SFTCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=True)(rows)
     assert len(packed["input_ids"]) < len(padded["input_ids"])  # sequences shared rows
@@ -163,8 +166,9 @@ def test_first_fit_decreasing_packs_without_splitting():
     assert pack_sequences([12, 3], 10) == [[0], [1]]
 
 
-def test_checkpoint_cadence_is_a_runtime_knob_the_weights_do_not_depend_on(model_cfg, cpu_trainer_cfg, tokenizer,
-                                                                             reviews, tmp_path):  # fmt: skip
+def test_checkpoint_cadence_is_a_runtime_knob_the_weights_do_not_depend_on(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
     """Why `trainer.checkpoint_every_n_steps` is in no stage's cache key: checkpoints read the RNG, never draw."""
     import torch
 

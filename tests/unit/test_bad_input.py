@@ -25,8 +25,11 @@ def _lines(rows) -> str:
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     text = _lines(GOOD[:3]) + '{"prompt": "cut off", "completion\n' + _lines(GOOD[3:])
-    with pytest.raises(ValueError, match=r"rows\.jsonl line 4: not valid JSON \(Unterminated string .*\); fix or "
-                                         r"remove the line"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"rows\.jsonl line 4: not valid JSON \(Unterminated string .*\); fix or "
+        r"remove the line",
+    ):
         _prepare(tmp_path, text)
 
 
@@ -45,8 +48,11 @@ def test_non_utf8_bytes_name_the_line_and_the_fix(tmp_path):
 def test_null_or_non_string_text_names_row_and_column(tmp_path, value, shown):
     rows = [dict(r) for r in GOOD]
     rows[4]["completion"] = value
-    with pytest.raises(ValueError, match=rf"rows\.jsonl column 'completion' \(prepare\.completion_column\): 1 "
-                                         rf"cell\(s\) are not text: row 4 \({shown}\); fill or drop"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"rows\.jsonl column 'completion' \(prepare\.completion_column\): 1 "
+        rf"cell\(s\) are not text: row 4 \({shown}\); fill or drop",
+    ):
         _prepare(tmp_path, _lines(rows))
 
 
@@ -58,8 +64,11 @@ def test_missing_data_file_is_named(tmp_path):
 
 def test_over_long_sft_rows_fail_by_default_and_are_dropped_on_request(tokenizer):
     prompts, completions = ["The film"] * 3, [" was good.", " word" * 80, " was bad."]
-    with pytest.raises(ValueError, match=r"train\.parquet: 1 row\(s\) exceed max_length=32 tokens \(rows 1\); .* or "
-                                         r"set sft\.on_invalid: drop"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"train\.parquet: 1 row\(s\) exceed max_length=32 tokens \(rows 1\); .* or "
+        r"set sft\.on_invalid: drop",
+    ):
         tokenize_rows(tokenizer, prompts, completions, 32, "train.parquet")
     kept = tokenize_rows(tokenizer, prompts, completions, 32, "train.parquet", on_invalid="drop")
     assert len(kept) == 2

@@ -58,8 +58,10 @@ def test_ranks_split_each_step_of_one_shared_order_and_resume_at_the_same_place(
     lengths = [i % 13 + 1 for i in range(40)]
     large = list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, window=2))  # one process, batch 8
     assert list(LengthGroupedBatchSampler(lengths, batch_size=8, seed=3, window=2, rank=0, world_size=1)) == large
-    ranks = [LengthGroupedBatchSampler(lengths, batch_size=2, seed=3, window=2, accumulate=2, rank=r, world_size=2)
-             for r in (0, 1)]  # fmt: skip
+    ranks = [
+        LengthGroupedBatchSampler(lengths, batch_size=2, seed=3, window=2, accumulate=2, rank=r, world_size=2)
+        for r in (0, 1)
+    ]
     batches = [list(sampler) for sampler in ranks]
     assert [len(b) for b in batches] == [len(sampler) for sampler in ranks] == [10, 10]  # as many steps each
     # a step (two micro-batches on each of two ranks) holds the rows of one large batch, each rank half of them

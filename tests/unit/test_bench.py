@@ -14,4 +14,3 @@ def test_bench_ppo_settings_pass_the_params_validation():
     raw = read_params(ROOT / "params.yaml")
     raw["ppo"] = dataclasses.asdict(ppo_config())
     assert load_config(raw).ppo == ppo_config()
-

@@ -66,8 +66,10 @@ def test_template_choices_none_and_file(chat_dir, tmp_path):
     assert render_prompt(plain, CONVERSATION[:2]) == "\n\nSystem: Answer briefly.\n\nHuman: Hi\n\nAssistant:"
     assert render_prompt(plain, "Just text") == "Just text"
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
-                        "{% if add_generation_prompt %}<|im_start|>{% endif %}")  # fmt: skip
+    template.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.content }}<|im_end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>{% endif %}"
+    )
     custom = use_chat_template(load_tokenizer(chat_dir), str(template))
     assert render_prompt(custom, "Hi") == "<|im_start|>Hi<|im_end|><|im_start|>"
     with pytest.raises(FileNotFoundError, match=r"model\.chat_template: 'nope\.jinja' is not a file"):
@@ -76,8 +78,10 @@ def test_template_choices_none_and_file(chat_dir, tmp_path):
 
 def test_template_without_special_end_of_turn_is_refused(chat_dir, tmp_path):
     template = tmp_path / "t.jinja"
-    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}assistant: {% endif %}")  # fmt: skip
+    template.write_text(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(ValueError, match=r"model\.chat_template: the template ends an assistant turn with '\\n'"):
         use_chat_template(load_tokenizer(chat_dir), str(template))
 

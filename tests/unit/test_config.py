@@ -112,36 +112,44 @@ def test_every_numeric_key_has_a_bound_and_all_violations_are_named_at_once(raw)
     with pytest.raises(ConfigError) as info:
         load_config(raw)
     message = str(info.value)
-    for line in ("ppo.minibatch_size: 0 is out of range; it must be >= 1",
-                 "ppo.top_p: 1.5 is out of range; it must be in (0, 1]",
-                 "ppo.gamma: -0.1 is out of range; it must be in [0, 1]",
-                 "ppo.temperature: 0.0 is out of range; it must be > 0",
-                 "preferences.k: 1 is out of range; it must be >= 2",
-                 "preferences.tau: -1.0 is out of range; it must be >= 0",
-                 "evaluate.best_of_n: 1 is out of range; it must be >= 2",
-                 "model.dropout: 1.0 is out of range; it must be in [0, 1)"):  # fmt: skip
+    for line in (
+        "ppo.minibatch_size: 0 is out of range; it must be >= 1",
+        "ppo.top_p: 1.5 is out of range; it must be in (0, 1]",
+        "ppo.gamma: -0.1 is out of range; it must be in [0, 1]",
+        "ppo.temperature: 0.0 is out of range; it must be > 0",
+        "preferences.k: 1 is out of range; it must be >= 2",
+        "preferences.tau: -1.0 is out of range; it must be >= 0",
+        "evaluate.best_of_n: 1 is out of range; it must be >= 2",
+        "model.dropout: 1.0 is out of range; it must be in [0, 1)",
+    ):
         assert line in message
 
 
 def test_minibatch_cannot_exceed_the_rollout_batch(raw):
     raw["ppo"].update(minibatch_size=128, prompts_per_rollout=64)
-    with pytest.raises(ConfigError, match=r"ppo\.minibatch_size: 128 exceeds the rollout batch, "
-                                          r"ppo\.prompts_per_rollout x ppo\.num_generations = 64"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"ppo\.minibatch_size: 128 exceeds the rollout batch, "
+        r"ppo\.prompts_per_rollout x ppo\.num_generations = 64",
+    ):
         load_config(raw)
     raw["ppo"]["num_generations"] = 2  # 64 prompts x 2 samples
     assert load_config(raw).ppo.minibatch_size == 128
 
 
 def test_critic_free_estimator_rules_name_their_keys(raw):
-    raw["ppo"].update(advantage_estimator="grpo", num_generations=1, whiten_rewards=True, kl_in="loss",
-                      kl_control="adaptive")  # fmt: skip
+    raw["ppo"].update(
+        advantage_estimator="grpo", num_generations=1, whiten_rewards=True, kl_in="loss", kl_control="adaptive"
+    )
     with pytest.raises(ConfigError) as error:
         load_config(raw)
     message = str(error.value)
-    for line in ("ppo.num_generations: 1 is too few for ppo.advantage_estimator 'grpo', whose baseline is the other "
-                 "samples of the same prompt; set it to >= 2",
-                 "ppo.whiten_rewards: true does not apply to ppo.advantage_estimator 'grpo'",
-                 "ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'"):  # fmt: skip
+    for line in (
+        "ppo.num_generations: 1 is too few for ppo.advantage_estimator 'grpo', whose baseline is the other "
+        "samples of the same prompt; set it to >= 2",
+        "ppo.whiten_rewards: true does not apply to ppo.advantage_estimator 'grpo'",
+        "ppo.kl_control: 'adaptive' adapts the reward's kl_coef, but ppo.kl_in is 'loss'",
+    ):
         assert line in message
     raw["ppo"].update(advantage_estimator="reinforce_pp", kl_control="fixed")  # works per sample: one is enough
     assert load_config(raw).ppo.advantage_estimator == "reinforce_pp"

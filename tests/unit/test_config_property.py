@@ -12,8 +12,9 @@ from pipeline.config import ConfigError, load_config, read_params
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = read_params(ROOT / "params.yaml")
-KEYS = [("", "seed")] + [(section, key) for section, values in PARAMS.items() if isinstance(values, dict)
-                         for key in values]  # fmt: skip
+KEYS = [("", "seed")] + [
+    (section, key) for section, values in PARAMS.items() if isinstance(values, dict) for key in values
+]
 # The edges of every bound and of every type.
 EDGES = [None, True, False, 0, -1, 1, 2, 0.5, 1.5, -0.0, float("nan"), float("inf"), "", "x", "auto", [], {}]
 # Every YAML type, the edge numbers, and the words that switch rules on (a sampled Literal, a numeric string).

@@ -10,8 +10,9 @@ LOG2 = math.log(2)
 
 def _loss(policy_margin, reference_margin, **kwargs):
     zero = torch.zeros(1)
-    losses, chosen, rejected = dpo_loss(torch.tensor([policy_margin]), zero, torch.tensor([reference_margin]), zero,
-                                        **kwargs)  # fmt: skip
+    losses, chosen, rejected = dpo_loss(
+        torch.tensor([policy_margin]), zero, torch.tensor([reference_margin]), zero, **kwargs
+    )
     return float(losses[0]), chosen, rejected
 
 
@@ -44,8 +45,9 @@ def test_hand_values():
 def test_rewards_are_detached_and_scaled_by_beta():
     policy_chosen = torch.tensor([-1.0], requires_grad=True)
     policy_rejected = torch.tensor([-4.0], requires_grad=True)
-    losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, torch.tensor([-2.0]), torch.tensor([-3.0]),
-                                        beta=0.5)  # fmt: skip
+    losses, chosen, rejected = dpo_loss(
+        policy_chosen, policy_rejected, torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5
+    )
     assert not chosen.requires_grad and not rejected.requires_grad and losses.requires_grad
     torch.testing.assert_close(chosen, torch.tensor([0.5]))
     torch.testing.assert_close(rejected, torch.tensor([-0.5]))
@@ -63,9 +65,15 @@ def test_table_holds_the_four_variants():
 def test_simpo_hand_value_is_length_normalised_and_reference_free():
     # chosen: -4 over 2 tokens (mean -2); rejected: -9 over 3 tokens (mean -3); beta 2, gamma 0.5:
     # margin 2 * (-2) - 2 * (-3) - 0.5 = 1.5, loss log(1 + e^-1.5) = 0.201413
-    losses, chosen, rejected = reference_free_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]),
-                                                   torch.tensor([3.0]), loss_type="simpo", beta=2.0,
-                                                   simpo_gamma=0.5)  # fmt: skip
+    losses, chosen, rejected = reference_free_loss(
+        torch.tensor([-4.0]),
+        torch.tensor([-9.0]),
+        torch.tensor([2.0]),
+        torch.tensor([3.0]),
+        loss_type="simpo",
+        beta=2.0,
+        simpo_gamma=0.5,
+    )
     assert float(losses[0]) == pytest.approx(0.201413, abs=1e-6)
     assert (float(chosen[0]), float(rejected[0])) == (-4.0, -6.0)
 
@@ -74,9 +82,15 @@ def test_orpo_hand_value_is_nll_plus_odds_ratio_term():
     # mean log-probs -0.5 (chosen) and -1.0 (rejected): log odds -0.5 - log(1 - e^-0.5) = 0.432752 and
     # -1 - log(1 - e^-1) = -0.541325, difference 0.974077; loss = 0.5 (chosen NLL) + 0.1 * log(1 + e^-0.974077)
     # = 0.532030
-    losses, _, _ = reference_free_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([2.0]),
-                                       torch.tensor([3.0]), loss_type="orpo", beta=0.1, orpo_lambda=0.1)  # fmt: skip
+    losses, _, _ = reference_free_loss(
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([2.0]),
+        torch.tensor([3.0]),
+        loss_type="orpo",
+        beta=0.1,
+        orpo_lambda=0.1,
+    )
     assert float(losses[0]) == pytest.approx(0.532030, abs=1e-6)
     with pytest.raises(ValueError, match=r"dpo\.loss: 'sigmoid' is not reference-free; valid: simpo, orpo"):
-        reference_free_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1), loss_type="sigmoid",
-                            beta=0.1)  # fmt: skip
+        reference_free_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1), loss_type="sigmoid", beta=0.1)

@@ -29,8 +29,9 @@ def test_best_of_n_kl_closed_form():
 def test_best_of_n_picks_the_reward_models_argmax():
     rewards = torch.tensor([[0.1, 0.9, 0.3], [2.0, -1.0, 1.0]])  # (P=2, N=3)
     assert best_of_n_index(rewards).tolist() == [1, 0]
-    pool = Samples([[1]] * 6, [[10], [11], [12], [20], [21], [22]], ["a", "b", "c", "d", "e", "f"], [True] * 6,
-                   [False] * 6)
+    pool = Samples(
+        [[1]] * 6, [[10], [11], [12], [20], [21], [22]], ["a", "b", "c", "d", "e", "f"], [True] * 6, [False] * 6
+    )
     picked = select(pool, [p * 3 + int(k) for p, k in enumerate(best_of_n_index(rewards))])
     assert picked.texts == ["b", "d"] and picked.completion_ids == [[11], [20]]
 
@@ -55,8 +56,13 @@ def test_sampled_sequence_kl_matches_the_exact_kl():
     p, q = [0.6, 0.3, 0.1], [0.2, 0.3, 0.5]
     exact = sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
     tokens = torch.multinomial(torch.tensor(p), 40_000, replacement=True, generator=torch.Generator().manual_seed(0))
-    samples = Samples([[0]] * len(tokens), [[int(t)] for t in tokens], [""] * len(tokens), [False] * len(tokens),
-                      [False] * len(tokens))
+    samples = Samples(
+        [[0]] * len(tokens),
+        [[int(t)] for t in tokens],
+        [""] * len(tokens),
+        [False] * len(tokens),
+        [False] * len(tokens),
+    )
     tokenizer = SimpleNamespace(eos_token_id=2, pad_token_id=0)
     kl = sequence_kl(Unigram(p), Unigram(q), samples, tokenizer, batch_size=4096)
     assert float(kl.mean()) == pytest.approx(exact, abs=0.02)
@@ -64,8 +70,16 @@ def test_sampled_sequence_kl_matches_the_exact_kl():
 
 
 def _run(group, seed, beta, kl_coef, dpo, ppo, bon):
-    metrics = {"sft/gold_score": 0.0, "sft/kl": 0.0, "dpo/kl": dpo[0], "dpo/gold_score": dpo[1], "ppo/kl": ppo[0],
-               "ppo/gold_score": ppo[1], "bon/kl": bon[0], "bon/gold_score": bon[1]}  # fmt: skip
+    metrics = {
+        "sft/gold_score": 0.0,
+        "sft/kl": 0.0,
+        "dpo/kl": dpo[0],
+        "dpo/gold_score": dpo[1],
+        "ppo/kl": ppo[0],
+        "ppo/gold_score": ppo[1],
+        "bon/kl": bon[0],
+        "bon/gold_score": bon[1],
+    }
     params = {"seed": seed, "dpo.beta": beta, "ppo.kl_coef": kl_coef, "evaluate.best_of_n": 4}
     return {"run_group": group, "params": params, "metrics": metrics}
 
@@ -112,15 +126,26 @@ def test_length_controlled_win_rate_removes_wins_explained_by_length():
 def _headline_run(group, seed, estimator, gold):
     metrics = {}
     for policy, value in (("sft", 0.0), ("ppo", gold), ("bon", 0.5), ("bon_2", 0.3)):
-        metrics.update({f"{policy}/gold_score": value, f"{policy}/kl": 2 * value, f"{policy}/win_rate": value,
-                        f"{policy}/lc_win_rate": value, f"{policy}/length": 10.0})  # fmt: skip
+        metrics.update(
+            {
+                f"{policy}/gold_score": value,
+                f"{policy}/kl": 2 * value,
+                f"{policy}/win_rate": value,
+                f"{policy}/lc_win_rate": value,
+                f"{policy}/length": 10.0,
+            }
+        )
     params = {"seed": seed, "ppo.kl_coef": 0.05, "ppo.advantage_estimator": estimator, "evaluate.best_of_n": 8}
     return {"run_group": group, "params": params, "metrics": metrics}
 
 
 def test_seed_summary_names_policies_and_averages_each_over_its_seeds():
-    runs = [_headline_run("a", 1, "gae", 0.8), _headline_run("b", 2, "gae", 0.6), _headline_run("c", 3, "gae", 0.7),
-            _headline_run("d", 1, "grpo", 0.9)]  # fmt: skip
+    runs = [
+        _headline_run("a", 1, "gae", 0.8),
+        _headline_run("b", 2, "gae", 0.6),
+        _headline_run("c", 3, "gae", 0.7),
+        _headline_run("d", 1, "grpo", 0.9),
+    ]
     table = seed_summary(runs).set_index("policy")
     assert list(table.index) == ["sft", "best-of-2", "best-of-8", "grpo kl_coef=0.05", "ppo kl_coef=0.05"]
     assert table.loc["ppo kl_coef=0.05", "gold_score"] == pytest.approx(0.7)

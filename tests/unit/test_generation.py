@@ -10,8 +10,10 @@ from pipeline.models.generation import CACHE_BUCKET, PreallocatedLayer
 
 def _steps(*widths: int, batch: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, 2, w, 4, generator=generator), torch.randn(batch, 2, w, 4, generator=generator))
-            for w in widths]  # fmt: skip
+    return [
+        (torch.randn(batch, 2, w, 4, generator=generator), torch.randn(batch, 2, w, 4, generator=generator))
+        for w in widths
+    ]
 
 
 def _feed(layer, steps):
@@ -55,7 +57,7 @@ def test_crop_and_batch_selection_continue_from_what_they_left():
     for cache in (layer, reference):
         cache.crop(-2)
         cache.batch_select_indices(torch.tensor([2, 0]))
-    (keys, values), = _steps(1, batch=2)  # fmt: skip
+    ((keys, values),) = _steps(1, batch=2)
     got, expected = layer.update(keys, values), reference.update(keys, values)
     assert layer.get_seq_length() == 5 and got[0].shape == (2, 2, 5, 4)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -34,7 +34,12 @@ def test_the_overrides_make_a_valid_config_over_the_gpu_preset():
 
 def test_without_cuda_it_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "gpu-check.json"
-    done = subprocess.run([sys.executable, "-m", "stages.gpu_check", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.gpu_check", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode != 0 and "sees no CUDA device" in done.stderr and "GPU_PYTHON" in done.stderr
     assert not out.exists()

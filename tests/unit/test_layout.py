@@ -122,8 +122,10 @@ def test_stage_logs_exactly_the_params_dvc_tracks(name):
 def test_the_stages_that_train_nothing_never_import_lightning():
     # These four stages run no Trainer: importing Lightning would only slow their start.
     lightning = "{'pytorch_lightning', 'lightning_fabric'}"
-    code = ("import sys; import stages.prepare, stages.preferences, stages.reference, stages.evaluate; "
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lightning}))")  # fmt: skip
+    code = (
+        "import sys; import stages.prepare, stages.preferences, stages.reference, stages.evaluate; "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lightning}))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
 

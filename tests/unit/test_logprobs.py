@@ -54,26 +54,33 @@ def large_vocab_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=LEAN_MIN_VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=LEAN_MIN_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
-def test_model_log_probs_at_a_real_vocabulary_skip_full_logits_and_match(large_vocab_llama, model_cfg,
-                                                                          cpu_trainer_cfg):  # fmt: skip
+def test_model_log_probs_at_a_real_vocabulary_skip_full_logits_and_match(large_vocab_llama, model_cfg, cpu_trainer_cfg):
     from pipeline.models.lora import with_lora
 
     ids = torch.randint(0, LEAN_MIN_VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
-    for model in (large_vocab_llama, with_lora(large_vocab_llama, dataclasses.replace(model_cfg, lora_r=2),
-                                               task="CAUSAL_LM")):  # fmt: skip
+    for model in (
+        large_vocab_llama,
+        with_lora(large_vocab_llama, dataclasses.replace(model_cfg, lora_r=2), task="CAUSAL_LM"),
+    ):
         calls = []
         hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o, seen=calls: seen.append(o.shape))
         logps, entropy = model_token_logps(model, ids, mask, temperature=1.3, with_entropy=True)
         hook.remove()
         assert max(shape[0] for shape in calls) <= 1024 and len(calls[0]) == 2  # chunks of positions, never (B, T, V)
-        expected, expected_entropy = _naive(model(input_ids=ids, attention_mask=mask).logits[:, :-1] / 1.3,
-                                            ids[:, 1:])  # fmt: skip
+        expected, expected_entropy = _naive(model(input_ids=ids, attention_mask=mask).logits[:, :-1] / 1.3, ids[:, 1:])
         torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(entropy, expected_entropy, rtol=1e-5, atol=1e-5)

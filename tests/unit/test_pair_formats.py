@@ -42,17 +42,38 @@ def test_trl_implicit_prompt_conversations_render_with_the_template(tmp_path, ch
 
 
 def test_trl_explicit_prompt_with_multi_turn_chosen(tmp_path, chat_tok):
-    rows = [{"prompt": [USER], "chosen": [{"role": "assistant", "content": f"Great {i}."}],
-             "rejected": [{"role": "assistant", "content": f"Dull {i}."}]} for i in range(4)]  # fmt: skip
-    rows.append({"prompt": [USER], "chosen": [{"role": "assistant", "content": "Well,"}, {"role": "user", "content":
-                 "go on"}, {"role": "assistant", "content": "Yes."}], "rejected": [{"role": "assistant", "content":
-                 "Well,"}, {"role": "user", "content": "go on"}, {"role": "assistant", "content": "No."}]})  # fmt: skip
-    splits = dataset_pairs(_cfg_for(write_jsonl(tmp_path / "p.jsonl", rows), prompt_column="prompt"), seed=0,
-                           tokenizer=chat_tok)  # fmt: skip
+    rows = [
+        {
+            "prompt": [USER],
+            "chosen": [{"role": "assistant", "content": f"Great {i}."}],
+            "rejected": [{"role": "assistant", "content": f"Dull {i}."}],
+        }
+        for i in range(4)
+    ]
+    rows.append(
+        {
+            "prompt": [USER],
+            "chosen": [
+                {"role": "assistant", "content": "Well,"},
+                {"role": "user", "content": "go on"},
+                {"role": "assistant", "content": "Yes."},
+            ],
+            "rejected": [
+                {"role": "assistant", "content": "Well,"},
+                {"role": "user", "content": "go on"},
+                {"role": "assistant", "content": "No."},
+            ],
+        }
+    )
+    splits = dataset_pairs(
+        _cfg_for(write_jsonl(tmp_path / "p.jsonl", rows), prompt_column="prompt"), seed=0, tokenizer=chat_tok
+    )
     frame = pd.concat([splits["train"], splits["val"]])
     single = "<|im_start|>user\nRate the film.<|im_end|>\n<|im_start|>assistant\n"
-    assert set(frame["prompt"]) == {single, single + "Well,<|im_end|>\n<|im_start|>user\ngo on<|im_end|>\n"
-                                    "<|im_start|>assistant\n"}  # earlier turns of chosen join the prompt
+    assert set(frame["prompt"]) == {
+        single,
+        single + "Well,<|im_end|>\n<|im_start|>user\ngo on<|im_end|>\n<|im_start|>assistant\n",
+    }  # earlier turns of chosen join the prompt
     assert sorted(frame["chosen"])[:2] == ["Great 0.", "Great 1."]
 
 
@@ -85,8 +106,10 @@ def test_hh_dialogues_render_with_a_template_and_stay_text_without(tmp_path, cha
     ],
 )  # fmt: skip
 def test_bad_pair_rows_name_file_row_and_column(tmp_path, chat_tok, row, message):
-    good = {"chosen": [USER, {"role": "assistant", "content": "a"}], "rejected": [USER, {"role": "assistant",
-                                                                                         "content": "b"}]}  # fmt: skip
+    good = {
+        "chosen": [USER, {"role": "assistant", "content": "a"}],
+        "rejected": [USER, {"role": "assistant", "content": "b"}],
+    }
     path = tmp_path / "p.jsonl"
     write_jsonl(path, [good, row])
     with pytest.raises(ValueError, match=message):
@@ -95,8 +118,14 @@ def test_bad_pair_rows_name_file_row_and_column(tmp_path, chat_tok, row, message
 
 def test_prepare_messages_column_renders_prompts_and_names_bad_rows(tmp_path, chat_tok):
     rows = [{"messages": r["chosen"]} for r in ultrafeedback_rows(20)]
-    cfg = _cfg(source="dataset", dataset_path="json", data_files=write_jsonl(tmp_path / "sft.jsonl", rows),
-               n_val=4, n_test=4, messages_column="messages")  # fmt: skip
+    cfg = _cfg(
+        source="dataset",
+        dataset_path="json",
+        data_files=write_jsonl(tmp_path / "sft.jsonl", rows),
+        n_val=4,
+        n_test=4,
+        messages_column="messages",
+    )
     splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=chat_tok)
     assert splits["train"]["prompt"].str.startswith("<|im_start|>user\n").all()
     assert splits["test"]["completion"].tolist()[0] in {r["messages"][1]["content"] for r in rows}

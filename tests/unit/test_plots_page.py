@@ -6,25 +6,31 @@ import pytest
 
 from pipeline.eval.plots_page import measured_only, plots_page
 
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5Er"
-                       "kJggg==")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+)
 
 
 def _spec(values):
-    return {"$schema": "https://vega.github.io/schema/vega-lite/v5.json", "data": {"values": values}, "mark": "line",
-            "encoding": {"x": {"field": "step", "type": "quantitative"},
-                         "y": {"field": "dvc_inferred_y_value", "type": "quantitative"}}}  # fmt: skip
+    return {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        "data": {"values": values},
+        "mark": "line",
+        "encoding": {
+            "x": {"field": "step", "type": "quantitative"},
+            "y": {"field": "dvc_inferred_y_value", "type": "quantitative"},
+        },
+    }
 
 
 def test_every_plot_is_drawn_inline_with_no_script_or_network(tmp_path):
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports/curve.png").write_bytes(PNG)
     rows = [{"step": "1", "dvc_inferred_y_value": "0.5"}, {"step": "2", "dvc_inferred_y_value": "0.25"}]
-    plots = {"Loss": [{"type": "vega", "content": _spec(rows)}],
-             "reports/curve.png": [{"type": "image", "url": None}]}  # fmt: skip
+    plots = {"Loss": [{"type": "vega", "content": _spec(rows)}], "reports/curve.png": [{"type": "image", "url": None}]}
     page = plots_page(plots, tmp_path)
     assert page.count("<svg") == 1 and page.count("data:image/png;base64,") == 1
-    assert "<script" not in page and "src=\"http" not in page
+    assert "<script" not in page and 'src="http' not in page
     assert "<figcaption>Loss</figcaption>" in page
 
 

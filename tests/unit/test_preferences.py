@@ -87,8 +87,16 @@ def _bad_pairs(tokenizer):
     return pd.DataFrame(
         {
             "prompt": ["Review:", "Review:", "Review:", "Review:", "Review:", "Review:", "Review:", "Held out:"],
-            "chosen": [" good.", " same", " ", "Review: again", f" one{tokenizer.eos_token}", " word" * 80, " good.",
-                       " fine."],
+            "chosen": [
+                " good.",
+                " same",
+                " ",
+                "Review: again",
+                f" one{tokenizer.eos_token}",
+                " word" * 80,
+                " good.",
+                " fine.",
+            ],
             "rejected": [" bad.", " same", " x", " fine", " two", " short", " bad.", " dull."],
             "chosen_gold": [0.4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.4, 0.0],
             "rejected_gold": [-0.4, 0.0, 0.0, 0.0, 0.0, 0.0, -0.4, 0.0],
@@ -97,8 +105,9 @@ def _bad_pairs(tokenizer):
 
 
 def test_screen_counts_and_drops_each_bad_row_type(tokenizer):
-    kept, counts = screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="drop", source="s",
-                                held_out=HELD_OUT, dedupe=True)  # fmt: skip
+    kept, counts = screen_pairs(
+        _bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="drop", source="s", held_out=HELD_OUT, dedupe=True
+    )
     assert kept["chosen"].tolist() == [" good."]
     assert counts == {
         "invalid/identical": 1.0,
@@ -113,8 +122,15 @@ def test_screen_counts_and_drops_each_bad_row_type(tokenizer):
 
 def test_screen_fail_names_each_check_and_row(tokenizer):
     with pytest.raises(ValueError) as info:
-        screen_pairs(_bad_pairs(tokenizer), tokenizer, max_length=64, on_invalid="fail", source="prefs train",
-                     held_out=HELD_OUT, dedupe=True)  # fmt: skip
+        screen_pairs(
+            _bad_pairs(tokenizer),
+            tokenizer,
+            max_length=64,
+            on_invalid="fail",
+            source="prefs train",
+            held_out=HELD_OUT,
+            dedupe=True,
+        )
     message = str(info.value)
     assert message.startswith("prefs train: invalid preference pairs (max_length=64):")
     for line in (
@@ -157,8 +173,13 @@ def _prefs_cfg(**overrides):
 
 
 def test_hh_style_dataset_from_local_json(tmp_path, tokenizer):
-    rows = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: good answer {i}",
-             "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}"} for i in range(20)]  # fmt: skip
+    rows = [
+        {
+            "chosen": f"\n\nHuman: q{i}?\n\nAssistant: good answer {i}",
+            "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}",
+        }
+        for i in range(20)
+    ]
     cfg = _prefs_cfg(dataset_path="json", data_files=_jsonl(tmp_path / "hh.jsonl", rows), val_fraction=0.25)
     splits = dataset_pairs(cfg, seed=0, tokenizer=tokenizer)
     assert (len(splits["train"]), len(splits["val"])) == (15, 5)
@@ -171,8 +192,9 @@ def test_hh_style_dataset_from_local_json(tmp_path, tokenizer):
 def test_prompt_column_dataset_and_missing_column(tmp_path, tokenizer):
     rows = [{"question": f"Q{i}", "good": f" yes {i}", "bad": f" no {i}"} for i in range(10)]
     files = _jsonl(tmp_path / "p.jsonl", rows)
-    cfg = _prefs_cfg(dataset_path="json", data_files=files, prompt_column="question", chosen_column="good",
-                     rejected_column="bad")  # fmt: skip
+    cfg = _prefs_cfg(
+        dataset_path="json", data_files=files, prompt_column="question", chosen_column="good", rejected_column="bad"
+    )
     splits = dataset_pairs(cfg, seed=0, tokenizer=tokenizer)
     assert len(splits["train"]) + len(splits["val"]) == 10
     with pytest.raises(ValueError, match=r"preferences\.chosen_column: column 'chosen' is not in dataset 'json'"):

@@ -36,8 +36,14 @@ if __name__ == "__main__":
 def _run(tmp_path: Path, how: str) -> subprocess.CompletedProcess:
     script = tmp_path / "stage.py"
     script.write_text(SCRIPT)
-    return subprocess.run([sys.executable, str(script), str(tmp_path), how], cwd=ROOT, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(script), str(tmp_path), how],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
 
 
 def test_a_stage_that_returns_joins_its_threads_runs_atexit_and_flushes_before_it_exits_0(tmp_path):

@@ -39,8 +39,11 @@ def test_unreachable_tracking_server_fails_fast_naming_the_variable(tracking):
 
     down = dataclasses.replace(tracking, tracking_uri="http://127.0.0.1:9")  # nothing listens on port 9
     start = time.perf_counter()
-    with pytest.raises(TrackingUnavailable, match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:9: the tracking server "
-                                                  r"does not answer .*unset MLFLOW_TRACKING_URI"):  # fmt: skip
+    with pytest.raises(
+        TrackingUnavailable,
+        match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:9: the tracking server "
+        r"does not answer .*unset MLFLOW_TRACKING_URI",
+    ):
         StageRun(down, "prepare", {}, {}).__enter__()
     assert time.perf_counter() - start < 10
 
@@ -83,8 +86,14 @@ def test_stage_run_carries_source_tags_extra_tags_and_input_tables(tracking):
 
     from pipeline.track.tracking import StageRun, TableInput
 
-    table = TableInput(name="prepared/train", digest="0123456789abcdef0123456789abcdef", source="data/t.parquet",
-                       columns={"prompt": "string"}, num_rows=3, context="training")  # fmt: skip
+    table = TableInput(
+        name="prepared/train",
+        digest="0123456789abcdef0123456789abcdef",
+        source="data/t.parquet",
+        columns={"prompt": "string"},
+        num_rows=3,
+        context="training",
+    )
     with StageRun(tracking, "sft", {}, {}, tags={"sys.threads": "2"}) as run:
         run.log_tables([table])
     logged = MlflowClient(tracking.tracking_uri).get_run(run.run_id)
@@ -102,8 +111,14 @@ def test_experiment_opens_on_training_runs_and_the_parent_run_spans_its_stages(t
 
     from pipeline.track.tracking import StageRun, TableInput
 
-    table = TableInput(name="prepared/train", digest="0" * 32, source="data/t.parquet", columns={"prompt": "string"},
-                       num_rows=3, context="training")  # fmt: skip
+    table = TableInput(
+        name="prepared/train",
+        digest="0" * 32,
+        source="data/t.parquet",
+        columns={"prompt": "string"},
+        num_rows=3,
+        context="training",
+    )
     with StageRun(tracking, "prepare", {}, {"seed": 1}) as first:
         time.sleep(0.3)
     client = MlflowClient(tracking.tracking_uri)

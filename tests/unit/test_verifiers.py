@@ -36,9 +36,16 @@ def test_final_answer_rule(text, expected):
 
 @pytest.mark.parametrize(
     ("a", "b"),
-    [("1,234", "1234"), ("72.0", "72"), ("072", "72"), (" $72$ ", "72"), ("72.", "72"), ("-0.50", "-0.5"),
-     ("Paris", "paris")],
-)  # fmt: skip
+    [
+        ("1,234", "1234"),
+        ("72.0", "72"),
+        ("072", "72"),
+        (" $72$ ", "72"),
+        ("72.", "72"),
+        ("-0.50", "-0.5"),
+        ("Paris", "paris"),
+    ],
+)
 def test_normalize_gives_one_spelling(a, b):
     assert normalize(a) == normalize(b)
 
@@ -87,9 +94,7 @@ def test_a_hanging_check_scores_zero_within_the_bound_is_counted_and_the_next_ch
 
 
 def test_python_verifier_that_cannot_be_imported_names_the_key():
-    with pytest.raises(
-        ValueError, match=r"cannot import 'nope' from module 'tests.verifier_functions'"
-    ):
+    with pytest.raises(ValueError, match=r"cannot import 'nope' from module 'tests.verifier_functions'"):
         Verifier("python:tests.verifier_functions:nope", timeout_s=5)
     with pytest.raises(ValueError, match=r"judge.verifier: cannot import 'f' from module 'no_such_module_here'"):
         Verifier("python:no_such_module_here:f", timeout_s=5)

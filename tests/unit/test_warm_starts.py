@@ -58,8 +58,14 @@ def _stage(cwd: Path, socket: Path | None, **env: str) -> subprocess.Popen:
     environment = {key: value for key, value in LAUNCH.items() if key != SOCKET_ENV} | env
     if socket is not None:
         environment[SOCKET_ENV] = str(socket)
-    return subprocess.Popen([sys.executable, "-m", "stages.prepare", "--data-dir", "x y"], cwd=cwd, env=environment,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.prepare", "--data-dir", "x y"],
+        cwd=cwd,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _seen(process: subprocess.Popen) -> dict:
