@@ -86,7 +86,11 @@ def test_lora_trains_adapters_only_and_saves_a_merged_self_contained_model(
 def test_lora_reference_is_the_adapter_disabled_policy_not_a_copy(llama_dir, model_cfg, cpu_trainer_cfg):
     cfg = dataclasses.replace(model_cfg, base=llama_dir, lora_r=4)
     hub_tokenizer = load_tokenizer(llama_dir)
+    # Each build draws the embedding rows of the tokens the tokenizer adds (its pad token) from the global RNG, as a
+    # stage does after seeding: the same seed gives both models the same rows.
+    torch.manual_seed(0)
     base = build_causal_lm(cfg, hub_tokenizer).eval()
+    torch.manual_seed(0)
     policy = prepare_for_training(
         build_causal_lm(cfg, hub_tokenizer), cfg, cpu_trainer_cfg, disable_dropout=True, task="CAUSAL_LM"
     ).eval()
