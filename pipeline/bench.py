@@ -389,7 +389,7 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
     import psutil
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.losses.dpo import dpo_loss
+    from pipeline.losses.dpo import PairLogps, preference_loss
     from pipeline.models.logprobs import sequence_logps
     from pipeline.models.reference import pair_logps
 
@@ -418,8 +418,9 @@ def dpo_memory_step(lean: bool, seed: int = 0) -> dict[str, float]:
     else:
         logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
         chosen, rejected = sequence_logps(logits, ids, batch["loss_mask"]).chunk(2)
-    reference = torch.zeros_like(chosen)
-    losses, _, _ = dpo_loss(chosen, rejected, reference, reference, beta=0.1, loss_type="sigmoid", label_smoothing=0.0)
+    reference, lengths = torch.zeros_like(chosen), torch.ones_like(chosen)
+    pair = PairLogps(chosen, rejected, lengths, lengths, reference, reference)
+    losses, _, _ = preference_loss(pair, loss="sigmoid", beta=0.1, label_smoothing=0.0)
     losses.mean().backward()
     wall = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_mb() * 2**20

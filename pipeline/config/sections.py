@@ -242,9 +242,9 @@ class ReferenceConfig:
 @dataclass(frozen=True)
 class DPOConfig(TrainingConfig):
     loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
-    """Loss variant: sigmoid (DPO), ipo (Azar et al.), hinge (SLiC), robust (Chowdhury et al.), or the
-    reference-free simpo (Meng et al. 2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no
-    cached reference log-probs."""
+    """Loss variant: sigmoid (DPO), ipo (Azar et al., on log-probs averaged per token as the authors' and TRL's code,
+    so a paper's beta carries over), hinge (SLiC), robust (Chowdhury et al.), or the reference-free simpo (Meng et al.
+    2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no cached reference log-probs."""
     beta: float = bounded("> 0")
     """KL-constraint strength: higher keeps the policy closer to the reference."""
     label_smoothing: float = bounded("in [0, 1)")

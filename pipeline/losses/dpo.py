@@ -1,129 +1,147 @@
-"""DPO-family losses as pure functions, chosen by name from `DPO_LOSSES` or `REFERENCE_FREE_LOSSES`.
+"""The DPO family as one table of pure functions, `DPO_LOSSES`, keyed by `dpo.loss`.
 
-Every `DPO_LOSSES` variant takes the policy's and the reference's summed log-probs of the chosen and rejected
-responses and returns per-pair losses plus the implicit rewards beta * (log pi - log ref), detached (they are
-diagnostics). `logits` below is the policy's log-ratio margin minus the reference's:
+Each entry says whether its loss reads the reference's log-probs (the `reference` stage's cache) and which `dpo.*`
+hyperparameters it takes; `preference_loss` hands each function exactly those. Every function takes a batch of
+`PairLogps` (summed log-probs of the chosen and rejected responses, and their scored lengths) and returns per-pair
+losses and the implicit rewards of the chosen and rejected responses, which `preference_loss` detaches (they are
+diagnostics). `_margin` below is the policy's log-ratio margin minus the reference's:
 (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)).
-
-The reference-free losses (SimPO, ORPO) need no reference model and no cached reference log-probs: they work on
-the policy's length-normalised log-probs, log pi(y) / |y| (`reference_free_loss`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LossFn = Callable[[torch.Tensor, float, float], torch.Tensor]
+Losses = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""(losses, chosen_rewards, rejected_rewards), each of shape (B,)."""
 
 
-def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    # DPO, Rafailov et al. 2023 eq. 7; with label_smoothing > 0 the conservative cDPO (Mitchell 2023).
-    return -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+@dataclass(frozen=True)
+class PairLogps:
+    """What a DPO-family loss may read of a batch of pairs. Each field's shape: (B,).
 
-
-def _robust(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    # Robust DPO, Chowdhury et al. 2024 eq. 8: unbiased under label-flip rate `label_smoothing` (< 0.5).
-    flipped = -F.logsigmoid(beta * logits) * (1 - label_smoothing) + F.logsigmoid(-beta * logits) * label_smoothing
-    return flipped / (1 - 2 * label_smoothing)
-
-
-def _hinge(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    # SLiC-HF, Zhao et al. 2023: a hinge on the scaled margin.
-    return torch.relu(1 - beta * logits)
-
-
-def _ipo(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
-    # IPO, Azar et al. 2023 eq. 17: regress the margin to 1 / (2 beta) (beta plays tau's role).
-    return (logits - 1 / (2 * beta)) ** 2
-
-
-DPO_LOSSES: dict[str, LossFn] = {"sigmoid": _sigmoid, "robust": _robust, "hinge": _hinge, "ipo": _ipo}
-
-
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    *,
-    beta: float,
-    loss_type: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO-family loss and detached implicit rewards.
-
-    Args:
-        policy_chosen_logps: Shape: (B,).
-        policy_rejected_logps: Shape: (B,).
-        reference_chosen_logps: Shape: (B,).
-        reference_rejected_logps: Shape: (B,).
-        beta: strength of the KL constraint (temperature of the implicit reward).
-        loss_type: a key of `DPO_LOSSES`.
-        label_smoothing: assumed label-flip rate for `sigmoid` (cDPO) and `robust`.
-
-    Returns:
-        (losses, chosen_rewards, rejected_rewards), each of shape (B,).
+    Log-probs are summed over each response's scored tokens (its EOS included); `*_lengths` count those tokens. The
+    reference's are None for a batch trained with a reference-free loss (none were read).
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"dpo.loss: unknown loss {loss_type!r}; valid: {', '.join(sorted(DPO_LOSSES))}")
-    policy_logratios = policy_chosen_logps - policy_rejected_logps
-    reference_logratios = reference_chosen_logps - reference_rejected_logps
-    losses = DPO_LOSSES[loss_type](policy_logratios - reference_logratios, beta, label_smoothing)
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    reference_chosen_logps: torch.Tensor | None = None
+    reference_rejected_logps: torch.Tensor | None = None
 
 
-def _simpo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float, simpo_gamma: float, orpo_lambda: float):
+def _margin(pair: PairLogps) -> torch.Tensor:
+    policy_logratios = pair.policy_chosen_logps - pair.policy_rejected_logps
+    return policy_logratios - (pair.reference_chosen_logps - pair.reference_rejected_logps)
+
+
+def _rewards(pair: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implicit rewards beta * (log pi(y) - log ref(y)) of the chosen and rejected responses."""
+    chosen = beta * (pair.policy_chosen_logps - pair.reference_chosen_logps)
+    return chosen, beta * (pair.policy_rejected_logps - pair.reference_rejected_logps)
+
+
+def _sigmoid(pair: PairLogps, *, beta: float, label_smoothing: float) -> Losses:
+    # DPO, Rafailov et al. 2023 eq. 7; with label_smoothing > 0 the conservative cDPO (Mitchell 2023).
+    logits = _margin(pair)
+    losses = -F.logsigmoid(beta * logits) * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
+    return losses, *_rewards(pair, beta)
+
+
+def _robust(pair: PairLogps, *, beta: float, label_smoothing: float) -> Losses:
+    # Robust DPO, Chowdhury et al. 2024 eq. 8: unbiased under label-flip rate `label_smoothing` (< 0.5).
+    logits = _margin(pair)
+    flipped = -F.logsigmoid(beta * logits) * (1 - label_smoothing) + F.logsigmoid(-beta * logits) * label_smoothing
+    return flipped / (1 - 2 * label_smoothing), *_rewards(pair, beta)
+
+
+def _hinge(pair: PairLogps, *, beta: float) -> Losses:
+    # SLiC-HF, Zhao et al. 2023: a hinge on the scaled margin.
+    return torch.relu(1 - beta * _margin(pair)), *_rewards(pair, beta)
+
+
+def _ipo(pair: PairLogps, *, beta: float) -> Losses:
+    # IPO, Azar et al. 2023 eq. 17: regress the margin to 1 / (2 beta) (beta plays tau's role), on log-probs averaged
+    # per token, as the authors' and TRL's implementations do (on summed ones a beta would not carry over).
+    averaged = PairLogps(
+        pair.policy_chosen_logps / pair.chosen_lengths,
+        pair.policy_rejected_logps / pair.rejected_lengths,
+        pair.chosen_lengths,
+        pair.rejected_lengths,
+        pair.reference_chosen_logps / pair.chosen_lengths,
+        pair.reference_rejected_logps / pair.rejected_lengths,
+    )
+    return (_margin(averaged) - 1 / (2 * beta)) ** 2, *_rewards(averaged, beta)
+
+
+def _simpo(pair: PairLogps, *, beta: float, simpo_gamma: float) -> Losses:
     # SimPO, Meng et al. 2024 eq. 6: -log sigmoid(beta / |y_w| log pi(y_w) - beta / |y_l| log pi(y_l) - gamma).
-    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+    chosen_rewards = beta * (pair.policy_chosen_logps / pair.chosen_lengths)
+    rejected_rewards = beta * (pair.policy_rejected_logps / pair.rejected_lengths)
     return -F.logsigmoid(chosen_rewards - rejected_rewards - simpo_gamma), chosen_rewards, rejected_rewards
 
 
-def _orpo(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float, simpo_gamma: float, orpo_lambda: float):
+def _orpo(pair: PairLogps, *, orpo_lambda: float) -> Losses:
     # ORPO, Hong et al. 2024 eq. 6-7: the chosen response's NLL plus lambda * -log sigmoid(log odds ratio), with
     # odds(y) = P(y) / (1 - P(y)) and P(y) = exp(mean token log-prob). log(1 - e^x) as log(-expm1(x)), stable near 0.
+    chosen = pair.policy_chosen_logps / pair.chosen_lengths
+    rejected = pair.policy_rejected_logps / pair.rejected_lengths
     log_odds = (chosen - rejected) - (torch.log(-torch.expm1(chosen)) - torch.log(-torch.expm1(rejected)))
     losses = -chosen - orpo_lambda * F.logsigmoid(log_odds)
     return losses, orpo_lambda * chosen, orpo_lambda * rejected
 
 
-REFERENCE_FREE_LOSSES = {"simpo": _simpo, "orpo": _orpo}
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """One loss of the family: its function, whether it reads the reference's log-probs, and the `dpo.*`
+    hyperparameters it takes."""
+
+    fn: Callable[..., Losses]
+    needs_reference: bool
+    params: tuple[str, ...]
 
 
-def reference_free_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    chosen_lengths: torch.Tensor,
-    rejected_lengths: torch.Tensor,
-    *,
-    loss_type: str,
-    beta: float,
-    simpo_gamma: float = 0.5,
-    orpo_lambda: float = 0.1,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair SimPO or ORPO loss and detached rewards, from summed log-probs and response lengths.
+DPO_LOSSES: dict[str, PreferenceLoss] = {
+    "sigmoid": PreferenceLoss(_sigmoid, needs_reference=True, params=("beta", "label_smoothing")),
+    "robust": PreferenceLoss(_robust, needs_reference=True, params=("beta", "label_smoothing")),
+    "hinge": PreferenceLoss(_hinge, needs_reference=True, params=("beta",)),
+    "ipo": PreferenceLoss(_ipo, needs_reference=True, params=("beta",)),
+    "simpo": PreferenceLoss(_simpo, needs_reference=False, params=("beta", "simpo_gamma")),
+    "orpo": PreferenceLoss(_orpo, needs_reference=False, params=("orpo_lambda",)),
+}
+
+
+def _entry(loss: str) -> PreferenceLoss:
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"dpo.loss: unknown loss {loss!r}; valid: {', '.join(sorted(DPO_LOSSES))}")
+    return DPO_LOSSES[loss]
+
+
+def needs_reference(loss: str) -> bool:
+    """Whether `dpo.loss` = `loss` reads the reference's log-probs (SimPO and ORPO are reference-free)."""
+    return _entry(loss).needs_reference
+
+
+def preference_loss(pair: PairLogps, *, loss: str, **hyperparameters: float) -> Losses:
+    """Per-pair loss `loss` of the DPO family and its detached implicit rewards.
 
     Args:
-        policy_chosen_logps: summed log-probs of the chosen responses. Shape: (B,).
-        policy_rejected_logps: Shape: (B,).
-        chosen_lengths: scored tokens of each chosen response (its EOS included). Shape: (B,).
-        rejected_lengths: Shape: (B,).
-        loss_type: a key of `REFERENCE_FREE_LOSSES`.
-        beta: SimPO's reward scale (the paper uses 2 to 2.5).
-        simpo_gamma: SimPO's target reward margin.
-        orpo_lambda: ORPO's weight of the odds-ratio term.
+        pair: the batch's log-probs and lengths; the reference's are needed by the losses that read them.
+        loss: a key of `DPO_LOSSES` (`dpo.loss`).
+        hyperparameters: `dpo.*` values by name (beta, label_smoothing, simpo_gamma, orpo_lambda); each loss takes
+            the ones its entry names.
 
     Returns:
         (losses, chosen_rewards, rejected_rewards), each of shape (B,).
     """
-    if loss_type not in REFERENCE_FREE_LOSSES:
-        raise ValueError(f"dpo.loss: {loss_type!r} is not reference-free; valid: {', '.join(REFERENCE_FREE_LOSSES)}")
-    chosen, rejected = policy_chosen_logps / chosen_lengths, policy_rejected_logps / rejected_lengths
-    losses, chosen_rewards, rejected_rewards = REFERENCE_FREE_LOSSES[loss_type](
-        chosen, rejected, beta=beta, simpo_gamma=simpo_gamma, orpo_lambda=orpo_lambda
-    )
+    entry = _entry(loss)
+    if entry.needs_reference and pair.reference_chosen_logps is None:
+        raise ValueError(f"dpo.loss: {loss!r} reads the reference's log-probs, and the batch carries none")
+    losses, chosen_rewards, rejected_rewards = entry.fn(pair, **{name: hyperparameters[name] for name in entry.params})
     return losses, chosen_rewards.detach(), rejected_rewards.detach()

@@ -1,4 +1,4 @@
-"""`dpo`: Direct Preference Optimization (and its family, `dpo.loss_type`) of the SFT policy against the reference
+"""`dpo`: Direct Preference Optimization (and its family, `dpo.loss`) of the SFT policy against the reference
 log-probs the `reference` stage cached, then the sampled KL and gold score on held-out prompts."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
 from pipeline.models.build import build_causal_lm, frozen, inference_device, prepare_for_training
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.lora import merged, parameter_counts
-from pipeline.train.dpo import dpo_rows, fit_dpo, reads_reference
+from pipeline.train.dpo import dpo_rows, fit_dpo, needs_reference
 
 
 def run_dpo(
@@ -49,7 +49,7 @@ def run_dpo(
     )
     if not result.is_global_zero:
         return None
-    metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(reads_reference(dpo))}
+    metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(needs_reference(dpo.loss))}
     # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under LoRA
     # the reference is the policy with its adapters off (no second copy), so this runs before the merge.
     device = inference_device()

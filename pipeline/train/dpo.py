@@ -7,6 +7,7 @@ the loss variant never repeats them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 from pipeline.config import DPOConfig, TrainerConfig
 from pipeline.data.batches import PairCollator, PreferencePair, read_pairs
 from pipeline.data.schemas import REFERENCE_LOGPS, read_table
-from pipeline.losses.dpo import REFERENCE_FREE_LOSSES, dpo_loss, reference_free_loss
+from pipeline.losses.dpo import PairLogps, needs_reference, preference_loss
 from pipeline.models.reference import attach_reference, pair_lengths, pair_logps
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.optim import build_optimizer
@@ -24,69 +25,41 @@ from pipeline.train.sharding import shard
 from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
 
 
-def reads_reference(cfg: DPOConfig) -> bool:
-    """Whether `cfg.loss` reads the cached reference log-probs (SimPO and ORPO are reference-free)."""
-    return cfg.loss not in REFERENCE_FREE_LOSSES
-
-
 def dpo_rows(pairs_dir: str, reference_dir: str, split: str, tokenizer, cfg: DPOConfig) -> list[PreferencePair]:
-    """One split's pairs as DPO trains on them: tokenised, with the `reference` stage's cached log-probs attached,
-    unless `cfg.loss` is reference-free (SimPO, ORPO read none)."""
+    """One split's pairs as DPO trains on them: tokenised, with the `reference` stage's cached log-probs attached
+    where `cfg.loss` reads them (`needs_reference`)."""
     rows = read_pairs(pairs_dir, split, tokenizer, cfg.max_length)
-    if not reads_reference(cfg):
+    if not needs_reference(cfg.loss):
         return rows
     source = f"{reference_dir}/{split}.parquet"
     return attach_reference(rows, read_table(source, REFERENCE_LOGPS), source)
 
 
 class DPOModule(pl.LightningModule):
-    """DPO-family preference optimisation of an injected policy against cached reference log-probs, or with a
-    reference-free loss (SimPO, ORPO) that reads none."""
+    """DPO-family preference optimisation (`cfg.loss`, `pipeline.losses.dpo.DPO_LOSSES`) of an injected policy,
+    against the reference log-probs the batches carry where the loss reads them."""
 
-    def __init__(
-        self,
-        policy: torch.nn.Module,
-        *,
-        beta: float,
-        loss_type: str,
-        label_smoothing: float,
-        lr: float,
-        weight_decay: float,
-        warmup_steps: int,
-        max_steps: int,
-        simpo_gamma: float = 0.5,
-        orpo_lambda: float = 0.1,
-    ) -> None:
+    def __init__(self, policy: torch.nn.Module, cfg: DPOConfig) -> None:
         super().__init__()
-        self.policy = policy
-        self.reference_free = loss_type in REFERENCE_FREE_LOSSES
-        if self.reference_free:
-            self.loss_args = {
-                "beta": beta,
-                "loss_type": loss_type,
-                "simpo_gamma": simpo_gamma,
-                "orpo_lambda": orpo_lambda,
-            }
-        else:
-            self.loss_args = {"beta": beta, "loss_type": loss_type, "label_smoothing": label_smoothing}
-        self.optim_args = {"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps}
+        self.policy, self.cfg = policy, cfg
+        self.hyperparameters = {
+            "beta": cfg.beta,
+            "label_smoothing": cfg.label_smoothing,
+            "simpo_gamma": cfg.simpo_gamma,
+            "orpo_lambda": cfg.orpo_lambda,
+        }
+        self.optim_args = optim_args(cfg)
 
     def _shared_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         policy_chosen_logps, policy_rejected_logps = pair_logps(self.policy, batch)
-        if self.reference_free:
-            chosen_lengths, rejected_lengths = (n.to(policy_chosen_logps) for n in pair_lengths(batch))
-            losses, chosen_rewards, rejected_rewards = reference_free_loss(
-                policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, **self.loss_args
-            )
-        else:
+        chosen_lengths, rejected_lengths = (n.to(policy_chosen_logps) for n in pair_lengths(batch))
+        pair = PairLogps(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
+        if needs_reference(self.cfg.loss):
             reference_chosen_logps, reference_rejected_logps = batch["reference_logps"].to(policy_chosen_logps).chunk(2)
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen_logps,
-                policy_rejected_logps,
-                reference_chosen_logps,
-                reference_rejected_logps,
-                **self.loss_args,
+            pair = dataclasses.replace(
+                pair, reference_chosen_logps=reference_chosen_logps, reference_rejected_logps=reference_rejected_logps
             )
+        losses, chosen_rewards, rejected_rewards = preference_loss(pair, loss=self.cfg.loss, **self.hyperparameters)
         return {
             "loss": losses.mean(),
             "rewards/chosen": chosen_rewards.mean(),
@@ -131,15 +104,7 @@ def fit_dpo(
 ) -> tuple[DPOModule, FitResult]:
     """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`attach_reference`;
     reference-free losses read none)."""
-    module = DPOModule(
-        policy,
-        beta=cfg.beta,
-        loss_type=cfg.loss,
-        label_smoothing=cfg.label_smoothing,
-        simpo_gamma=cfg.simpo_gamma,
-        orpo_lambda=cfg.orpo_lambda,
-        **optim_args(cfg),
-    )
+    module = DPOModule(policy, cfg)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
     data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
     return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -10,6 +12,7 @@ from pipeline.track.tracking import StageRun
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.dpo import DPOModule
 from pipeline.train.trainer import Throughput, build_trainer
+from tests.defaults import default_section
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 
 
@@ -31,16 +34,8 @@ def test_dpo_trains_the_policy_against_cached_reference(
 
     rows = attach_reference(train, cached, "train")
     val_rows = attach_reference(val, reference_logps(reference, val, collate, batch_size=16), "val")
-    module = DPOModule(
-        policy,
-        beta=0.1,
-        loss_type="sigmoid",
-        label_smoothing=0.0,
-        lr=1e-2,
-        weight_decay=0.0,
-        warmup_steps=1,
-        max_steps=6,
-    )
+    cfg = default_section("dpo", beta=0.1, loss="sigmoid", label_smoothing=0.0, lr=1e-2, weight_decay=0.0)
+    module = DPOModule(policy, dataclasses.replace(cfg, warmup_steps=1, max_steps=6))
     before_policy, before_reference = params_snapshot(module), params_snapshot(reference)
     with StageRun(tracking, "dpo", {}, {}) as run:
         trainer = build_trainer(
@@ -95,16 +90,8 @@ def test_reference_free_losses_train_without_any_reference_log_probs(
     rows = tiny_pairs(tokenizer, reviews, 32)  # no reference attached: the cached log-probs are NaN
     assert all(math.isnan(r.reference_chosen_logps) for r in rows)
     for loss, extra in (("simpo", {"beta": 2.0, "simpo_gamma": 0.5}), ("orpo", {"beta": 0.1, "orpo_lambda": 0.1})):
-        module = DPOModule(
-            build_causal_lm(model_cfg, tokenizer, path=path),
-            loss_type=loss,
-            label_smoothing=0.0,
-            lr=1e-2,
-            weight_decay=0.0,
-            warmup_steps=1,
-            max_steps=4,
-            **extra,
-        )
+        cfg = default_section("dpo", loss=loss, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=4, **extra)
+        module = DPOModule(build_causal_lm(model_cfg, tokenizer, path=path), cfg)
         before = params_snapshot(module)
         trainer = build_trainer(cpu_trainer_cfg, max_steps=4, val_every_n_steps=None, grad_clip=1.0, logger=False)
         trainer.fit(module, datamodule=RowsDataModule(rows, rows[:8], collate, batch_size=8, seed=0))

@@ -13,6 +13,7 @@ from pipeline.models.build import build_causal_lm, build_reward_model, zero_drop
 from pipeline.models.reference import pair_lengths, pair_logps
 from pipeline.train.dpo import DPOModule
 from pipeline.train.reward import RewardModule, bradley_terry_loss
+from tests.defaults import default_section
 from tests.integration.helpers import saved_tiny_model, tiny_pairs
 from tests.standins import chat_llama
 
@@ -78,9 +79,9 @@ def test_packed_pairs_give_the_reward_model_the_same_scores_and_gradients(
 
 
 @pytest.mark.parametrize("architecture", ["scratch gpt2", "llama"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+@pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
 def test_packed_pairs_give_dpo_the_same_log_probs_losses_and_gradients(
-    architecture, loss_type, model_cfg, tokenizer, reviews, tmp_path
+    architecture, loss, model_cfg, tokenizer, reviews, tmp_path
 ):
     path, tokenizer, cfg = _model_dir(architecture, model_cfg, tokenizer, tmp_path)
     policy = build_causal_lm(cfg, tokenizer, path=path)
@@ -89,16 +90,8 @@ def test_packed_pairs_give_dpo_the_same_log_probs_losses_and_gradients(
     with torch.no_grad():  # stand-in reference log-probs: the policy's own, shifted apart
         logps = torch.cat(pair_logps(policy, padded))
         reference = logps - torch.linspace(-1.0, 1.0, len(logps))
-    module = DPOModule(
-        policy,
-        beta=0.5,
-        loss_type=loss_type,
-        label_smoothing=0.0,
-        lr=1e-3,
-        weight_decay=0.0,
-        warmup_steps=0,
-        max_steps=1,
-    )
+    cfg = default_section("dpo", beta=0.5, loss=loss, label_smoothing=0.0, lr=1e-3, warmup_steps=0, max_steps=1)
+    module = DPOModule(policy, cfg)
     results = []
     for batch in (padded, packed):
         batch = {**batch, "reference_logps": reference}

@@ -1,25 +1,33 @@
+"""The DPO family's table (`pipeline.losses.dpo.DPO_LOSSES`) against hand-computed values."""
+
 import math
 
 import pytest
 import torch
 
-from pipeline.losses.dpo import DPO_LOSSES, dpo_loss, reference_free_loss
+from pipeline.losses.dpo import DPO_LOSSES, PairLogps, needs_reference, preference_loss
 
 LOG2 = math.log(2)
+DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5, "orpo_lambda": 0.1}
 
 
-def _loss(policy_margin, reference_margin, **kwargs):
-    zero = torch.zeros(1)
-    losses, chosen, rejected = dpo_loss(
-        torch.tensor([policy_margin]), zero, torch.tensor([reference_margin]), zero, **kwargs
-    )
+def _pair(chosen, rejected, reference_chosen=0.0, reference_rejected=0.0, lengths=(1.0, 1.0)):
+    t = lambda *values: torch.tensor([float(v) for v in values])  # noqa: E731
+    return PairLogps(t(chosen), t(rejected), t(lengths[0]), t(lengths[1]), t(reference_chosen), t(reference_rejected))
+
+
+def _loss(policy_margin, reference_margin, loss="sigmoid", **hyperparameters):
+    pair = _pair(policy_margin, 0.0, reference_margin, 0.0)
+    losses, chosen, rejected = preference_loss(pair, loss=loss, **{**DEFAULTS, **hyperparameters})
     return float(losses[0]), chosen, rejected
 
 
 @pytest.mark.parametrize("beta", [0.01, 0.1, 0.5, 2.0])
 def test_equal_logps_give_log2_for_any_beta(beta):
-    logps = torch.tensor([-3.0, -10.0])
-    losses, _, _ = dpo_loss(logps, logps, logps, logps, beta=beta)
+    logps, lengths = torch.tensor([-3.0, -10.0]), torch.tensor([2.0, 5.0])
+    losses, _, _ = preference_loss(
+        PairLogps(logps, logps, lengths, lengths, logps, logps), loss="sigmoid", **{**DEFAULTS, "beta": beta}
+    )
     torch.testing.assert_close(losses, torch.full((2,), LOG2))
 
 
@@ -31,49 +39,63 @@ def test_hand_values():
     # cDPO with label smoothing 0.5 is indifferent: log 2
     assert _loss(0.0, 0.0, beta=0.1, label_smoothing=0.5)[0] == pytest.approx(LOG2)
     # IPO with zero logits and beta 0.1: (0 - 1 / 0.2)^2 = 25
-    assert _loss(0.0, 0.0, beta=0.1, loss_type="ipo")[0] == pytest.approx(25.0)
+    assert _loss(0.0, 0.0, beta=0.1, loss="ipo")[0] == pytest.approx(25.0)
     # SLiC hinge: relu(1 - 0.1 * 2) = 0.8
-    assert _loss(2.0, 0.0, beta=0.1, loss_type="hinge")[0] == pytest.approx(0.8)
+    assert _loss(2.0, 0.0, beta=0.1, loss="hinge")[0] == pytest.approx(0.8)
     # robust with no assumed noise is plain DPO
-    assert _loss(2.0, 0.0, beta=0.1, loss_type="robust")[0] == pytest.approx(0.598139, abs=1e-6)
+    assert _loss(2.0, 0.0, beta=0.1, loss="robust")[0] == pytest.approx(0.598139, abs=1e-6)
     # robust with eps 0.2: (0.8 * 0.598139 - 0.2 * 0.798139) / 0.6
-    assert _loss(2.0, 0.0, beta=0.1, loss_type="robust", label_smoothing=0.2)[0] == pytest.approx(
+    assert _loss(2.0, 0.0, beta=0.1, loss="robust", label_smoothing=0.2)[0] == pytest.approx(
         (0.8 * 0.598139 - 0.2 * 0.798139) / 0.6, abs=1e-6
     )
+
+
+def test_ipo_regresses_the_margin_of_per_token_averaged_log_probs():
+    # chosen -4 over 2 tokens (mean -2), rejected -9 over 3 (mean -3); reference chosen -6 / 2 = -3, rejected
+    # -6 / 3 = -2: margin (-2 + 3) - (-3 + 2) = 2; beta 0.1, target 1 / 0.2 = 5: loss (2 - 5)^2 = 9. (On summed
+    # log-probs the margin is (-4 + 9) - (-6 + 6) = 5 and the loss 0.)
+    pair = _pair(-4.0, -9.0, -6.0, -6.0, lengths=(2.0, 3.0))
+    losses, chosen, rejected = preference_loss(pair, loss="ipo", beta=0.1)
+    assert float(losses[0]) == pytest.approx(9.0)
+    assert (float(chosen[0]), float(rejected[0])) == pytest.approx((0.1, -0.1))  # beta x (mean - reference mean)
 
 
 def test_rewards_are_detached_and_scaled_by_beta():
     policy_chosen = torch.tensor([-1.0], requires_grad=True)
     policy_rejected = torch.tensor([-4.0], requires_grad=True)
-    losses, chosen, rejected = dpo_loss(
-        policy_chosen, policy_rejected, torch.tensor([-2.0]), torch.tensor([-3.0]), beta=0.5
-    )
+    ones = torch.ones(1)
+    pair = PairLogps(policy_chosen, policy_rejected, ones, ones, torch.tensor([-2.0]), torch.tensor([-3.0]))
+    losses, chosen, rejected = preference_loss(pair, loss="sigmoid", **{**DEFAULTS, "beta": 0.5})
     assert not chosen.requires_grad and not rejected.requires_grad and losses.requires_grad
     torch.testing.assert_close(chosen, torch.tensor([0.5]))
     torch.testing.assert_close(rejected, torch.tensor([-0.5]))
 
 
 def test_unknown_loss_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"dpo\.loss: unknown loss 'kto'; valid: hinge, ipo, robust, sigmoid"):
-        _loss(0.0, 0.0, beta=0.1, loss_type="kto")
+    with pytest.raises(
+        ValueError, match=r"dpo\.loss: unknown loss 'kto'; valid: hinge, ipo, orpo, robust, sigmoid, simpo"
+    ):
+        _loss(0.0, 0.0, loss="kto")
+    with pytest.raises(ValueError, match=r"dpo\.loss: unknown loss 'kto'"):
+        needs_reference("kto")
 
 
-def test_table_holds_the_four_variants():
-    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge", "robust"}
+def test_one_table_answers_which_losses_read_the_reference_and_what_each_takes():
+    assert {name: entry.needs_reference for name, entry in DPO_LOSSES.items()} == {
+        "sigmoid": True, "robust": True, "hinge": True, "ipo": True, "simpo": False, "orpo": False,
+    }  # fmt: skip
+    assert DPO_LOSSES["hinge"].params == ("beta",) and DPO_LOSSES["orpo"].params == ("orpo_lambda",)
+    no_reference = PairLogps(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
+    with pytest.raises(ValueError, match=r"dpo\.loss: 'sigmoid' reads the reference's log-probs, and the batch"):
+        preference_loss(no_reference, loss="sigmoid", **DEFAULTS)
+    preference_loss(no_reference, loss="simpo", **DEFAULTS)  # reference-free: nothing else needed
 
 
 def test_simpo_hand_value_is_length_normalised_and_reference_free():
     # chosen: -4 over 2 tokens (mean -2); rejected: -9 over 3 tokens (mean -3); beta 2, gamma 0.5:
     # margin 2 * (-2) - 2 * (-3) - 0.5 = 1.5, loss log(1 + e^-1.5) = 0.201413
-    losses, chosen, rejected = reference_free_loss(
-        torch.tensor([-4.0]),
-        torch.tensor([-9.0]),
-        torch.tensor([2.0]),
-        torch.tensor([3.0]),
-        loss_type="simpo",
-        beta=2.0,
-        simpo_gamma=0.5,
-    )
+    pair = PairLogps(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]))
+    losses, chosen, rejected = preference_loss(pair, loss="simpo", beta=2.0, simpo_gamma=0.5)
     assert float(losses[0]) == pytest.approx(0.201413, abs=1e-6)
     assert (float(chosen[0]), float(rejected[0])) == (-4.0, -6.0)
 
@@ -82,15 +104,6 @@ def test_orpo_hand_value_is_nll_plus_odds_ratio_term():
     # mean log-probs -0.5 (chosen) and -1.0 (rejected): log odds -0.5 - log(1 - e^-0.5) = 0.432752 and
     # -1 - log(1 - e^-1) = -0.541325, difference 0.974077; loss = 0.5 (chosen NLL) + 0.1 * log(1 + e^-0.974077)
     # = 0.532030
-    losses, _, _ = reference_free_loss(
-        torch.tensor([-1.0]),
-        torch.tensor([-3.0]),
-        torch.tensor([2.0]),
-        torch.tensor([3.0]),
-        loss_type="orpo",
-        beta=0.1,
-        orpo_lambda=0.1,
-    )
+    pair = PairLogps(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([2.0]), torch.tensor([3.0]))
+    losses, _, _ = preference_loss(pair, loss="orpo", orpo_lambda=0.1)
     assert float(losses[0]) == pytest.approx(0.532030, abs=1e-6)
-    with pytest.raises(ValueError, match=r"dpo\.loss: 'sigmoid' is not reference-free; valid: simpo, orpo"):
-        reference_free_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1), loss_type="sigmoid", beta=0.1)
