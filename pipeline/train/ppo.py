@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipeline.config import PPOConfig, TrainerConfig
 from pipeline.data.batches import response_batch
+from pipeline.losses.rewards import RewardWeights, shape_rewards
 from pipeline.losses.rl import (
     GROUP_ESTIMATORS,
     LOSS_AGGREGATION,
@@ -37,7 +38,6 @@ from pipeline.losses.rl import (
     estimate_advantages,
     kl_estimate,
     masked_mean,
-    masked_whiten,
 )
 from pipeline.models.generation import Samples, SamplingParams, sample_ids
 from pipeline.models.judges import Judge, VerifierJudge
@@ -144,7 +144,14 @@ class PPOModule(pl.LightningModule):
         self.reference = reference.requires_grad_(False).eval() if reference is not None else None
         self.reward_model = reward_model.requires_grad_(False).eval() if reward_model is not None else None
         self.judge, self.tokenizer, self.cfg, self.seed = judge, tokenizer, cfg, seed
-        self.reward_mean, self.reward_std = reward_mean, reward_std
+        self.reward_weights = RewardWeights(
+            reward_mean=reward_mean,
+            reward_std=reward_std,
+            reward_clip=cfg.reward_clip,
+            reward_model_weight=cfg.reward_model_weight,
+            judge_weight=cfg.judge_weight,
+            missing_eos_penalty=cfg.missing_eos_penalty,
+        )
         self.accumulate, self.compiled_sampling = accumulate, compiled_sampling
         if (value_model is None) != (cfg.advantage_estimator != "gae"):
             raise ValueError(
@@ -198,31 +205,30 @@ class PPOModule(pl.LightningModule):
         prompts = self.tokenizer.batch_decode(samples.prompt_ids)
         golds = self.judge.score(prompts, samples.texts)
         ended = torch.tensor(samples.ended, device=self.device)
-        scores = torch.zeros(len(golds), device=self.device)
-        raw_scores = scores
+        raw_scores = None  # with ppo.reward_model_weight 0 no reward model is run
         if self.reward_model is not None:
             raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-            scores = (raw_scores - self.reward_mean) / self.reward_std
-            if cfg.reward_clip:
-                scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-            if cfg.reward_model_weight != 1:
-                scores = cfg.reward_model_weight * scores
-        if cfg.judge_weight:
-            scores = scores + cfg.judge_weight * torch.tensor(golds, device=self.device, dtype=scores.dtype)
-        scores = scores - cfg.missing_eos_penalty * (~ended).float()
         kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
-        non_score = -self.kl_ctl.value * kl if cfg.kl_in == "reward" else torch.zeros_like(kl)
         last = (attention_mask.sum(1) - 2).clamp(min=0)  # token-aligned index of the last response token
-        rewards = non_score.clone()
-        rewards[torch.arange(len(last), device=self.device), last] += scores
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        shaped = shape_rewards(
+            kl,
+            mask,
+            last,
+            ended,
+            reward_model_scores=raw_scores,
+            judge_scores=torch.tensor(golds, device=self.device),
+            weights=self.reward_weights,
+            kl_coef=self.kl_ctl.value if cfg.kl_in == "reward" else None,
+            whiten=cfg.whiten_rewards,
+        )
+        rewards, scores, non_score = shaped.rewards, shaped.scores, shaped.non_score
         advantages, returns = estimate_advantages(
             cfg.advantage_estimator, rewards, mask, values=values, group_size=group, gamma=cfg.gamma, lam=cfg.lam
         )
         if not (torch.isfinite(advantages).all() and (returns is None or torch.isfinite(returns).all())):
+            shown = raw_scores if raw_scores is not None else scores
             raise PPOHealthError(
-                f"ppo: non-finite advantages at rollout {step} (scores {raw_scores.tolist()[:4]}...); check the "
+                f"ppo: non-finite advantages at rollout {step} (scores {shown.tolist()[:4]}...); check the "
                 "reward model's saved mean/std (models/reward/reward_stats.json), ppo.reward_clip and ppo.lr"
             )
         stats = {
