@@ -51,10 +51,25 @@ def parse_turns(value: Any, where: str) -> Turns:
                 raise ValueError(f"{where}: turn {index} has no {key!r}; every turn needs 'role' and 'content'")
         if turn["role"] not in ROLES:
             raise ValueError(f"{where}: turn {index} has unknown role {turn['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(turn["content"], str):
-            raise ValueError(f"{where}: turn {index} content is {_show(turn['content'])}, not a string")
-        turns.append({"role": turn["role"], "content": turn["content"]})
+        turns.append({"role": turn["role"], "content": _text(turn["content"], f"{where}: turn {index} content")})
     return turns
+
+
+def _text(content: Any, where: str) -> str:
+    """A turn's content: a string, or OpenAI-style content parts (`[{"type": "text", "text": ...}, ...]`), read as
+    their texts joined by newlines (as vLLM joins them). A part that is not text (an image) is an error."""
+    if isinstance(content, str):
+        return content
+    if not is_conversation(content) or not len(content):
+        raise ValueError(f"{where} is {_show(content)}, not a string or a list of content parts")
+    texts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f"{where} part {index} is {_show(part)}; only text parts ({{'type': 'text', 'text': ...}}) are read"
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def hh_turns(text: str, where: str) -> Turns:

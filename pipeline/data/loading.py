@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -49,21 +50,37 @@ def check_json_file(path: Path) -> None:
             "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
     if text.lstrip().startswith("["):
-        _parse(text, path, 0)
+        for index, row in enumerate(_parse(text, path, 0)):
+            _require_object(row, path, f"element {index} of its array")
         return
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            _parse(line, path, number)
+            _require_object(_parse(line, path, number), path, f"line {number}")
 
 
-def _parse(text: str, path: Path, line: int) -> None:
+def _parse(text: str, path: Path, line: int) -> Any:
     try:
-        json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         where = f"line {line}" if line else f"line {error.lineno}"
         raise ValueError(
             f"{path} {where}: not valid JSON ({error.msg} at column {error.colno}); fix or remove the line"
         ) from None
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _require_object(row: Any, path: Path, where: str) -> None:
+    """A row is a JSON object (its columns by name); `datasets` would otherwise fail without naming the line."""
+    if not isinstance(row, dict):
+        shown = json.dumps(row)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        kind = _JSON_KINDS.get(type(row), "value")
+        raise ValueError(
+            f"{path} {where}: {shown} is a JSON {kind}, not an object; each row is one object of columns, e.g. "
+            '{"prompt": "...", "completion": "..."}: fix or remove it'
+        )
 
 
 def require_columns(table: pd.DataFrame, wanted: dict[str, str], dataset: str) -> None:

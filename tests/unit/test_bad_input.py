@@ -72,3 +72,18 @@ def test_over_long_sft_rows_fail_by_default_and_are_dropped_on_request(tokenizer
         tokenize_rows(tokenizer, prompts, completions, 32, "train.parquet")
     kept = tokenize_rows(tokenizer, prompts, completions, 32, "train.parquet", on_invalid="drop")
     assert len(kept) == 2
+
+
+@pytest.mark.parametrize(
+    ("row", "kind"), [('["Q is", " a."]', "array"), ('"Q is a."', "string"), ("42", "number"), ("null", "null")]
+)
+def test_a_json_line_that_is_not_an_object_is_named_by_its_line(tmp_path, row, kind):
+    text = _lines(GOOD[:3]) + row + "\n" + _lines(GOOD[3:])
+    with pytest.raises(ValueError, match=rf"rows\.jsonl line 4: .* is a JSON {kind}, not an object; each row is one"):
+        _prepare(tmp_path, text)
+
+
+def test_an_array_file_names_the_element_that_is_not_an_object(tmp_path):
+    text = json.dumps([*GOOD[:5], ["not", "a row"], *GOOD[5:]])
+    with pytest.raises(ValueError, match=r"rows\.jsonl element 5 of its array: \[\"not\", \"a row\"\] is a JSON array"):
+        _prepare(tmp_path, text)

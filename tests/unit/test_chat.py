@@ -93,7 +93,7 @@ def test_template_without_special_end_of_turn_is_refused(chat_dir, tmp_path):
          r"f\.jsonl row 3 column 'messages': turn 0 has no 'role'"),
         ([{"role": "robot", "content": "hi"}], r"turn 0 has unknown role 'robot'; roles are system, user, assistant"),
         ([{"role": "user", "content": "hi"}], r"row 3 column 'messages': the conversation has no assistant turn"),
-        ([{"role": "user", "content": 3}], r"turn 0 content is 3, not a string"),
+        ([{"role": "user", "content": 3}], r"turn 0 content is 3, not a string or a list of content parts"),
         ("just text", r"expected a non-empty list of \{role, content\} turns"),
     ],
 )  # fmt: skip
@@ -135,3 +135,14 @@ def test_generation_stops_at_every_end_of_turn_token(chat_dir, chat_tok, model_c
             by_stop[stop] += 1
     assert 0 < sum(listed.ended) < len(prompts)
     assert by_stop[im_end] > 0 and by_stop[eos] > 0  # both ends were met and both counted as "ended"
+
+
+def test_openai_content_parts_are_read_as_their_joined_text():
+    parts = [{"type": "text", "text": "Rate this film."}, {"type": "text", "text": "Be brief."}]
+    turns = parse_turns(
+        [{"role": "user", "content": parts}, {"role": "assistant", "content": "Fine."}], "f.jsonl row 0"
+    )
+    assert turns[0] == {"role": "user", "content": "Rate this film.\nBe brief."}
+    image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
+    with pytest.raises(ValueError, match=r"f\.jsonl row 0: turn 0 content part 1 is \{'type': 'image_url'.*only text"):
+        parse_turns([{"role": "user", "content": image}], "f.jsonl row 0")
