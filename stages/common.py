@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -25,13 +25,18 @@ import yaml
 
 from pipeline.config import Config, flatten, load_config, read_params
 from pipeline.files import dvc_md5, write_json
-from pipeline.methods.outcome import Hooks, Outcome
+from pipeline.methods.outcome import Outcome
 from pipeline.track.provenance import input_tables, machine_tags
-from pipeline.track.tracking import StageRun, TrackingUnavailable, lost_server_message, resolve_context, server_lost
-from pipeline.train.checkpoints import Checkpoints, Resumable, checkpoint_key
-
-if TYPE_CHECKING:
-    from pipeline.train.resume import ResumeCallback
+from pipeline.track.tracking import (
+    StageRun,
+    TrackingContext,
+    TrackingUnavailable,
+    lost_server_message,
+    resolve_context,
+    server_lost,
+)
+from pipeline.train.hooks import Hooks
+from stages.checkpoints import Checkpoints, checkpoint_key
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
 CHECKPOINTS_BUSY_ENV = "ALIGN_CHECKPOINTS_BUSY"  # rank 0 tells DDP ranks > 0 it runs without checkpoints
@@ -54,17 +59,9 @@ class StageContext:
         return _rank()
 
     def hooks(self) -> Hooks:
-        """What a training method gets from this stage: its MLflow logger, checkpoints, resume point and rank."""
-        return Hooks(self.run.lightning_logger(), self.resume_callback, self.resume_from, self.rank)
-
-    def resume_callback(self, data: Resumable, *, unit: str = "steps") -> ResumeCallback | None:
-        """The mid-stage checkpointing callback for this stage's Trainer (None when checkpoints are off)."""
-        if not self.checkpoints.every_n:
-            return None
-        from pipeline.train.resume import ResumeCallback  # Lightning, imported by the training stages only
-
-        accumulate = self.config.trainer.accumulate_grad_batches
-        return ResumeCallback(self.checkpoints, data, accumulate=accumulate, unit=unit, run_id=self.run.run_id)
+        """What a training method gets from this stage: its MLflow logger, checkpoint folder, resume point and rank."""
+        checkpoints = self.checkpoints if self.checkpoints.every_n else None
+        return Hooks(self.run.lightning_logger(), checkpoints, self.run.run_id, self.resume_from, self.rank)
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -125,64 +122,92 @@ def tracked_params(name: str, dvc_yaml: str | Path = PROJECT_ROOT / "dvc.yaml") 
 
 @contextlib.contextmanager
 def stage(name: str, paths: dict[str, str], inputs: tuple[str, ...] = ()) -> Iterator[StageContext]:
-    """Parse argv, load and validate params, seed, find a checkpoint to resume from, and open the stage's MLflow run
-    (rank 0 creates it, or continues the checkpoint's run).
+    """The stage's runtime, in its steps: read argv and params (and seed), hash the inputs, hold the checkpoint folder
+    and find the checkpoint to resume from, watch for this process's death, then open the MLflow run (rank 0 creates
+    it, or continues the checkpoint's run) and hand the stage its context.
 
     Args:
         inputs: the `paths` keys the stage reads: their DVC hashes key its checkpoints and go to MLflow (`dvc.dep.*`
             tags; the parquet tables among them as datasets).
     """
-    args = parse_args(name, paths)
-    for key, value in MLFLOW_CLIENT_ENV.items():  # set when a stage starts, not when this module is imported
-        os.environ.setdefault(key, value)
-    params_text = Path(args.params).read_text() if Path(args.params).exists() else ""
-    config = load_config(read_params(args.params))
-    seed_everything(config.seed)
-    all_params = flatten(config)
-    tracked = tracked_params(name)  # a runtime knob is in none: it keys no checkpoint either
-    stage_params = {k: v for k, v in all_params.items() if any(k == t or k.startswith(f"{t}.") for t in tracked)}
-    ctx = resolve_context(os.environ, Path.cwd(), params_text)
+    args, params = _read(name, paths)
+    ctx = resolve_context(os.environ, Path.cwd(), params.text)
     input_paths = [getattr(args, key) for key in inputs]
     hashes = {path: dvc_md5(path) for path in input_paths if Path(path).exists()}
-    with _held(_checkpoints(name, config, stage_params, hashes)) as checkpoints, _reaper(ctx.tracking_uri) as reaper:
+    with _held(_checkpoints(name, params, hashes)) as checkpoints, _reaper(ctx.tracking_uri) as reaper:
         resume_from = checkpoints.latest() if checkpoints.every_n else None
-        # Ranks > 0 never create a run: under Lightning's launcher they join rank 0's; under torchrun (started
-        # apart, on other nodes) they have no id and log nothing.
-        run_id = os.environ.get(RUN_ID_ENV, "") if _rank() != 0 else None
-        resume_run_id = checkpoints.run_id(resume_from) if resume_from else None
-        system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
         with (
             _failing_in_one_line(name, ctx.tracking_uri, checkpoints),
-            StageRun(
-                ctx,
-                name,
-                stage_params,
-                all_params,
-                run_id=run_id,
-                resume_run_id=resume_run_id,
-                tags=machine_tags(),
-                system_metrics=system_metrics and _rank() == 0,
-            ) as run,
+            _run(name, ctx, params, checkpoints, resume_from) as run,
         ):
             if _rank() == 0:
                 run.log_tables(input_tables(input_paths))
                 run.set_tags({f"dvc.dep.{path}": md5 for path, md5 in hashes.items()})
-            if run.killed:
-                print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
-            if resume_from is not None:
-                step = checkpoints.step(resume_from)
-                where = (
-                    f"at the end of training (step {step}): no step is trained again"
-                    if checkpoints.is_final(resume_from)
-                    else f"from step {step}"
-                )
-                print(f"resuming {name} {where} ({resume_from}), MLflow run {run.run_id}")
+            _say(name, run, checkpoints, resume_from)
             if reaper is not None:  # the stage's process owns the run: marked KILLED if it dies without ending it
                 reaper.write(f"run {run.run_id} {run.parent_run_id}\n")
                 reaper.flush()
             # Lightning's DDP launcher re-runs this script per rank with this environment: ranks > 0 join this run.
             os.environ[RUN_ID_ENV] = run.run_id
-            yield StageContext(name, args, config, run, checkpoints, str(resume_from) if resume_from else None)
+            resumed = str(resume_from) if resume_from else None
+            yield StageContext(name, args, params.config, run, checkpoints, resumed)
+
+
+@dataclass(frozen=True)
+class _Params:
+    text: str
+    """The params file as written (its hash names a plain `dvc repro`'s pipeline run)."""
+    config: Config
+    every: dict[str, Any]
+    """Every key, flattened: the pipeline run's params."""
+    tracked: dict[str, Any]
+    """The keys `dvc.yaml` lists for the stage: its cache key, its checkpoints' key and its MLflow run's params."""
+
+
+def _read(name: str, paths: dict[str, str]) -> tuple[argparse.Namespace, _Params]:
+    """argv and the params file, validated; the seed set; MLflow's client told to give up on a dead server soon."""
+    args = parse_args(name, paths)
+    for key, value in MLFLOW_CLIENT_ENV.items():  # set when a stage starts, not when this module is imported
+        os.environ.setdefault(key, value)
+    text = Path(args.params).read_text() if Path(args.params).exists() else ""
+    config = load_config(read_params(args.params))
+    seed_everything(config.seed)
+    every = flatten(config)
+    tracked = tracked_params(name)  # a runtime knob is in none: it keys no checkpoint either
+    stage_params = {k: v for k, v in every.items() if any(k == t or k.startswith(f"{t}.") for t in tracked)}
+    return args, _Params(text, config, every, stage_params)
+
+
+def _run(
+    name: str, ctx: TrackingContext, params: _Params, checkpoints: Checkpoints, resume_from: Path | None
+) -> StageRun:
+    """The stage's MLflow run: rank 0's, new or the checkpoint's continued; ranks > 0 join rank 0's under Lightning's
+    launcher, and under torchrun (started apart, on other nodes) have no id and log nothing."""
+    system_metrics = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("0", "false")
+    return StageRun(
+        ctx,
+        name,
+        params.tracked,
+        params.every,
+        run_id=os.environ.get(RUN_ID_ENV, "") if _rank() != 0 else None,
+        resume_run_id=checkpoints.run_id(resume_from) if resume_from else None,
+        tags=machine_tags(),
+        system_metrics=system_metrics and _rank() == 0,
+    )
+
+
+def _say(name: str, run: StageRun, checkpoints: Checkpoints, resume_from: Path | None) -> None:
+    """What the stage's start did to earlier runs, and where it resumes."""
+    if run.killed:
+        print(f"{name}: marked {len(run.killed)} run(s) left RUNNING by a killed process as KILLED")
+    if resume_from is not None:
+        step = checkpoints.step(resume_from)
+        where = (
+            f"at the end of training (step {step}): no step is trained again"
+            if checkpoints.is_final(resume_from)
+            else f"from step {step}"
+        )
+        print(f"resuming {name} {where} ({resume_from}), MLflow run {run.run_id}")
 
 
 @contextlib.contextmanager
@@ -247,11 +272,11 @@ def _held(checkpoints: Checkpoints) -> Iterator[Checkpoints]:
         yield held
 
 
-def _checkpoints(name: str, config: Config, stage_params: dict, hashes: dict[str, str]) -> Checkpoints:
+def _checkpoints(name: str, params: _Params, hashes: dict[str, str]) -> Checkpoints:
     """The stage's checkpoint folder under the real repository root (DVC's temp dirs for queued runs vanish)."""
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd())
-    key = checkpoint_key(stage_params, hashes)
-    trainer = config.trainer
+    trainer = params.config.trainer
+    key = checkpoint_key(params.tracked, hashes)
     return Checkpoints(root / ".checkpoints" / name / key, trainer.checkpoint_every_n_steps, trainer.keep_checkpoints)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -16,14 +17,33 @@ never what the stage computes, so it is no stage's dep (a change to it reruns no
 
 
 def imports(path: Path) -> set[str]:
-    """The modules `path` imports (`from a.b import c` -> `a.b`; `import a.b` -> `a.b`)."""
+    """The modules `path` imports when it runs (`from a.b import c` -> `a.b`; `import a.b` -> `a.b`); those under
+    `if TYPE_CHECKING:` are for type checkers only: a stage never runs them, so they are no dep of it."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
     return names
+
+
+def _runtime_nodes(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of `tree` but the bodies of `if TYPE_CHECKING:` blocks (their `else:` runs)."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _files(name: str) -> list[Path]:

@@ -31,10 +31,10 @@ from pipeline.data.batches import PairCollator, PreferencePair, PromptCompletion
 from pipeline.models.build import prepare_for_training
 from pipeline.models.logprobs import LEAN_MIN_VOCAB
 from pipeline.models.reference import attach_reference, reference_logps
-from pipeline.train.checkpoints import Checkpoints
 from pipeline.train.dpo import fit_dpo
-from pipeline.train.resume import ResumeCallback
+from pipeline.train.hooks import Hooks
 from pipeline.train.sft import fit_sft
+from stages.checkpoints import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS = 4, 8
@@ -55,18 +55,21 @@ class StepLosses(pl.Callback):
         self.losses.append(float(trainer.strategy.reduce(loss.detach(), reduce_op="mean")))
 
 
-class DyingMidCheckpoint(ResumeCallback):
-    """Checkpoints every 2 steps; process `rank` is killed while the checkpoint of step `step` is being written."""
+class DiesMidCheckpoint(pl.Callback):
+    """Process `rank` kills itself while the checkpoint of step `step` is being written: Lightning asks every callback
+    for its state then, on every rank, while the ranks gather the checkpoint."""
 
-    def __init__(self, directory: str, data, rank: int, step: int) -> None:
-        super().__init__(Checkpoints(Path(directory), every_n=2, keep=True), data)
+    def __init__(self, rank: int, step: int) -> None:
         self.rank, self.step = rank, step
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict:
-        trainer = self._trainer
-        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+        if self._trainer.global_rank == self.rank and self._trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().state_dict()
+        return {}
 
 
 def main() -> None:
@@ -109,10 +112,11 @@ def main() -> None:
     tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
     batch_size = ROWS // args.devices  # the same effective batch: the whole train set, every step
     losses = StepLosses()
-    step_losses = lambda data, **unit: losses  # noqa: E731  (fit_* take extra callbacks through this hook)
+    hooks = Hooks(callbacks=[losses])
     if args.checkpoints:
         die_rank, die_step = map(int, args.die_at.split(":"))
-        step_losses = lambda data, **unit: DyingMidCheckpoint(args.checkpoints, data, die_rank, die_step)  # noqa: E731
+        folder = Checkpoints(Path(args.checkpoints), every_n=2, keep=True)
+        hooks = Hooks(checkpoints=folder, callbacks=[DiesMidCheckpoint(die_rank, die_step)])
     if args.method == "sft":
         rows = [PromptCompletion(tokens(6), tokens(10)) for _ in range(ROWS)]
         sft = dataclasses.replace(
@@ -124,7 +128,7 @@ def main() -> None:
             lr=1e-2,
             packing=False,
         )
-        module, result = fit_sft(model, tokenizer, rows, rows[:4], sft, trainer, seed=0, resume=step_losses)
+        module, result = fit_sft(model, tokenizer, rows, rows[:4], sft, trainer, seed=0, hooks=hooks)
         trained = module.model
     else:
         pairs = [PreferencePair(tokens(6), tokens(8), tokens(8), index=i) for i in range(ROWS)]
@@ -140,7 +144,7 @@ def main() -> None:
             packing=False,
             loss="sigmoid",
         )
-        module, result = fit_dpo(model, tokenizer, pairs, pairs[:4], dpo, trainer, seed=0, resume=step_losses)
+        module, result = fit_dpo(model, tokenizer, pairs, pairs[:4], dpo, trainer, seed=0, hooks=hooks)
         trained = module.policy
     if not result.is_global_zero:
         return

@@ -10,11 +10,12 @@ from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.policies import sampled_objective
 from pipeline.methods.judging import gold_judge
-from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, frozen, inference_device, prepare_for_training
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.dpo import dpo_rows, fit_dpo, needs_reference
+from pipeline.train.hooks import NO_HOOKS, Hooks
 
 
 def run_dpo(
@@ -43,9 +44,7 @@ def run_dpo(
         dpo,
         cfg.trainer,
         seed=cfg.seed,
-        logger=hooks.logger,
-        resume=hooks.resume,
-        ckpt_path=hooks.ckpt_path,
+        hooks=hooks,
     )
     if not result.is_global_zero:
         return None

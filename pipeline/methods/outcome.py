@@ -1,28 +1,12 @@
-"""What a method's run gets from its stage (`Hooks`) and gives back to it (`Outcome`)."""
+"""What a method's run gives back to its stage (`Outcome`); what it gets from it is `pipeline.train.hooks.Hooks`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import torch
-
-
-@dataclass(frozen=True)
-class Hooks:
-    """The runtime side of a training run, owned by the stage: where its Trainer logs, how it checkpoints, the
-    checkpoint it continues from, and this process's rank. The default: no logging, no checkpoints, rank 0."""
-
-    logger: Any = False
-    resume: Callable[..., Any] | None = None
-    """`(data, unit="steps") -> callback | None` (`pipeline.train.trainer.ResumeFactory`)."""
-    ckpt_path: str | None = None
-    rank: int = 0
-
-
-NO_HOOKS = Hooks()
 
 
 @dataclass

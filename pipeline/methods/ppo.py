@@ -9,9 +9,10 @@ from pipeline.config import Config, ConfigError
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
 from pipeline.methods.judging import gold_judge
-from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training
 from pipeline.models.lora import merged, parameter_counts
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
 from pipeline.train.sharding import FSDP
@@ -61,11 +62,8 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         reward_mean=stats.mean,
         reward_std=stats.std,
         seed=cfg.seed,
-        rank=hooks.rank,
         compiled_sampling=cfg.generation.compile,
-        logger=hooks.logger,
-        resume=hooks.resume,
-        ckpt_path=hooks.ckpt_path,
+        hooks=hooks,
     )
     if not is_global_zero:
         return None

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from pipeline.config import Config
 from pipeline.data.batches import read_pairs
 from pipeline.data.tokenization import load_tokenizer
-from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_reward_model, prepare_for_training
 from pipeline.models.lora import merged, parameter_counts
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.reward import RewardStats, fit_reward
 
 
@@ -40,9 +41,7 @@ def run_reward(cfg: Config, *, pairs_dir: str, sft_dir: str, hooks: Hooks = NO_H
         rm,
         cfg.trainer,
         seed=cfg.seed,
-        logger=hooks.logger,
-        resume=hooks.resume,
-        ckpt_path=hooks.ckpt_path,
+        hooks=hooks,
     )
     if not result.is_global_zero:
         return None

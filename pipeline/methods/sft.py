@@ -8,10 +8,11 @@ from pipeline.config import Config
 from pipeline.data.batches import tokenize_rows
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
-from pipeline.methods.outcome import NO_HOOKS, Hooks, Outcome
+from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, prepare_for_training
 from pipeline.models.generation import SamplingParams, check_room, sample
 from pipeline.models.lora import merged, parameter_counts
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.sft import fit_sft
 
 
@@ -50,9 +51,7 @@ def run_sft(cfg: Config, *, data_dir: str, tokenizer_dir: str, hooks: Hooks = NO
         sft,
         cfg.trainer,
         seed=cfg.seed,
-        logger=hooks.logger,
-        resume=hooks.resume,
-        ckpt_path=hooks.ckpt_path,
+        hooks=hooks,
     )
     if not result.is_global_zero:
         return None

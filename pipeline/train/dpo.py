@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -20,9 +19,10 @@ from pipeline.data.schemas import REFERENCE_LOGPS, read_table
 from pipeline.losses.dpo import PairLogps, needs_reference, preference_loss
 from pipeline.models.reference import attach_reference, pair_lengths, pair_logps
 from pipeline.train.datamodule import RowsDataModule
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.optim import build_optimizer
 from pipeline.train.sharding import shard
-from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
+from pipeline.train.trainer import FitResult, fit_and_validate, optim_args
 
 
 def dpo_rows(pairs_dir: str, reference_dir: str, split: str, tokenizer, cfg: DPOConfig) -> list[PreferencePair]:
@@ -98,13 +98,11 @@ def fit_dpo(
     trainer: TrainerConfig,
     *,
     seed: int,
-    logger: Any = False,
-    resume: ResumeFactory | None = None,
-    ckpt_path: str | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[DPOModule, FitResult]:
     """A DPO-family loss (`cfg.loss`) on pairs carrying their cached reference log-probs (`attach_reference`;
     reference-free losses read none)."""
     module = DPOModule(policy, cfg)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
     data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
-    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)
+    return module, fit_and_validate(module, data, trainer, cfg, hooks)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -43,8 +42,10 @@ from pipeline.models.generation import Samples, SamplingParams, sample_ids
 from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.models.logprobs import model_token_logps
 from pipeline.models.lora import as_reference, backbone, unwrapped
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.optim import build_optimizer
-from pipeline.train.trainer import ResumeFactory, build_trainer, resume_callback
+from pipeline.train.resume import checkpointing
+from pipeline.train.trainer import build_trainer
 
 
 class PPOHealthError(RuntimeError):
@@ -409,11 +410,8 @@ def fit_ppo(
     reward_mean: float,
     reward_std: float,
     seed: int,
-    rank: int = 0,
     compiled_sampling: bool = False,
-    logger: Any = False,
-    resume: ResumeFactory | None = None,
-    ckpt_path: str | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[PPOModule, bool]:
     """Online RL of `policy` (`cfg.advantage_estimator`: PPO with `value_model`, or a critic-free estimator with
     None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off.
@@ -435,17 +433,17 @@ def fit_ppo(
         accumulate=trainer.accumulate_grad_batches,
         compiled_sampling=compiled_sampling,
     )
-    batches = PromptBatches(len(prompt_ids), cfg.prompts_per_rollout, cfg.rollouts, seed + rank)
+    batches = PromptBatches(len(prompt_ids), cfg.prompts_per_rollout, cfg.rollouts, seed + hooks.rank)
     loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
-    callback = resume_callback(resume, batches, unit="rollouts")
+    callback = checkpointing(hooks, batches, unit="rollouts")
     fitter = build_trainer(
         trainer,
         max_steps=-1,
         max_epochs=1,
         val_every_n_steps=None,
         grad_clip=0.0,
-        logger=logger,
-        callbacks=[callback] if callback else [],
+        logger=hooks.logger,
+        callbacks=[*([callback] if callback else []), *hooks.callbacks],
     )
-    fitter.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path, weights_only=True)
+    fitter.fit(module, train_dataloaders=loader, ckpt_path=hooks.resume_from, weights_only=True)
     return module, fitter.is_global_zero

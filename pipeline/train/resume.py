@@ -1,5 +1,6 @@
-"""`ResumeCallback`: the Lightning side of mid-stage checkpoints (`pipeline.train.checkpoints` keeps the folder, the
-key and the RNG states, free of Lightning, for the stages that train nothing).
+"""`ResumeCallback`: the Lightning side of mid-stage checkpoints. The folder they go to is the stage runtime's
+(`stages.checkpoints`), seen here as a `pipeline.train.hooks.CheckpointFolder`; `checkpointing` builds the callback
+from a training run's `Hooks`.
 
 Under several processes one checkpoint holds what every rank needs to go on exactly: the weights and optimizer state
 (gathered from the shards under FSDP, re-sharded on load), the position in the data order (the same on every rank:
@@ -9,11 +10,15 @@ many processes as wrote it, or refused.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
-from pipeline.train.checkpoints import Checkpoints, Resumable, rng_states, set_rng_states
+from pipeline.train.hooks import CheckpointFolder, Hooks, Resumable
 
 
 class ResumeCallback(pl.Callback):
@@ -28,7 +33,13 @@ class ResumeCallback(pl.Callback):
     """
 
     def __init__(
-        self, checkpoints: Checkpoints, data: Resumable, *, accumulate: int = 1, unit: str = "steps", run_id: str = ""
+        self,
+        checkpoints: CheckpointFolder,
+        data: Resumable,
+        *,
+        accumulate: int = 1,
+        unit: str = "steps",
+        run_id: str = "",
     ) -> None:
         self.checkpoints, self.data, self.accumulate = checkpoints, data, accumulate
         self.unit, self.run_id = unit, run_id
@@ -61,8 +72,11 @@ class ResumeCallback(pl.Callback):
     def _save(self, trainer: pl.Trainer, done: int, *, final: bool = False) -> None:
         self._position = (trainer.current_epoch, self._consumed(trainer, done))
         self._rng = _every_rank(trainer, rng_states())  # dropout and sampling draw differently on each rank
-        self.checkpoints.save(trainer, done, self.run_id, final=final)  # on every rank: the save is collective
-        trainer.strategy.barrier()  # no rank goes on before rank 0 renamed the file
+        staged = self.checkpoints.staging(done)
+        trainer.save_checkpoint(staged)  # on every rank: the save is collective (FSDP gathers the shards)
+        if trainer.is_global_zero:
+            self.checkpoints.publish(staged, done, self.run_id, final=final)
+        trainer.strategy.barrier()  # no rank goes on before rank 0 published it
 
     def _consumed(self, trainer: pl.Trainer, done: int) -> int:
         """Training batches of the current epoch already used."""
@@ -96,6 +110,13 @@ class ResumeCallback(pl.Callback):
             self._pending_rng = None
 
 
+def checkpointing(hooks: Hooks, data: Resumable, *, accumulate: int = 1, unit: str = "steps") -> ResumeCallback | None:
+    """The mid-stage checkpointing callback of a training run, or None when its stage keeps no checkpoints."""
+    if hooks.checkpoints is None or not hooks.checkpoints.every_n:
+        return None
+    return ResumeCallback(hooks.checkpoints, data, accumulate=accumulate, unit=unit, run_id=hooks.run_id)
+
+
 def _every_rank(trainer: pl.Trainer, state: Any) -> list[Any]:
     """`state` of every process, in rank order (a collective: every rank calls it)."""
     if trainer.world_size == 1:
@@ -105,3 +126,22 @@ def _every_rank(trainer: pl.Trainer, state: Any) -> list[Any]:
     gathered: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(gathered, state)
     return gathered
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from (dropout, samplers), in a `weights_only`-loadable form."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_states(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

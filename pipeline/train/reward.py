@@ -13,7 +13,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytorch_lightning as pl
@@ -25,9 +24,10 @@ from pipeline.data.batches import PairCollator, is_packed
 from pipeline.files import write_json
 from pipeline.models.lora import backbone, root_call, unwrapped
 from pipeline.train.datamodule import RowsDataModule
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.optim import build_optimizer
 from pipeline.train.sharding import shard
-from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
+from pipeline.train.trainer import FitResult, fit_and_validate, optim_args
 
 
 @dataclass(frozen=True)
@@ -176,12 +176,10 @@ def fit_reward(
     trainer: TrainerConfig,
     *,
     seed: int,
-    logger: Any = False,
-    resume: ResumeFactory | None = None,
-    ckpt_path: str | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[RewardModule, FitResult]:
     """A Bradley-Terry reward model on tokenised pairs (`batches.read_pairs`)."""
     module = RewardModule(model, margin=cfg.margin, center_coef=cfg.center_coef, **optim_args(cfg))
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
     data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
-    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)
+    return module, fit_and_validate(module, data, trainer, cfg, hooks)

@@ -9,7 +9,6 @@ scratch GPT-2 or any hub causal LM.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -18,9 +17,10 @@ from pipeline.config import SFTConfig, TrainerConfig
 from pipeline.data.batches import SFTCollator
 from pipeline.models.logprobs import model_token_logps
 from pipeline.train.datamodule import RowsDataModule
+from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.optim import build_optimizer
 from pipeline.train.sharding import shard
-from pipeline.train.trainer import FitResult, ResumeFactory, fit_and_validate, optim_args, resume_callback
+from pipeline.train.trainer import FitResult, fit_and_validate, optim_args
 
 
 def completion_nll(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +97,7 @@ def fit_sft(
     trainer: TrainerConfig,
     *,
     seed: int,
-    logger: Any = False,
-    resume: ResumeFactory | None = None,
-    ckpt_path: str | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> tuple[SFTModule, FitResult]:
     """Completion-only SFT of `model` on tokenised rows (`batches.tokenize_rows`)."""
     module = SFTModule(model, **optim_args(cfg))
@@ -113,4 +111,4 @@ def fit_sft(
         accumulate=trainer.accumulate_grad_batches,
         weight=lambda row: len(row.completion_ids) + 1,
     )
-    return module, fit_and_validate(module, data, trainer, cfg, logger, resume_callback(resume, data), ckpt_path)
+    return module, fit_and_validate(module, data, trainer, cfg, hooks)

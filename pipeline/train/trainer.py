@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 
 from pipeline.config import TrainerConfig, TrainingConfig
 from pipeline.data.batches import is_packed
+from pipeline.train.hooks import NO_HOOKS, Hooks
+from pipeline.train.resume import checkpointing
 from pipeline.train.sharding import build_strategy, gather
 
 
@@ -210,42 +212,31 @@ class FitResult:
     is_global_zero: bool
 
 
-ResumeFactory = Callable[..., pl.Callback | None]
-"""`(data, unit="steps") -> callback`: the mid-stage checkpointing callback for a stage's data (the stage's
-`StageContext.resume_callback`), or None for no checkpoints."""
-
-
-def resume_callback(resume: ResumeFactory | None, data: Any, **unit: str) -> pl.Callback | None:
-    return resume(data, **unit) if resume is not None else None
-
-
 def fit_and_validate(
     module: pl.LightningModule,
     data: pl.LightningDataModule,
     trainer_cfg: TrainerConfig,
     cfg: TrainingConfig,
-    logger,
-    resume: Callback | None = None,
-    ckpt_path: str | None = None,
+    hooks: Hooks = NO_HOOKS,
 ) -> FitResult:
     """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics.
 
     Args:
-        resume: the checkpointing callback (`pipeline.train.checkpoints.ResumeCallback`), if checkpoints are on.
-        ckpt_path: a checkpoint to resume from.
+        hooks: the stage's logger, checkpoint folder and the checkpoint to resume from.
     """
+    checkpoints = checkpointing(hooks, data, accumulate=trainer_cfg.accumulate_grad_batches)
     throughput, history = Throughput(), History()
-    callbacks = [throughput, history, *([resume] if resume is not None else [])]
+    callbacks = [throughput, history, *([checkpoints] if checkpoints is not None else []), *hooks.callbacks]
     trainer = build_trainer(
         trainer_cfg,
         max_steps=cfg.max_steps,
         val_every_n_steps=cfg.val_every_n_steps,
         grad_clip=cfg.grad_clip,
-        logger=logger,
+        logger=hooks.logger,
         callbacks=callbacks,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
     )
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=data, ckpt_path=hooks.resume_from, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)
     gather(module)  # under FSDP: rank 0's module holds plain, trained models again
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if key.startswith("val/")}

@@ -76,7 +76,7 @@ def test_a_rank_killed_mid_checkpoint_leaves_only_the_complete_one_before(tmp_pa
     assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-000000002.ckpt", "step-000000002.json"]
     assert not (tmp_path / "out").exists()
-    from pipeline.train.checkpoints import Checkpoints
+    from stages.checkpoints import Checkpoints
 
     latest = Checkpoints(folder, every_n=2, keep=True).latest()
     assert latest == folder / "step-000000002.ckpt"

@@ -7,11 +7,11 @@ from mlflow.tracking import MlflowClient
 from pipeline.data.batches import SFTCollator
 from pipeline.models.generation import SamplingParams, sample
 from pipeline.track.tracking import StageRun
-from pipeline.train.checkpoints import Checkpoints
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.resume import ResumeCallback
 from pipeline.train.sft import SFTModule
 from pipeline.train.trainer import History, Throughput, build_trainer
+from stages.checkpoints import Checkpoints
 from tests.integration.helpers import changed, params_snapshot, sft_loss_and_grads, tiny_model, tiny_rows
 
 

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train.checkpoints import Checkpoints
+from stages.checkpoints import Checkpoints
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
 import sys, time
 from pathlib import Path
-import pytest
-
-from pipeline.train.checkpoints import Checkpoints
+from stages.checkpoints import Checkpoints
 with Checkpoints(Path(sys.argv[1]), every_n=5, keep=False).hold() as held:
     print("held" if held.every_n else "inert", flush=True)
     time.sleep(600)

@@ -1,4 +1,5 @@
-"""Mid-stage checkpoints, so a killed or preempted training stage resumes where it stopped.
+"""A stage's checkpoint folder, part of the stage runtime: so a killed or preempted training stage resumes where it
+stopped.
 
 Every `trainer.checkpoint_every_n_steps` optimizer steps (PPO: rollouts), and once more when training ends,
 `ResumeCallback` writes a full Lightning checkpoint (weights, optimizers, schedulers, loop progress, callback and
@@ -12,6 +13,9 @@ removed), continues its MLflow run (the run id is kept beside the checkpoint), a
 on; once its outputs are written the folder is removed unless `trainer.keep_checkpoints` is set. A resumed stage ends
 with the same weights and metrics as an uninterrupted one on the same machine.
 
+The training side (`pipeline.train.resume.ResumeCallback`) sees the folder through `pipeline.train.hooks.
+CheckpointFolder`: where to write a checkpoint (`staging`) and how to make it the newest one (`publish`).
+
 A running stage holds its folder (`Checkpoints.hold`, an OS file lock the kernel drops if the process dies). Two
 processes running the very same stage at once (queued sweep points that share an upstream stage) would otherwise
 resume from, overwrite and delete each other's checkpoints: the second one runs without checkpoints instead.
@@ -23,28 +27,19 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import random
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from filelock import FileLock, Timeout
 
-if TYPE_CHECKING:
-    import pytorch_lightning as pl
+from pipeline.files import write_json
 
 PATTERN = "step-*.ckpt"
-
-
-class Resumable(Protocol):
-    """Whatever hands out training batches: told, before iterating, where in the data order to restart."""
-
-    def resume_from(self, epoch: int, consumed: int) -> None: ...
 
 
 def checkpoint_key(stage_params: Mapping[str, Any], input_hashes: Mapping[str, str]) -> str:
@@ -90,19 +85,17 @@ class Checkpoints:
         sidecar = checkpoint.with_suffix(".json")
         return json.loads(sidecar.read_text()) if sidecar.exists() else {}
 
-    def save(self, trainer: pl.Trainer, done: int, run_id: str, *, final: bool = False) -> Path:
-        """Write `step-<done>.ckpt` atomically (and its run id; `final`: written when training ended), then drop the
-        older ones. Every process calls it: Lightning's save is collective (a sharded strategy gathers the state, and
-        every rank waits at its barrier); rank 0 writes the files."""
+    def staging(self, done: int) -> Path:
+        """Where the checkpoint of step `done` is written before it is published (a name `latest` never takes)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return self.directory / f".tmp-step-{done:09d}.ckpt"
+
+    def publish(self, staged: Path, done: int, run_id: str, *, final: bool = False) -> Path:
+        """Make the whole file `staged` the checkpoint of step `done` (its run id beside it; `final`: written when
+        training ended) and drop the older ones. Rank 0 calls it once every rank has written its part."""
         path = self.directory / f"step-{done:09d}.ckpt"
-        tmp = self.directory / f".tmp-{path.name}"
-        if trainer.is_global_zero:
-            self.directory.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)
-        if not trainer.is_global_zero:
-            return path
-        path.with_suffix(".json").write_text(json.dumps({"run_id": run_id, "done": done, "final": final}))
-        tmp.replace(path)  # the checkpoint appears under its name only once it is whole
+        write_json({"run_id": run_id, "done": done, "final": final}, path.with_suffix(".json"))
+        staged.replace(path)  # the checkpoint appears under its name only once it is whole
         for older in self.directory.glob(PATTERN):
             if older != path:
                 older.unlink(missing_ok=True)
@@ -133,22 +126,3 @@ class Checkpoints:
     def inert(self) -> Checkpoints:
         """The same folder with checkpointing off and nothing removed."""
         return dataclasses.replace(self, every_n=0, keep=True)
-
-
-def rng_states() -> dict[str, Any]:
-    """Every RNG a training step may draw from (dropout, samplers), in a `weights_only`-loadable form."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_states(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in state["python"]))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
