@@ -24,20 +24,20 @@ run: install
 	dvc repro
 
 test: install pg-installed
-	ruff check pipeline stages tests
-	ruff format --check pipeline stages tests
+	ruff check pipeline stages tools tests
+	ruff format --check pipeline stages tools tests
 	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "slow or not slow" --durations=25
 
 test-fast: install
 	HF_HUB_OFFLINE=1 python -m pytest -n auto --dist worksteal -m "not slow" --durations=10
 
 lint: install
-	ruff check pipeline stages tests
-	ruff format --check pipeline stages tests
+	ruff check pipeline stages tools tests
+	ruff format --check pipeline stages tools tests
 
 # The one formatter (ruff format; `# fmt: skip` only on tables a reflow would lose). `make test` checks it.
 format: install
-	ruff format pipeline stages tests
+	ruff format pipeline stages tools tests
 
 # The MLflow UI over the project's store, on 127.0.0.1 only. `make ui-stop` stops it by its PID.
 MLFLOW_STORE ?= $(CURDIR)
@@ -117,16 +117,16 @@ postgres-stop:
 		kill -0 $$pid 2>/dev/null && kill -KILL $$pid; echo "PostgreSQL stopped"
 
 bench: install
-	python -m stages.bench
+	python -m tools.bench
 
 # On a CUDA machine: the `gpu` preset's DAG at reduced steps in bf16-mixed -> reports/gpu-check.json. It installs
 # nothing: GPU_PYTHON must already have a CUDA build of torch and this project's dependencies.
 GPU_PYTHON ?= python3
 gpu-check:
-	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m stages.gpu_check
+	HF_HUB_OFFLINE=1 $(GPU_PYTHON) -m tools.gpu_check
 
 frontier: install
-	python -m stages.frontier $(FRONTIER_ARGS)
+	python -m tools.frontier $(FRONTIER_ARGS)
 
 # The committed sweep behind reports/frontier.* and reports/seeds.md: 3 seeds x (PPO / DPO at three regularisation
 # strengths, GRPO + SimPO, RLOO), queued as DVC experiments named sweep-s<seed>-<point> and run one at a time;
@@ -148,16 +148,16 @@ sweep: install
 
 # Every dvc plots definition on one self-contained page that draws offline: reports/plots.html.
 plots: install
-	python -m stages.plots
+	python -m tools.plots
 
 # dvc.yaml's code deps from each stage's imports (a test fails when they are stale).
 deps: install
-	python -m stages.deps
+	python -m tools.deps
 
 # docs/params.md from the config fields (a test fails when it is stale).
 docs: install
-	python -m stages.docs
+	python -m tools.docs
 
 # A real-task preset into params.yaml (presets/<name>.yaml: imdb, hh, chat); then `make run` or `dvc repro`.
 preset: install
-	python -m stages.preset $(PRESET)
+	python -m tools.preset $(PRESET)

@@ -7,13 +7,11 @@ This is the one place (with the stage scripts) that reads `sys.argv`, `params.ya
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import os
 import random
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from pipeline.track.tracking import (
     server_lost,
 )
 from pipeline.train.hooks import Hooks
+from stages import interpreter_exit
 from stages.checkpoints import Checkpoints, checkpoint_key
 
 RUN_ID_ENV = "ALIGN_MLFLOW_RUN_ID"
@@ -78,12 +77,7 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except TrackingUnavailable as error:
         sys.exit(str(error))  # one line: the store's URI, what happened, what to do; no traceback to read through
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what the interpreter calls at exit (private, in CPython since 3.0)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    interpreter_exit()
     os._exit(0)
 
 

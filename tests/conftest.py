@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from stages.warm import SOCKET_ENV  # the standard library only
+from tools.warm import SOCKET_ENV  # the standard library only
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig, TrainerConfig
@@ -42,7 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def warm_stage_starts(request, tmp_path_factory):
     """Where slow tests run (the fast tier launches no stage), the stage processes this worker's tests launch start
-    as forks of one warm server (stages/warm.py): ~0.1 s each instead of 7-10 s of imports, for about 100 stage
+    as forks of one warm server (tools/warm.py): ~0.1 s each instead of 7-10 s of imports, for about 100 stage
     processes. Yields the server's log (one line per stage it started, one per stage that started cold and why).
     The resume tests drop `STAGES_WARM_SOCKET` from the run they kill: that stage starts cold."""
     if not any(item.get_closest_marker("slow") for item in request.session.items):

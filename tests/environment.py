@@ -2,7 +2,7 @@
 
 Libraries set variables of their own when imported (scikit-learn's `KMP_DUPLICATE_LIB_OK`, MLflow's `SPARK_LOCAL_IP`,
 Lightning's `PYTORCH_NVML_BASED_CUDA_CHECK`): a stage process a user starts from a shell has none of them, and a warm
-server declines a process whose import-time variables differ from its own (stages/warm.py). So the stage processes
+server declines a process whose import-time variables differ from its own (tools/warm.py). So the stage processes
 and the warm server the tests start get this snapshot, not the test process's environment of the moment.
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from stages.warm import SOCKET_ENV  # the standard library only
+from tools.warm import SOCKET_ENV  # the standard library only
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -35,10 +35,10 @@ def launch_environment(**extra: str) -> dict[str, str]:
 
 
 def start_warm_server(socket: Path, log: Path, cwd: Path, preload: tuple[str, ...] = (), timeout: float = 300):
-    """`python -m stages.warm socket` (importing `preload`, or every stage's libraries) in `cwd`, with `LAUNCH` and
+    """`python -m tools.warm socket` (importing `preload`, or every stage's libraries) in `cwd`, with `LAUNCH` and
     its output in `log`; returns the process once it listens. One that ends or does not listen within `timeout`
     seconds is killed and fails the caller with its log."""
-    command = [sys.executable, "-m", "stages.warm", str(socket), *(["--preload", *preload] if preload else [])]
+    command = [sys.executable, "-m", "tools.warm", str(socket), *(["--preload", *preload] if preload else [])]
     env = {key: value for key, value in LAUNCH.items() if key != SOCKET_ENV}
     with log.open("w") as out:
         server = subprocess.Popen(

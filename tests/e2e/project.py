@@ -70,18 +70,18 @@ def _environment() -> dict[str, str]:
 
 
 class Project:
-    """`preset` is applied with the documented command (`python -m stages.preset NAME`) before the tiny sizes and
+    """`preset` is applied with the documented command (`python -m tools.preset NAME`) before the tiny sizes and
     `overrides` (section -> keys, e.g. local stand-in paths), which win over both."""
 
     def __init__(self, path: Path, overrides: dict | None = None, preset: str | None = None) -> None:
         self.path = path
-        for name in ("pipeline", "stages", "presets"):
+        for name in ("pipeline", "stages", "tools", "presets"):
             shutil.copytree(ROOT / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
         for name in ("dvc.yaml", ".gitignore", ".dvcignore", "params.yaml"):
             shutil.copy(ROOT / name, path / name)
         self.env = _environment()
         if preset is not None:
-            self.run(sys.executable, "-m", "stages.preset", preset)
+            self.run(sys.executable, "-m", "tools.preset", preset)
         params = yaml.safe_load((path / "params.yaml").read_text())
         for section, values in TINY.items():
             params[section].update(values)

@@ -8,10 +8,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.files import dvc_md5
+from stages import dag_stages
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
-STAGES = {"prepare", "sft", "preferences", "reward", "reference", "dpo", "ppo", "evaluate"}
+STAGES = set(dag_stages())  # read from dvc.yaml
 
 
 def test_whole_dag_then_targeted_reruns(tmp_path):
@@ -67,7 +68,7 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"
     _check_mlflow_conventions(project, client, runs)
-    drawn = int(project.run(sys.executable, "-m", "stages.plots").split("reports/plots.html: ")[1].split()[0])
+    drawn = int(project.run(sys.executable, "-m", "tools.plots").split("reports/plots.html: ")[1].split()[0])
     page = (project.path / "reports/plots.html").read_text()  # every plot drawn offline: SVG or an embedded PNG
     assert drawn >= 10 and page.count("<svg") + page.count("data:image/png;base64,") == drawn
     assert "<script" not in page
@@ -117,7 +118,7 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
         assert start_one < end_two and start_two < end_one, spans
 
     # The frontier report gathers the pipeline runs of this beta sweep from MLflow.
-    frontier = project.run(sys.executable, "-m", "stages.frontier")
+    frontier = project.run(sys.executable, "-m", "tools.frontier")
     assert "pipeline runs" in frontier
     table = (project.path / "reports/frontier.md").read_text()
     assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table

@@ -11,9 +11,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stages.warm import SOCKET_ENV
 from tests.e2e.conftest import built_once
 from tests.e2e.project import Project
+from tools.warm import SOCKET_ENV
 
 pytestmark = pytest.mark.slow
 

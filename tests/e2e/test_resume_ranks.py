@@ -18,9 +18,9 @@ import time
 import psutil
 import pytest
 
-from stages.warm import SOCKET_ENV
 from tests.e2e.project import Project
 from tests.e2e.test_resume import _comparable, _runs
+from tools.warm import SOCKET_ENV
 
 pytestmark = pytest.mark.slow
 TWO_PROCESSES = {"accelerator": "cpu", "devices": 2, "log_every_n_steps": 1}

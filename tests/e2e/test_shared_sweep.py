@@ -190,7 +190,7 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
         whole = {r.data.tags.get("align.stage") for r in first}
         assert {"prepare", "sft", "reward"} <= whole  # the new seed's upstream ran once, for its first point
 
-        frontier = analyst.run("python", "-m", "stages.frontier", "--group-prefix", "shared-")
+        frontier = analyst.run("python", "-m", "tools.frontier", "--group-prefix", "shared-")
         assert "frontier: 4 pipeline runs" in frontier, frontier
         rows = [line.split("|") for line in (analyst.path / "reports/frontier.md").read_text().splitlines()]
         dpo = {row[3].strip(): row[6].strip() for row in rows if len(row) > 6 and row[1].strip() == "dpo"}

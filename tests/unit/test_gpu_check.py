@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.bench import GPU_CHECK_OVERRIDES, stage_figures
 from pipeline.config import load_config
-from stages.preset import apply_preset
 from tests.e2e.project import ROOT
+from tools.preset import apply_preset
 
 
 def test_training_stages_get_mfu_from_six_flops_per_parameter_per_token():
@@ -35,7 +35,7 @@ def test_the_overrides_make_a_valid_config_over_the_gpu_preset():
 def test_without_cuda_it_says_so_and_writes_nothing(tmp_path):
     out = tmp_path / "gpu-check.json"
     done = subprocess.run(
-        [sys.executable, "-m", "stages.gpu_check", "--out", str(out)],
+        [sys.executable, "-m", "tools.gpu_check", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import Config, is_runtime
 from stages.common import tracked_params
-from stages.deps import closure, code_deps, imports, rewrite
+from tools.deps import closure, code_deps, imports, rewrite
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -137,3 +137,12 @@ def test_stage_entry_point_leaves_through_run_main(name):
     guard = tree.body[-1]
     assert isinstance(guard, ast.If) and ast.unparse(guard.test) == "__name__ == '__main__'"
     assert [ast.unparse(statement) for statement in guard.body] == ["run_main(main)"]
+
+
+def test_stages_holds_the_dags_entry_points_and_their_runtime_only():
+    from stages import dag_stages
+
+    entry_points = {f"{name}.py" for name in dag_stages()}
+    runtime = {"__init__.py", "common.py", "checkpoints.py", "reaper.py"}
+    assert {path.name for path in (ROOT / "stages").glob("*.py")} == entry_points | runtime
+    assert all(DVC[name]["cmd"] == f"python -m stages.{name}" for name in dag_stages())

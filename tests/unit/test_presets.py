@@ -6,7 +6,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from pipeline.config import ConfigError, load_config
-from stages.preset import PRESETS, apply_preset
+from tools.preset import PRESETS, apply_preset
 
 ROOT = Path(__file__).resolve().parents[2]
 

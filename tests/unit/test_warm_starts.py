@@ -1,4 +1,4 @@
-"""Warm stage starts (stages/warm.py): `python -m stages.prepare` run as a fork of a server, with the caller's
+"""Warm stage starts (tools/warm.py): `python -m stages.prepare` run as a fork of a server, with the caller's
 directory, argv, environment, streams, exit status and signals, and the code of the caller's copy; cold where the
 server is absent or the environment read at import differs. The stage here is a stand-in that reports what it sees
 (the real stages run warm in every end-to-end test, tests/conftest.py); and the hand-over imports nothing heavy."""
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.warm import SOCKET_ENV
 from tests.environment import LAUNCH, start_warm_server
+from tools.warm import SOCKET_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 STAND_IN = """
@@ -34,10 +34,11 @@ if mode == "sleep":
 
 
 def _project(path: Path, copy: str) -> Path:
-    (path / "stages").mkdir(parents=True)
-    for name in ("__init__.py", "warm.py"):
-        shutil.copy(ROOT / "stages" / name, path / "stages" / name)
+    for name in ("stages/__init__.py", "tools/__init__.py", "tools/warm.py"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, path / name)
     (path / "stages" / "prepare.py").write_text(f"COPY = {copy!r}\n{STAND_IN}")
+    (path / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: python -m stages.prepare\n")  # the DAG it serves
     return path
 
 
@@ -146,8 +147,8 @@ def test_a_stage_starts_cold_without_a_server(tmp_path):
 
 def test_the_hand_over_imports_only_the_standard_library():
     """It runs in every stage process before anything else: a library imported here would be loaded cold again."""
-    from stages.deps import imports
+    from tools.deps import imports
 
-    for path in (ROOT / "stages" / "__init__.py", ROOT / "stages" / "warm.py"):
+    for path in (ROOT / "stages" / "__init__.py", ROOT / "tools" / "warm.py"):
         outside = {name for name in imports(path) if name.split(".")[0] not in sys.stdlib_module_names}
-        assert outside <= {"stages.warm"}, (path.name, outside)
+        assert outside <= {"tools.warm", "stages"}, (path.name, outside)

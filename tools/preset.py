@@ -1,6 +1,6 @@
 """Preset command (not a DVC stage): apply a real-task preset from `presets/<name>.yaml` to `params.yaml`.
 
-    python -m stages.preset imdb        # or: make preset PRESET=imdb
+    python -m tools.preset imdb        # or: make preset PRESET=imdb
     dvc repro
 
 A preset holds only the keys it changes. They are written into `params.yaml` in place, keeping its comments and
@@ -49,7 +49,7 @@ def apply_preset(params: str, preset: Path) -> tuple[str, list[str]]:
 
 def main() -> None:
     names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
-    parser = argparse.ArgumentParser(prog="python -m stages.preset", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.preset", description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=names, help="the preset")
     parser.add_argument("--params", default="params.yaml", help="the params file to update")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Report command (not a DVC stage): the reward-KL frontier over every finished pipeline run in MLflow.
 
-Run after a sweep (`make frontier`, or `python -m stages.frontier`): it reads the MLflow store the stages wrote
+Run after a sweep (`make frontier`, or `python -m tools.frontier`): it reads the MLflow store the stages wrote
 (`MLFLOW_TRACKING_URI` or `<repo>/mlflow.db`) and writes reports/frontier.png, reports/frontier.md and the
 headline table over seeds, reports/seeds.md. `--group-prefix sweep-` keeps only the runs of one sweep (its
 `dvc exp run -n` names).
@@ -26,7 +26,7 @@ from pipeline.track.tracking import pipeline_runs, resolve_context
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.frontier", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.frontier", description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", default="reports/frontier.md")
     parser.add_argument("--plot", default="reports/frontier.png")
     parser.add_argument("--points", default="reports/plots/frontier.csv", help="the averaged points, for dvc plots")

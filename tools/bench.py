@@ -41,7 +41,7 @@ def _memory_case() -> dict[str, dict[str, float]]:
     result = {}
     for variant in ("before", "after"):
         done = subprocess.run(
-            [sys.executable, "-m", "stages.bench", "--memory-child", variant], capture_output=True, text=True
+            [sys.executable, "-m", "tools.bench", "--memory-child", variant], capture_output=True, text=True
         )
         if done.returncode:
             sys.exit(f"bench: DPO memory case ({variant}) failed:\n{done.stderr[-3000:]}")
@@ -57,7 +57,7 @@ def _memory_case() -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES + OPT_IN_STAGES)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--runs", type=int, default=3)
@@ -88,7 +88,7 @@ def main() -> None:
         report[kind] = {}
         for stage in args.stages:
             done = subprocess.run(
-                [sys.executable, "-m", "stages.bench", "--child", stage, "--workload", kind, "--runs", str(args.runs)],
+                [sys.executable, "-m", "tools.bench", "--child", stage, "--workload", kind, "--runs", str(args.runs)],
                 capture_output=True,
                 text=True,
             )

@@ -5,7 +5,7 @@ A stage process spends 7-10 s importing torch, transformers, Lightning and MLflo
 point `STAGES_WARM_SOCKET` at it, and every `python -m stages.<stage>` that DVC (or anyone) launches hands its
 request to the server, which forks a child that runs the stage:
 
-    python -m stages.warm /tmp/stages.sock &      # imports everything once (~10 s), then serves
+    python -m tools.warm /tmp/stages.sock &      # imports everything once (~10 s), then serves
     export STAGES_WARM_SOCKET=/tmp/stages.sock
     dvc repro                                     # each stage starts in ~0.1 s
 
@@ -25,7 +25,6 @@ loaded for all stages, and `os.getppid()` is the server.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import json
@@ -40,8 +39,10 @@ import threading
 import traceback
 import types
 
+from stages import dag_stages, interpreter_exit
+
 SOCKET_ENV = "STAGES_WARM_SOCKET"
-STAGES = ("prepare", "sft", "preferences", "reward", "reference", "ppo", "dpo", "evaluate")
+STAGES = dag_stages()
 """The DVC stages' entry points, the processes a warm start serves (not the bench's, which measure a process)."""
 PRELOAD = (*(f"stages.{name}" for name in STAGES), "mlflow.store.tracking.sqlalchemy_store")
 """What the server imports before it serves: every stage module (for their libraries; `pipeline` and `stages`
@@ -109,7 +110,7 @@ def hand_over() -> None:
         signal.signal(number, lambda number, _frame: os.kill(child, number))
     line = replies.readline()
     if not line:
-        sys.stderr.write(f"stages.warm: the server at {path} went away before stage process {child} ended\n")
+        sys.stderr.write(f"tools.warm: the server at {path} went away before stage process {child} ended\n")
         os._exit(1)
     status = json.loads(line)["status"]
     if status < 0:  # ended by a signal: end by the same one, as a cold stage would
@@ -155,7 +156,7 @@ def serve(path: str, preload: tuple[str, ...] = PRELOAD) -> None:
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         selector.register(wake_read, selectors.EVENT_READ)
-        print(f"stages.warm: serving on {path} (export {SOCKET_ENV}={path})", flush=True)
+        print(f"tools.warm: serving on {path} (export {SOCKET_ENV}={path})", flush=True)
         try:
             while os.getppid() == parent:
                 for key, _ in selector.select(timeout=1.0):
@@ -187,7 +188,7 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
     declined = _differences(request, state)
     if len(fds) != 3 or declined:
         declined = declined or ["stdin, stdout and stderr not passed"]
-        print(f"stages.warm: {request['module']} in {request['cwd']} starts cold: {'; '.join(declined)}", flush=True)
+        print(f"tools.warm: {request['module']} in {request['cwd']} starts cold: {'; '.join(declined)}", flush=True)
         _send(connection, {"declined": declined})
         for fd in fds:
             os.close(fd)
@@ -209,7 +210,7 @@ def _serve_one(connection: socket.socket, state: dict, waiting: dict[int, socket
         os.close(fd)
     _send(connection, {"pid": pid})
     waiting[pid] = connection
-    print(f"stages.warm: {request['module']} in {request['cwd']}: process {pid}", flush=True)
+    print(f"tools.warm: {request['module']} in {request['cwd']}: process {pid}", flush=True)
 
 
 def _differences(request: dict, state: dict) -> list[str]:
@@ -292,7 +293,7 @@ def _run_stage(module: str) -> int:
     """`python -m module`'s run and exit: the exit status, after what the interpreter does at exit."""
     signalled = 0
     try:
-        runpy._run_module_as_main(module)  # what `python -m` calls (private, in CPython since 2.7)
+        runpy.run_module(module, run_name="__main__", alter_sys=True)  # as `python -m`: `__main__`, argv[0] set
         status = 0
     except SystemExit as exit:
         status = _exit_status(exit.code)
@@ -302,12 +303,7 @@ def _run_stage(module: str) -> int:
     except BaseException:
         sys.excepthook(*sys.exc_info())
         status = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    interpreter_exit()
     if signalled:  # as CPython ends after an uncaught KeyboardInterrupt
         signal.signal(signalled, signal.SIG_DFL)
         os.kill(os.getpid(), signalled)
@@ -326,7 +322,7 @@ def _exit_status(code: object) -> int:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m stages.warm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.warm", description=__doc__.split("\n\n")[0])
     parser.add_argument("socket", help="the Unix socket to serve on (then: export STAGES_WARM_SOCKET=<socket>)")
     parser.add_argument("--preload", nargs="+", default=list(PRELOAD), help="modules imported before serving")
     arguments = parser.parse_args()

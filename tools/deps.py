@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = ROOT / "stages" / "__init__.py"
-"""Hands a stage's process to a warm server when one is set (stages/warm.py): it decides how the process starts,
+"""Hands a stage's process to a warm server when one is set (tools/warm.py): it decides how the process starts,
 never what the stage computes, so it is no stage's dep (a change to it reruns nothing)."""
 
 

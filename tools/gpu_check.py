@@ -35,7 +35,7 @@ def _scratch_project(workdir: Path) -> None:
         shutil.copytree(ROOT / name, workdir / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(ROOT / name, workdir / name)
-    subprocess.run([sys.executable, "-m", "stages.preset", "gpu"], cwd=workdir, check=True)
+    subprocess.run([sys.executable, "-m", "tools.preset", "gpu"], cwd=workdir, check=True)
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     for section, values in GPU_CHECK_OVERRIDES.items():
         params[section].update(values)
@@ -75,7 +75,7 @@ def _sampling(workdir: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/gpu-check.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch project (its path is printed)")
     args = parser.parse_args()

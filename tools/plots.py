@@ -1,6 +1,6 @@
 """Plots command (not a DVC stage): every `dvc plots` definition rendered to one self-contained, offline page.
 
-    python -m stages.plots        # or: make plots; then open reports/plots.html
+    python -m tools.plots        # or: make plots; then open reports/plots.html
 
 Unlike `dvc plots show`, whose page loads Vega from a CDN, the page embeds each plot as SVG or PNG and draws with no
 network. `--revisions` compares experiments or commits, as `dvc plots diff` does.
@@ -19,7 +19,7 @@ from pipeline.files import write_text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.plots", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.plots", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="reports/plots.html")
     parser.add_argument("--revisions", nargs="*", default=[], help="experiments or commits to compare (plots diff)")
     args = parser.parse_args()

@@ -1,6 +1,6 @@
 """Docs command (not a DVC stage): regenerate `docs/params.md` from the config fields and `params.yaml`.
 
-    python -m stages.docs        # or: make docs
+    python -m tools.docs        # or: make docs
 
 A test fails when the committed page differs from what this writes.
 """
@@ -15,7 +15,7 @@ from pipeline.files import write_text
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages.docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.docs", description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="docs/params.md")
     args = parser.parse_args()
