@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.defaults import ROOT
 from tools.warm import SOCKET_ENV  # the standard library only
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig, TrainerConfig
     from pipeline.track.tracking import TrackingContext
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # The longest tests (a whole DAG or more each) start first. pytest-xdist's worksteal hands a worker that ran out only
 # tests not yet started, so one of these started last would leave the other worker idle until it ends.

@@ -35,8 +35,8 @@ from pipeline.train.dpo import fit_dpo
 from pipeline.train.hooks import Hooks
 from pipeline.train.sft import fit_sft
 from stages.checkpoints import Checkpoints
+from tests.defaults import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, ROWS = 4, 8
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.defaults import ROOT
 from tests.environment import launch_environment
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128},
     "trainer": {"accelerator": "cpu", "log_every_n_steps": 2},

@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.defaults import ROOT
 from tests.environment import launch_environment
 from tests.standins import chat_llama, sentiment_classifier, ultrafeedback_rows, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _params(workdir: Path, **sections) -> None:

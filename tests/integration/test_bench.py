@@ -1,8 +1,6 @@
 """`make bench` measures what users run: each method through the stages' own wiring, on a tiny workload."""
 
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.defaults import ROOT
 
 
 def test_bench_runs_each_method_through_the_stages_wiring(tmp_path, monkeypatch):

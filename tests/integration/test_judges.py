@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +11,15 @@ from pipeline.config import ConfigError, load_config, read_params
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.build import build_reward_model, save_model
 from pipeline.models.judges import VaderJudge, build_judge, gold_scores, label_scores
+from tests.defaults import ROOT, default_section
 from tests.standins import encoder_reward_model, gpt2_hub, sentiment_classifier
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["I saw it on Sunday.", "My review:", "The film runs long."]
 RESPONSES = [" The plot was wonderful and moving.", " Awful.", " There is a long scene at the farm, and it is dull."]
 
 
 def _judge_cfg(**overrides):
-    return dataclasses.replace(load_config(read_params(ROOT / "params.yaml")).judge, batch_size=2, **overrides)
+    return default_section("judge", batch_size=2, **overrides)
 
 
 def _logits(path, *texts):

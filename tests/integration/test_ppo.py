@@ -1,21 +1,19 @@
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
-from pipeline.config import load_config, read_params
 from pipeline.data.tokenization import encode
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.models.judges import VaderJudge
 from pipeline.track.tracking import StageRun
 from pipeline.train.ppo import PPOHealthError, PPOModule, PromptBatches
 from pipeline.train.trainer import build_trainer
+from tests.defaults import default_section
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model
 
-ROOT = Path(__file__).resolve().parents[2]
 METRICS = [
     "objective/kl", "objective/entropy", "objective/scores", "objective/non_score_reward", "objective/rlhf_reward",
     "objective/kl_coef", "policy/approxkl_avg", "policy/clipfrac_avg", "policy/entropy_avg", "loss/policy_avg",
@@ -25,7 +23,7 @@ METRICS = [
 
 
 def _ppo_cfg(**overrides):
-    base = load_config(read_params(ROOT / "params.yaml")).ppo
+    base = default_section("ppo")
     small = dict(
         rollouts=3,
         prompts_per_rollout=8,

@@ -2,12 +2,10 @@
 field once broke `make bench` unnoticed)."""
 
 import dataclasses
-from pathlib import Path
 
 from pipeline.bench import ppo_config
 from pipeline.config import load_config, read_params
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.defaults import ROOT
 
 
 def test_bench_ppo_settings_pass_the_params_validation():

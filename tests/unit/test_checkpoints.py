@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from stages.checkpoints import Checkpoints
+from tests.defaults import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
 import sys, time
 from pathlib import Path

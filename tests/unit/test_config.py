@@ -1,10 +1,7 @@
-from pathlib import Path
-
 import pytest
 
 from pipeline.config import ConfigError, flatten, load_config, read_params
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.defaults import ROOT
 
 
 @pytest.fixture

@@ -3,14 +3,13 @@ bad key is named in it."""
 
 import contextlib
 import copy
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ConfigError, load_config, read_params
+from tests.defaults import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 PARAMS = read_params(ROOT / "params.yaml")
 KEYS = [("", "seed")] + [
     (section, key) for section, values in PARAMS.items() if isinstance(values, dict) for key in values

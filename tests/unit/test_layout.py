@@ -13,9 +13,9 @@ import yaml
 
 from pipeline.config import Config, is_runtime
 from stages.common import tracked_params
+from tests.defaults import ROOT
 from tools.deps import closure, code_deps, imports, rewrite
 
-ROOT = Path(__file__).resolve().parents[2]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 

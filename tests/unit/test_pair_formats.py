@@ -1,20 +1,16 @@
 """Preference datasets in every accepted format, read from local JSON lines through `datasets`, and their errors."""
 
-import dataclasses
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config, read_params
 from pipeline.data.chat import use_chat_template
 from pipeline.models.judges import VaderJudge
 from pipeline.tasks.preferences import dataset_pairs
 from pipeline.tasks.prepare import prepare_splits
+from tests.defaults import default_section
 from tests.standins import chat_tokenizer, hh_rows, ultrafeedback_rows, write_jsonl
 from tests.unit.test_synthetic import _cfg
 
-ROOT = Path(__file__).resolve().parents[2]
 USER = {"role": "user", "content": "Rate the film."}
 
 
@@ -26,9 +22,8 @@ def chat_tok():
 
 
 def _cfg_for(path, **overrides):
-    base = load_config(read_params(ROOT / "params.yaml")).preferences
     values = {"mode": "dataset", "dataset_path": "json", "data_files": str(path), "val_fraction": 0.25, **overrides}
-    return dataclasses.replace(base, **values)
+    return default_section("preferences", **values)
 
 
 def test_trl_implicit_prompt_conversations_render_with_the_template(tmp_path, chat_tok):

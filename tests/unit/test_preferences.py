@@ -1,14 +1,12 @@
 import dataclasses
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import load_config, read_params
 from pipeline.data.schemas import PREFERENCE_PAIRS, DataContractError, validate_frame
 from pipeline.tasks.preferences import (
     dataset_pairs,
@@ -19,6 +17,7 @@ from pipeline.tasks.preferences import (
     split_dialogues,
 )
 from pipeline.train.reward import bradley_terry_loss, spearman
+from tests.defaults import default_section
 
 
 def test_bradley_terry_loss_hand_values():
@@ -168,8 +167,7 @@ def _jsonl(path, rows):
 
 
 def _prefs_cfg(**overrides):
-    base = load_config(read_params(Path(__file__).resolve().parents[2] / "params.yaml")).preferences
-    return dataclasses.replace(base, mode="dataset", **overrides)
+    return default_section("preferences", mode="dataset", **overrides)
 
 
 def test_hh_style_dataset_from_local_json(tmp_path, tokenizer):

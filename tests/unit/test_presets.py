@@ -1,14 +1,11 @@
 """Every preset applies cleanly to params.yaml (comments kept) and validates; a bad preset key is named."""
 
-from pathlib import Path
-
 import pytest
 from ruamel.yaml import YAML
 
 from pipeline.config import ConfigError, load_config
+from tests.defaults import ROOT
 from tools.preset import PRESETS, apply_preset
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS.glob("*.yaml")), ids=lambda p: p.stem)

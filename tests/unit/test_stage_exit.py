@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.defaults import ROOT
+
 SCRIPT = """
 import atexit, sys, threading, time
 from pathlib import Path

@@ -3,7 +3,6 @@
 import math
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -11,8 +10,7 @@ from pipeline.config import ConfigError, load_config, read_params
 from pipeline.eval.policies import accuracy_metrics, majority_vote, pass_at_k
 from pipeline.models.verifiers import Verifier, final_answer, lookup_answers, normalize
 from pipeline.tasks.arithmetic import arithmetic_splits
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.defaults import ROOT
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.defaults import ROOT
 from tests.environment import LAUNCH, start_warm_server
 from tools.warm import SOCKET_ENV
 
-ROOT = Path(__file__).resolve().parents[2]
 STAND_IN = """
 import json, os, sys, time
 print(json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "argv": sys.argv, "file": __file__,
