@@ -3,8 +3,6 @@ dvc.yaml in step with the code."""
 
 import ast
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 from typing import get_type_hints
 
@@ -119,17 +117,6 @@ def test_stage_logs_exactly_the_params_dvc_tracks(name):
     assert tracked_params(name, ROOT / "dvc.yaml") == DVC[name]["params"]  # read from dvc.yaml itself
 
 
-def test_the_stages_that_train_nothing_never_import_lightning():
-    # These four stages run no Trainer: importing Lightning would only slow their start.
-    lightning = "{'pytorch_lightning', 'lightning_fabric'}"
-    code = (
-        "import sys; import stages.prepare, stages.preferences, stages.reference, stages.evaluate; "
-        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {lightning}))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr
-
-
 @pytest.mark.parametrize("name", sorted(DVC))
 def test_stage_entry_point_leaves_through_run_main(name):
     # `run_main` skips the interpreter's teardown once the stage has returned (1.6-1.9 s of every stage process).
@@ -146,3 +133,10 @@ def test_stages_holds_the_dags_entry_points_and_their_runtime_only():
     runtime = {"__init__.py", "common.py", "checkpoints.py", "reaper.py"}
     assert {path.name for path in (ROOT / "stages").glob("*.py")} == entry_points | runtime
     assert all(DVC[name]["cmd"] == f"python -m stages.{name}" for name in dag_stages())
+
+
+def test_unit_tests_start_no_process_or_server():
+    # Processes and servers belong to tests/integration and tests/e2e: the unit tier stays fast and self-contained.
+    for path in (ROOT / "tests" / "unit").glob("*.py"):
+        started = {"subprocess", "multiprocessing"} & {name.split(".")[0] for name in imports(path)}
+        assert not started and "start_warm_server(" not in path.read_text(), (path.name, started)
