@@ -16,8 +16,8 @@ WEIGHTS = RewardWeights(
 
 
 def _shape(**changes):
-    args = {"reward_model_scores": torch.tensor([3.0, -1.0]), "judge_scores": torch.tensor([0.5, 0.25]),
-            "weights": WEIGHTS, "kl_coef": 0.5}  # fmt: skip
+    rm_scores, judge_scores = torch.tensor([3.0, -1.0]), torch.tensor([0.5, 0.25])
+    args = {"reward_model_scores": rm_scores, "judge_scores": judge_scores, "weights": WEIGHTS, "kl_coef": 0.5}
     return shape_rewards(KL, MASK, LAST, ENDED, **{**args, **changes})
 
 
