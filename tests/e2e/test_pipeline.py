@@ -13,6 +13,10 @@ from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
 STAGES = set(dag_stages())  # read from dvc.yaml
+QUEUE_RACE = (
+    "DVC's queue race (treeverse/dvc#10673) lost a point, rerun alone: whether two points ran at once could not be "
+    "checked; every other check of this test passed"
+)
 
 
 def test_whole_dag_then_targeted_reruns(tmp_path):
@@ -113,7 +117,8 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
         assert {r.data.tags["align.stage"] for r in stages} == {"dpo", "evaluate"}, name  # the rest cached
         assert all(r.info.status == "FINISHED" for r in mine), name
         spans.append((min(r.info.start_time for r in stages), max(r.info.end_time for r in stages)))
-    if len(rounds) == 1:  # they did run at once, unless DVC's race made one rerun alone
+    raced = len(rounds) > 1  # DVC's race made one point rerun alone: reported below, not silently passed
+    if not raced:  # they ran at once
         (start_one, end_one), (start_two, end_two) = spans
         assert start_one < end_two and start_two < end_one, spans
 
@@ -124,6 +129,8 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
     assert "| dpo | dpo.beta | 1 |" in table and "| dpo | dpo.beta | 0.5 |" in table
     assert (project.path / "reports/frontier.png").exists()
+    if raced:
+        pytest.skip(QUEUE_RACE)
 
 
 def _check_mlflow_conventions(project: Project, client: MlflowClient, runs: list) -> None:

@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.track.tracking import log_inputs
 from tests.e2e.conftest import UPSTREAM
 from tests.e2e.project import ROOT, Project, free_port
+from tests.e2e.test_pipeline import QUEUE_RACE
 
 pytestmark = pytest.mark.slow
 
@@ -179,11 +180,12 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
             names = [r.data.tags["align.stage"] for r in stages]
             assert len(names) == len(set(names)) and {"dpo", "evaluate"} <= set(names), (name, names)
             assert all(r.info.status == "FINISHED" and r.data.metrics for r in stages), name
-        spans = []  # worker A's two points did run at once (-j 2): their stage runs overlap in time
-        for name in shares["a"] if len(logs["a"]) == 1 else ():  # unless DVC's race made one rerun alone
-            infos = [r.info for r in runs if r.data.tags.get("align.run_group") == name]
-            spans.append((min(i.start_time for i in infos), max(i.end_time for i in infos)))
-        if spans:
+        raced = len(logs["a"]) > 1  # DVC's race made one of worker A's points rerun alone: reported at the end
+        if not raced:  # worker A's two points ran at once (-j 2): their stage runs overlap in time
+            spans = []
+            for name in shares["a"]:
+                infos = [r.info for r in runs if r.data.tags.get("align.run_group") == name]
+                spans.append((min(i.start_time for i in infos), max(i.end_time for i in infos)))
             (start_one, end_one), (start_two, end_two) = spans
             assert start_one < end_two and start_two < end_one, spans
         first = [r for r in runs if r.data.tags.get("align.run_group") == "shared-s7-b0.05"]
@@ -215,3 +217,5 @@ def test_two_workers_share_one_sweep_over_a_postgres_backed_server(tmp_path, ups
         assert failed.returncode != 0 and time.monotonic() - began < 60, failed.stderr[-3000:]
         assert f"MLFLOW_TRACKING_URI={servers.uri}: the tracking server does not answer" in failed.stderr
         assert not (analyst.path / "reports/prepare.json").exists()
+    if raced:
+        pytest.skip(QUEUE_RACE)
