@@ -47,18 +47,19 @@ def _kill_mid_stage(project: Project, stage: str, *flags: str) -> int:
     raise AssertionError(f"{stage} finished or hung before writing a checkpoint (exit {process.poll()})")
 
 
-def _runs(project: Project, stage: str):
+def _runs(project: Project, stage: str | None):
+    """The runs of `stage` (None: every run)."""
     client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("alignment").experiment_id
-    return client.search_runs([experiment], filter_string=f"tags.`align.stage` = '{stage}'")
+    return client.search_runs([experiment], filter_string=f"tags.`align.stage` = '{stage}'" if stage else "")
 
 
-def _marked_killed(project: Project, stage: str, timeout: float = 60) -> list:
-    """The runs of `stage`, once none is RUNNING: the killed process's watcher (stages/reaper.py) marks its runs
-    KILLED within seconds of its death."""
+def _marked_killed(project: Project, stage: str | None = None, timeout: float = 60) -> list:
+    """The runs of `stage` (of every stage and pipeline run with None), once none is RUNNING: the killed process's
+    watcher (stages/reaper.py) marks its runs KILLED within seconds of its death."""
     deadline = time.time() + timeout
     while (runs := _runs(project, stage)) and any(r.info.status == "RUNNING" for r in runs):
-        assert time.time() < deadline, [(r.info.run_id, r.info.status) for r in runs]
+        assert time.time() < deadline, [(r.info.run_name, r.info.status) for r in runs]
         time.sleep(0.5)
     return runs
 
@@ -170,12 +171,6 @@ def test_a_killed_stage_that_dvc_restores_from_its_run_cache_leaves_no_run_runni
     _kill_mid_stage(project, "dpo", "-f")  # the same stage again, killed mid-training
     out = project.dvc("repro", "dpo")
     assert "Stage 'dpo' is cached - skipping run, checking out outputs" in out  # no process of ours ran
-    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("alignment").experiment_id
-    deadline = time.time() + 60
-    while running := client.search_runs([experiment], filter_string="attributes.status = 'RUNNING'"):
-        assert time.time() < deadline, [(r.info.run_name, r.info.status) for r in running]
-        time.sleep(0.5)
-    killed = client.search_runs([experiment], filter_string="attributes.status = 'KILLED'")
+    killed = [r for r in _marked_killed(project) if r.info.status == "KILLED"]
     roles = sorted((r.data.tags["align.role"], r.data.tags.get("align.stage")) for r in killed)
     assert roles == [("group", None), ("stage", "dpo")]  # the stage's run and its pipeline run
