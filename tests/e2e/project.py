@@ -52,6 +52,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def runs_module(cmdline: list[str], module: str) -> bool:
+    """Whether a process's arguments run `python -m module` itself. Matched as arguments, not as a substring: DVC
+    runs a stage's command through `$SHELL` or `/bin/sh`, and dash stays alive as the stage's parent with the whole
+    command in one of its own arguments (`sh -c "python -m stages.x"`)."""
+    return any(cmdline[i : i + 2] == ["-m", module] for i in range(len(cmdline) - 1))
+
+
 def _environment() -> dict[str, str]:
     """The environment every command of a test project runs in: this venv first, offline, no outside store."""
     env = {

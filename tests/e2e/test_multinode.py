@@ -22,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.e2e.project import Project, free_port
+from tests.e2e.project import Project, free_port, runs_module
 from tests.e2e.test_resume import _comparable
 
 pytestmark = pytest.mark.slow
@@ -145,8 +145,8 @@ def _worker_of_rank(project: Project, rank: int):
     import psutil
 
     for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "stages.sft" not in cmdline or "torch.distributed.run" in cmdline:
+        cmdline = process.info["cmdline"] or []
+        if not runs_module(cmdline, "stages.sft") or runs_module(cmdline, "torch.distributed.run"):
             continue
         try:
             environ, cwd = process.environ(), process.cwd()

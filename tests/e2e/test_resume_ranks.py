@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from tests.e2e.project import Project
+from tests.e2e.project import Project, runs_module
 from tests.e2e.test_resume import _comparable, _runs
 from tools.warm import SOCKET_ENV
 
@@ -27,11 +27,12 @@ TWO_PROCESSES = {"accelerator": "cpu", "devices": 2, "log_every_n_steps": 1}
 
 
 def _stage_processes(dvc: psutil.Process, stage: str) -> list[psutil.Process]:
-    """The stage's processes under `dvc`, rank 0 first (Lightning's launcher starts rank 1 as its child)."""
+    """The stage's Python processes under `dvc` (never the shell DVC ran them through), rank 0 first (Lightning's
+    launcher starts rank 1 as its child)."""
     found = []
     for process in dvc.children(recursive=True):
         try:
-            if f"stages.{stage}" in " ".join(process.cmdline()):
+            if runs_module(process.cmdline(), f"stages.{stage}"):
                 found.append(process)
         except psutil.Error:
             continue
