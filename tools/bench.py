@@ -1,8 +1,11 @@
 """Benchmark command (not a DVC stage): `make bench` prints and writes reports/bench.json.
 
 Measures the fp32 matmul peak, then runs each training stage's real code path, and generation, on each fixed
-workload of `pipeline.bench` (`scratch`, `hub`) in its own process (so peak memory is per stage): one warm-up run,
-then the median of 3.
+workload of `pipeline.bench.workloads` (`scratch`, `hub`) in its own process (so peak memory is per stage): one
+warm-up run, then the median of 3; then one DPO step's peak memory at a real vocabulary (`pipeline.bench.memory`),
+before and after the memory work. Every config is this checkout's `params.yaml` with the bench's overrides laid
+over it (`pipeline.bench.workloads.OVERRIDES`): they pin what shapes the workloads, so figures compare across
+commits as long as the keys they leave to `params.yaml` (learning rates aside) are the defaults.
 """
 
 from __future__ import annotations
@@ -12,26 +15,31 @@ import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
-from pipeline.bench import (
+from pipeline.bench.memory import dpo_memory_step
+from pipeline.bench.workloads import (
     GENERATION_BATCHES,
     OPT_IN_STAGES,
     STAGES,
     WORKLOADS,
-    dpo_memory_step,
+    bench_config,
     matmul_peak_gflops,
     run_stage,
     summarize,
     workload,
 )
+from pipeline.config import read_params
 from pipeline.files import write_json
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
 def _child(stage: str, kind: str, runs: int) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as directory:
-        work = workload(kind, directory)
+        work = workload(kind, directory, read_params(PARAMS))
         run_stage(stage, work)  # warm-up
         print(json.dumps([run_stage(stage, work, seed=i) for i in range(runs)]))
 
@@ -70,7 +78,8 @@ def main() -> None:
     if args.child:
         return _child(args.child, args.workload, args.runs)
     if args.memory_child:
-        return print(json.dumps(dpo_memory_step(lean=args.memory_child == "after")))
+        dpo = bench_config(read_params(PARAMS), {}, steps=1, packing=False, rollouts=1).dpo
+        return print(json.dumps(dpo_memory_step(lean=args.memory_child == "after", cfg=dpo)))
     peak = matmul_peak_gflops()
     report = {
         "machine": {

@@ -1,6 +1,6 @@
 """GPU check (not a DVC stage): `make gpu-check` on a CUDA machine writes reports/gpu-check.json.
 
-It runs the `gpu` preset's whole DAG at reduced step counts (`pipeline.bench.GPU_CHECK_OVERRIDES`) in bf16-mixed,
+It runs the `gpu` preset's whole DAG at reduced step counts (`pipeline.bench.gpu.GPU_CHECK_OVERRIDES`) in bf16-mixed,
 in a scratch copy of the project (this checkout's outputs and MLflow store are left alone), one stage process after
 another in `dvc.yaml`'s order, and records per stage the steady tokens/s, the MFU against this GPU's measured bf16
 matmul peak (training stages), the peak GPU memory and the wall time; then the trained SFT model's sampling, eager
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.bench import GPU_CHECK_OVERRIDES, bf16_matmul_peak_tflops, stage_figures
+from pipeline.bench.gpu import GPU_CHECK_OVERRIDES, bf16_matmul_peak_tflops, stage_figures
 from pipeline.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]

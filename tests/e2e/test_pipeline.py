@@ -1,4 +1,5 @@
-"""The whole DAG on tiny params through real DVC: everything runs once, then only what a change feeds."""
+"""The whole DAG on tiny params through real DVC: everything runs once (`dag`, shared by the tests here, read only),
+then each change in a copy of it reruns only what the change feeds."""
 
 import json
 import sys
@@ -9,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.files import dvc_md5
 from stages import dag_stages
+from tests.e2e.conftest import built_once
 from tests.e2e.project import Project
 
 pytestmark = pytest.mark.slow
@@ -17,76 +19,118 @@ QUEUE_RACE = (
     "DVC's queue race (treeverse/dvc#10673) lost a point, rerun alone: whether two points ran at once could not be "
     "checked; every other check of this test passed"
 )
+POLICIES = ("sft", "ppo", "dpo", "bon", "bon_2")
+POLICY_FIGURES = (
+    "gold_score",
+    "gold_score_ci95",
+    "kl",
+    "win_rate",
+    "lc_win_rate",
+    "rm_win_rate",
+    "reward",
+    "length",
+    "eos_rate",
+    "distinct_1",
+    "distinct_2",
+)
 
 
-def test_whole_dag_then_targeted_reruns(tmp_path):
-    project = Project(tmp_path / "repo")
-    assert project.ran(project.dvc("repro")) == STAGES
-    # Runtime knobs are in no stage's cache key; the LoRA keys are not prepare's.
+@pytest.fixture(scope="session")
+def dag(tmp_path_factory, worker_id) -> Project:
+    """The tiny project reproduced whole by one `dvc repro` (its output in `dag.path.parent / "repro.txt"`, the
+    commit it ran at in `ran-at.txt`), then committed. Read it, or copy it (`Project.copy_of`) to change it."""
+
+    def build(path: Path) -> None:
+        project = Project(path / "repo")
+        (path / "repro.txt").write_text(project.dvc("repro"))
+        (path / "ran-at.txt").write_text(project.run("git", "rev-parse", "HEAD").strip())
+        project.commit("baseline")
+
+    return Project.at(built_once(tmp_path_factory, worker_id, "dag", build) / "repo")
+
+
+def _client(project: Project) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+
+
+def _runs(project: Project) -> list:
+    client = _client(project)
+    return client.search_runs([client.get_experiment_by_name("alignment").experiment_id], max_results=1000)
+
+
+def test_one_repro_runs_every_stage_of_the_dag(dag):
+    assert Project.ran((dag.path.parent / "repro.txt").read_text()) == STAGES
+    assert "Data and pipelines are up to date" in dag.dvc("status")  # every stage's lock matches its inputs
+
+
+def test_runtime_knobs_rerun_nothing_and_the_lora_keys_are_not_prepares(dag, tmp_path):
+    project = Project.copy_of(dag.path, tmp_path / "repo")
     out = project.dvc("exp", "run", "-S", "trainer.checkpoint_every_n_steps=50", "-S", "trainer.keep_checkpoints=true")
     assert project.ran(out) == set() and project.skipped(out) >= STAGES
     project.set_param("model", "lora_alpha", 32)
     status = project.dvc("status")
     assert "sft:" in status and "prepare:" not in status
-    project.set_param("model", "lora_alpha", 16)
-    assert project.report("preferences")["train/pairs_written"] > 0
-    reward = project.report("reward")
+
+
+def test_each_stage_reports_its_figures(dag):
+    assert dag.report("preferences")["train/pairs_written"] > 0
+    reward = dag.report("reward")
     assert {"val/accuracy", "val/margin", "val/gold_spearman", "val/reward_mean", "perf/tokens_per_s"} <= set(reward)
-    assert (project.path / "models/reward/reward_stats.json").exists()
-    dpo = project.report("dpo")
+    assert (dag.path / "models/reward/reward_stats.json").exists()
+    dpo = dag.report("dpo")
     assert {"val/rewards/accuracies", "val/rewards/margins", "objective/kl", "perf/tokens_per_s"} <= set(dpo)
+    ppo = dag.report("ppo")
+    assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
 
-    metrics = project.report("metrics")
-    for policy in ("sft", "ppo", "dpo", "bon", "bon_2"):
-        assert {
-            f"{policy}/{k}"
-            for k in (
-                "gold_score",
-                "gold_score_ci95",
-                "kl",
-                "win_rate",
-                "lc_win_rate",
-                "rm_win_rate",
-                "reward",
-                "length",
-                "eos_rate",
-                "distinct_1",
-                "distinct_2",
-            )
-        } <= set(metrics)
+
+def test_evaluate_scores_every_policy_and_writes_its_report_and_figures(dag):
+    metrics = dag.report("metrics")
+    for policy in POLICIES:
+        assert {f"{policy}/{figure}" for figure in POLICY_FIGURES} <= set(metrics), policy
     assert metrics["sft/win_rate"] == 0.5 and metrics["sft/kl"] == 0.0
-    assert "| dpo |" in (project.path / "reports/eval.md").read_text()
-    assert (project.path / "reports/eval_gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
-    assert (project.path / "reports/ppo_overoptimization.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| LC win-rate (gold) |" in (project.path / "reports/eval.md").read_text()
+    report = (dag.path / "reports/eval.md").read_text()
+    assert "| dpo |" in report and "| LC win-rate (gold) |" in report
+    assert (dag.path / "reports/eval_gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert (dag.path / "reports/ppo_overoptimization.png").read_bytes()[:4] == b"\x89PNG"
 
-    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id])
+
+def test_one_group_run_spans_the_stage_runs_and_holds_the_headline_figures(dag):
+    runs = _runs(dag)
     assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == sorted(STAGES)
     parent = next(r for r in runs if r.data.tags["align.role"] == "group")
     stage_runs = [r.info for r in runs if r.data.tags["align.role"] == "stage"]
     assert parent.info.status == "FINISHED"  # spans its stages: from the first one's start to the last one's end
     assert parent.info.start_time <= min(r.start_time for r in stage_runs)
     assert parent.info.end_time >= max(r.end_time for r in stage_runs)
-    assert parent.data.metrics["dpo/gold_score"] == pytest.approx(metrics["dpo/gold_score"])
+    assert parent.data.metrics["dpo/gold_score"] == pytest.approx(dag.report("metrics")["dpo/gold_score"])
     assert {"ppo/kl", "bon/win_rate", "sft/gold_score"} <= set(parent.data.metrics)
     assert parent.data.params["dpo.beta"] == "0.1" and parent.data.params["evaluate.best_of_n"] == "4"
-    _check_mlflow_conventions(project, client, runs)
-    drawn = int(project.run(sys.executable, "-m", "tools.plots").split("reports/plots.html: ")[1].split()[0])
-    page = (project.path / "reports/plots.html").read_text()  # every plot drawn offline: SVG or an embedded PNG
+
+
+def test_stage_runs_follow_mlflows_conventions(dag):
+    _check_mlflow_conventions(dag, _client(dag), _runs(dag), (dag.path.parent / "ran-at.txt").read_text())
+
+
+def test_the_plots_page_draws_every_plot_offline(dag, tmp_path):
+    out = tmp_path / "plots.html"
+    drawn = int(dag.run(sys.executable, "-m", "tools.plots", "--out", str(out)).split(f"{out}: ")[1].split()[0])
+    page = out.read_text()  # every plot drawn offline: SVG or an embedded PNG
     assert drawn >= 10 and page.count("<svg") + page.count("data:image/png;base64,") == drawn
     assert "<script" not in page
 
-    ppo = project.report("ppo")
-    assert {"final/objective/gold_scores", "final/objective/kl", "start/objective/gold_scores"} <= set(ppo)
 
+def test_a_reward_key_reruns_reward_and_what_reads_the_reward_model(dag, tmp_path):
+    project = Project.copy_of(dag.path, tmp_path / "repo")
     project.set_param("reward", "lr", 0.002)
     out = project.dvc("repro")
     assert project.ran(out) == {"reward", "ppo", "evaluate"}  # ppo and evaluate read the reward model
     assert {"prepare", "sft", "preferences", "reference", "dpo"} <= project.skipped(out)
 
+
+def test_ppo_keys_rerun_ppo_and_evaluate_only_and_grpo_builds_no_value_model(dag, tmp_path):
     # ppo's own keys rerun ppo and evaluate only (a stage that tracked any of them would rerun too). Among them a
     # critic-free estimator: GRPO over groups of 2 samples per prompt; the stage builds no value model.
+    project = Project.copy_of(dag.path, tmp_path / "repo")
     ppo_keys = {"kl_coef": 0.1, "advantage_estimator": "grpo", "num_generations": 2, "prompts_per_rollout": 4}
     for key, value in ppo_keys.items():
         project.set_param("ppo", key, value)
@@ -94,10 +138,12 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     assert project.ran(out) == {"ppo", "evaluate"}
     grpo = project.report("ppo")
     assert "final/objective/reward_std" in grpo and "final/loss/value_avg" not in grpo
-    assert grpo["model/value_parameters"] == 0 < ppo["model/value_parameters"]
+    assert grpo["model/value_parameters"] == 0 < dag.report("ppo")["model/value_parameters"]
 
+
+def test_a_beta_sweep_reuses_the_reference_runs_queued_points_at_once_and_feeds_the_frontier(dag, tmp_path):
+    project = Project.copy_of(dag.path, tmp_path / "repo")
     # A beta sweep point reruns DPO only: the cached reference log-probs are reused.
-    project.commit("baseline")
     exp = project.dvc("exp", "run", "-S", "dpo.beta=0.3")
     assert project.ran(exp) == {"dpo", "evaluate"}
     assert {"reference", "reward", "sft", "ppo"} <= project.skipped(exp)
@@ -105,10 +151,10 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     # Two queued sweep points run at once (`dvc queue start -j 2`) in DVC's temp dirs, both logging to this repo's
     # SQLite store (its file lock serialises their writes; tests/integration/test_concurrent_tracking.py without DVC).
     points = {"beta1": {"dpo.beta": "1.0"}, "beta0.5": {"dpo.beta": "0.5"}}
-    rounds = project.run_points(points, jobs=2, client=client)
+    rounds = project.run_points(points, jobs=2, client=_client(project))
     shown = json.loads(project.dvc("exp", "show", "--json"))
     revs = {rev["name"]: rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]}
-    runs = client.search_runs([client.get_experiment_by_name("alignment").experiment_id], max_results=1000)
+    runs = _runs(project)
     spans = []
     for name in points:
         assert "dpo/kl" in revs[name]["data"]["metrics"]["reports/metrics.json"]["data"], name
@@ -126,17 +172,16 @@ def test_whole_dag_then_targeted_reruns(tmp_path):
     frontier = project.run(sys.executable, "-m", "tools.frontier")
     assert "pipeline runs" in frontier
     table = (project.path / "reports/frontier.md").read_text()
-    assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 0.1 |" in table
-    assert "| dpo | dpo.beta | 1 |" in table and "| dpo | dpo.beta | 0.5 |" in table
+    assert "| dpo | dpo.beta | 0.3 |" in table and "| dpo | dpo.beta | 1 |" in table
+    assert "| dpo | dpo.beta | 0.5 |" in table
     assert (project.path / "reports/frontier.png").exists()
     if raced:
         pytest.skip(QUEUE_RACE)
 
 
-def _check_mlflow_conventions(project: Project, client: MlflowClient, runs: list) -> None:
-    """What MLflow users expect of each stage run: source tags, machine facts, input datasets with DVC digests,
-    sample tables, system metrics."""
-    sha = project.run("git", "rev-parse", "HEAD").strip()
+def _check_mlflow_conventions(project: Project, client: MlflowClient, runs: list, sha: str) -> None:
+    """What MLflow users expect of each stage run (they ran at commit `sha`): source tags, machine facts, input
+    datasets with DVC digests, sample tables, system metrics."""
     lock = project.lock()
     stage_runs = {r.info.run_name: client.get_run(r.info.run_id) for r in runs if r.data.tags["align.role"] == "stage"}
     for name, run in stage_runs.items():

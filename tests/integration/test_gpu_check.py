@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pipeline.bench import GPU_CHECK_OVERRIDES, stage_figures
+from pipeline.bench.gpu import GPU_CHECK_OVERRIDES, stage_figures
 from pipeline.config import load_config
 from tests.e2e.project import ROOT
 from tools.preset import apply_preset
