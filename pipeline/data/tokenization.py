@@ -16,20 +16,22 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 EOS_TOKEN, PAD_TOKEN = "<|endoftext|>", "<|pad|>"
 
 
-def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`, with EOS and pad special tokens."""
+def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, special: Sequence[str] = ()) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style) on `texts`, with EOS and pad special tokens, and `special` ones
+    more (a tool protocol's tags: each one token, never split or merged)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        special_tokens=[EOS_TOKEN, PAD_TOKEN, *special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    extra = {"additional_special_tokens": list(special)} if special else {}
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=PAD_TOKEN, **extra
     )
 
 

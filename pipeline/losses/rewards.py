@@ -1,10 +1,12 @@
 """Reward shaping for online RL as one pure function: what a rollout's responses earn, token by token.
 
 A response's score is the reward model's, normalised with its saved mean and std, clipped and weighted, plus the
-judge's weighted, minus a penalty when the response did not end with EOS; it sits at the response's last token. The
-KL penalty to the reference, -kl_coef x the per-token KL estimate, sits on every response token (Ziegler et al. 2019;
-the "N+ implementation details of RLHF with PPO", Huang et al. 2024), unless the KL goes into the loss instead.
-Tensors are token-aligned as in `pipeline.losses.rl`: position t scores the token at t + 1.
+judge's weighted, plus an environment's reward weighted (multi-turn episodes), minus a penalty when the response did
+not end with EOS; it sits at the last policy token of the trajectory. The KL penalty to the reference, -kl_coef x
+the per-token KL estimate, sits on every policy token (Ziegler et al. 2019; the "N+ implementation details of RLHF
+with PPO", Huang et al. 2024), unless the KL goes into the loss instead. Neither ever sits on a token the mask leaves
+out (an environment's observation inside a trajectory). Tensors are token-aligned as in `pipeline.losses.rl`:
+position t scores the token at t + 1.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class RewardWeights:
     """0: no clipping of the normalised reward-model score."""
     reward_model_weight: float = 1.0
     judge_weight: float = 0.0
+    env_weight: float = 1.0
+    """The weight of an environment's episode reward (`env.reward_weight`), where there is one."""
     missing_eos_penalty: float = 0.0
 
 
@@ -42,27 +46,27 @@ class ShapedRewards:
 def shape_rewards(
     token_kl: torch.Tensor,
     mask: torch.Tensor,
-    last: torch.Tensor,
     ended: torch.Tensor,
     *,
     reward_model_scores: torch.Tensor | None,
     judge_scores: torch.Tensor,
     weights: RewardWeights,
     kl_coef: float | None,
+    env_rewards: torch.Tensor | None = None,
     whiten: bool = False,
 ) -> ShapedRewards:
     """Per-token rewards of a rollout.
 
     Args:
-        token_kl: the per-token KL estimate to the reference, zero off the response. Shape: (B, T - 1).
-        mask: 1 on response tokens. Shape: (B, T - 1).
-        last: the token-aligned index of each response's last token. Shape: (B,).
+        token_kl: the per-token KL estimate to the reference. Shape: (B, T - 1).
+        mask: 1 on the policy's tokens (a single-turn response, or every policy turn of an episode). Shape: (B, T - 1).
         ended: whether each response ended with EOS. Shape: (B,), bool.
         reward_model_scores: the reward model's raw scores, or None when no reward model is run (its weight is 0).
             Shape: (B,).
         judge_scores: the judge's scores. Shape: (B,).
         weights: normalisation, clipping and weights of the parts.
         kl_coef: the KL penalty's coefficient, or None when the KL is a loss term (`ppo.kl_in: loss`).
+        env_rewards: each episode's reward from its environment, or None (single-turn). Shape: (B,).
         whiten: scale the rewards to unit variance over the response tokens (their mean kept).
     """
     scores = torch.zeros(len(judge_scores), device=token_kl.device)
@@ -74,10 +78,18 @@ def shape_rewards(
             scores = weights.reward_model_weight * scores
     if weights.judge_weight:
         scores = scores + weights.judge_weight * judge_scores.to(scores)
+    if env_rewards is not None and weights.env_weight:
+        scores = scores + weights.env_weight * env_rewards.to(scores)
     scores = scores - weights.missing_eos_penalty * (~ended).float()
-    non_score = -kl_coef * token_kl if kl_coef is not None else torch.zeros_like(token_kl)
+    non_score = -kl_coef * (token_kl * mask) if kl_coef is not None else torch.zeros_like(token_kl)
     rewards = non_score.clone()
-    rewards[torch.arange(len(last), device=rewards.device), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last_policy_token(mask)] += scores
     if whiten:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     return ShapedRewards(rewards, scores, non_score)
+
+
+def last_policy_token(mask: torch.Tensor) -> torch.Tensor:
+    """The token-aligned index of each row's last masked position (0 for a row with none). Shape: (B,)."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask > 0, positions, 0).amax(1)

@@ -78,9 +78,11 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool 
 def gae_advantages(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over the masked (response) positions.
+    """Generalised advantage estimation over the masked (policy) positions.
 
-    A response ends where the mask drops to 0: the value after its last token is 0 (episode end).
+    The recursion runs over the policy's tokens alone: a span the mask leaves out inside a trajectory (an
+    environment's observation) is stepped over, the value of the next policy token after it bootstraps the one
+    before it, and its rewards count for nothing. After the last policy token the value is 0 (episode end).
 
     Args:
         rewards: Shape: (B, T).
@@ -91,14 +93,16 @@ def gae_advantages(
         (advantages, returns), each (B, T), zero outside the mask.
     """
     mask = mask.to(values.dtype)
+    policy = mask > 0
     advantages = torch.zeros_like(values)
     last = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(last)
     for t in reversed(range(values.shape[1])):
-        next_mask = mask[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(last)
-        next_value = values[:, t + 1] * next_mask if t + 1 < values.shape[1] else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * next_mask * last
-        advantages[:, t] = last
+        step = delta + gamma * lam * last
+        advantages[:, t] = step
+        last = torch.where(policy[:, t], step, last)
+        next_value = torch.where(policy[:, t], values[:, t], next_value)
     advantages = advantages * mask
     return advantages, (advantages + values) * mask
 
@@ -158,13 +162,17 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: float) -> torch.Tensor:
-    """Reward-to-go G_t = r_t + gamma * G_{t+1} over the masked positions; zero outside the mask. Shape: (B, T)."""
+    """Reward-to-go G_t = r_t + gamma * G_{t'} over the masked positions, t' the next masked one: a span the mask
+    leaves out inside a trajectory (an environment's observation) neither cuts the return nor adds to it. Zero
+    outside the mask. Shape: (B, T)."""
     mask = mask.to(rewards.dtype)
+    policy = mask > 0
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = (rewards[:, t] + gamma * running) * mask[:, t]
-        returns[:, t] = running
+        step = rewards[:, t] + gamma * running
+        returns[:, t] = step * mask[:, t]
+        running = torch.where(policy[:, t], step, running)
     return returns
 
 

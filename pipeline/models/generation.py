@@ -54,6 +54,11 @@ class Samples:
     texts: list[str]
     ended: list[bool]
     stopped_by_context: list[bool]
+    stop_tokens: list[int | None] | None = None
+    """The stop token that ended each row (None: it did not end): EOS, or one of `extra_stops`."""
+    logps: list[list[float]] | None = None
+    """With `with_logps`: the sampler's log-prob of each completion token (and of the stop token that ended the row),
+    from the raw logits at the sampling temperature: what the trainer's `model_token_logps` must reproduce."""
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -129,10 +134,14 @@ def sample_ids(
     *,
     batch_size: int,
     seed: int,
+    extra_stops: Sequence[int] = (),
+    with_logps: bool = False,
 ) -> Samples:
-    """`sample` on already-tokenised prompts."""
+    """`sample` on already-tokenised prompts. `extra_stops`: more tokens that end a row (a tool call's closing tag),
+    each row's stop token reported in `stop_tokens`; `with_logps`: the sampler's log-probs of the tokens it drew."""
     pad = tokenizer.pad_token_id
     stops = stop_ids(model, tokenizer)
+    stops += [t for t in extra_stops if t not in stops]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -145,6 +154,8 @@ def sample_ids(
     completions: list[list[int]] = [[] for _ in prompt_ids]
     ended = [False] * len(prompt_ids)
     stopped = [False] * len(prompt_ids)
+    stop_tokens: list[int | None] = [None] * len(prompt_ids)
+    logps: list[list[float]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         width = max(len(prompt_ids[i]) for i in index)
@@ -168,20 +179,44 @@ def sample_ids(
                 eos_token_id=stops if len(stops) > 1 else stops[0],
                 pad_token_id=pad,
                 use_cache=True,
+                **({"output_logits": True, "return_dict_in_generate": True} if with_logps else {}),
                 **cache,
             )
+        if with_logps:
+            drawn = _drawn_logps(output, width, params.temperature)
+            output = output.sequences
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
             end = next((t for t, token in enumerate(tokens) if token in stops), None)
+            if with_logps:
+                logps[i] = drawn[row, : len(tokens) if end is None else end + 1].tolist()
             if end is not None:
-                tokens, ended[i] = tokens[:end], True
+                tokens, ended[i], stop_tokens[i] = tokens[:end], True, tokens[end]
             else:
                 tokens = [t for t in tokens if t != pad]
                 stopped[i] = new_tokens < params.max_new_tokens
+                logps[i] = logps[i][: len(tokens)]
             completions[i] = tokens
     model.train(was_training)
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    return Samples([list(p) for p in prompt_ids], completions, texts, ended, stopped)
+    return Samples(
+        [list(p) for p in prompt_ids],
+        completions,
+        texts,
+        ended,
+        stopped,
+        stop_tokens,
+        logps if with_logps else None,
+    )
+
+
+def _drawn_logps(output, width: int, temperature: float) -> torch.Tensor:
+    """The log-prob of each drawn token under the raw logits at `temperature`. Shape: (B, new tokens), float32."""
+    logits = torch.stack(output.logits, 1).float()  # (B, N, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    drawn = output.sequences[:, width : width + logits.shape[1]]
+    return torch.log_softmax(logits, -1).gather(-1, drawn[..., None])[..., 0].cpu()
 
 
 # Static caches are sized in multiples of this, so nearby prompt widths share one compiled step; a growing cache

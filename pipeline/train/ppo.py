@@ -210,11 +210,9 @@ class PPOModule(pl.LightningModule):
         if self.reward_model is not None:
             raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
         kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
-        last = (attention_mask.sum(1) - 2).clamp(min=0)  # token-aligned index of the last response token
         shaped = shape_rewards(
             kl,
             mask,
-            last,
             ended,
             reward_model_scores=raw_scores,
             judge_scores=torch.tensor(golds, device=self.device),

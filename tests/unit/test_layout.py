@@ -27,12 +27,13 @@ ALLOWED = {
     "models": FOUNDATION | {"data"},
     "tasks": FOUNDATION | {"data", "models"},
     "losses": set(),
-    "train": FOUNDATION | {"data", "models", "losses"},
-    "eval": FOUNDATION | {"data", "models"},
+    "train": FOUNDATION | {"data", "models", "losses", "envs"},
+    "envs": FOUNDATION | {"data", "models"},
+    "eval": FOUNDATION | {"data", "models", "envs"},
     "track": FOUNDATION,
-    "methods": FOUNDATION | {"data", "models", "tasks", "train", "eval"},
+    "methods": FOUNDATION | {"data", "models", "tasks", "envs", "train", "eval"},
     # The bench reaches no loss function: it measures the methods through their own modules and `fit_*`.
-    "bench": FOUNDATION | {"data", "models", "tasks", "train", "eval", "methods"},
+    "bench": FOUNDATION | {"data", "models", "tasks", "envs", "train", "eval", "methods"},
 }
 
 

@@ -2,12 +2,11 @@
 
 import torch
 
-from pipeline.losses.rewards import RewardWeights, shape_rewards
+from pipeline.losses.rewards import RewardWeights, last_policy_token, shape_rewards
 
 # Two responses, token-aligned over 4 positions: the first spans positions 1-2 and ended with EOS, the second 1-3
 # and was cut off.
 MASK = torch.tensor([[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
-LAST = torch.tensor([2, 3])
 ENDED = torch.tensor([True, False])
 KL = torch.tensor([[0.0, 0.1, 0.2, 0.0], [0.0, 0.3, -0.1, 0.4]])  # zero off the responses
 WEIGHTS = RewardWeights(
@@ -18,7 +17,7 @@ WEIGHTS = RewardWeights(
 def _shape(**changes):
     rm_scores, judge_scores = torch.tensor([3.0, -1.0]), torch.tensor([0.5, 0.25])
     args = {"reward_model_scores": rm_scores, "judge_scores": judge_scores, "weights": WEIGHTS, "kl_coef": 0.5}
-    return shape_rewards(KL, MASK, LAST, ENDED, **{**args, **changes})
+    return shape_rewards(KL, MASK, ENDED, **{**args, **changes})
 
 
 def test_every_part_of_the_score_and_the_kl_penalty_by_hand():
@@ -51,3 +50,27 @@ def test_whitening_scales_the_response_tokens_to_unit_variance_keeping_their_mea
     expected = torch.zeros(2, 4)
     expected[MASK.bool()] = torch.tensor([(v - mean) / sd + mean for v in values])
     torch.testing.assert_close(_shape(whiten=True).rewards, expected)
+
+
+def test_an_environment_span_gets_neither_kl_nor_the_score_and_the_episode_reward_is_weighted_in():
+    # One episode over 7 positions: policy tokens at 1-2 (a tool call), the environment's answer at 3-4, policy
+    # tokens at 5-6 (the final answer, ended with EOS). The KL estimate is nonzero on the answer's positions too (as
+    # a careless caller would leave it); the episode's reward 1 from the environment counts 0.5.
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0]])
+    kl = torch.tensor([[0.0, 0.2, 0.4, 0.8, 0.8, 0.2, 0.6]])
+    weights = RewardWeights(judge_weight=1.0, env_weight=0.5, missing_eos_penalty=1.0)
+    shaped = shape_rewards(
+        kl,
+        mask,
+        torch.tensor([True]),
+        reward_model_scores=None,
+        judge_scores=torch.tensor([0.25]),
+        weights=weights,
+        kl_coef=0.5,
+        env_rewards=torch.tensor([1.0]),
+    )
+    torch.testing.assert_close(shaped.scores, torch.tensor([0.75]))  # judge 0.25 + 0.5 x 1
+    expected = torch.tensor([[0.0, -0.1, -0.2, 0.0, 0.0, -0.1, -0.3 + 0.75]])
+    torch.testing.assert_close(shaped.rewards, expected)
+    assert last_policy_token(mask).tolist() == [6]
+    assert last_policy_token(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])).tolist() == [1, 0]

@@ -180,3 +180,26 @@ def test_loss_aggregations_hand_values():
         (grad,) = torch.autograd.grad(aggregate_loss(logits, lengths, how, max_tokens=4), logits)
         assert (float(grad[0, 0]), float(grad[1, 0])) == pytest.approx((short, long)), how
     assert LOSS_AGGREGATION["grpo"] == "sequence_mean" and LOSS_AGGREGATION["dr_grpo"] == "token_sum"
+
+
+# A multi-turn trajectory, token-aligned: policy tokens at 0-1 (a tool call), the environment's answer at 2-3, a
+# policy token at 4 (the final answer). The answer's positions hold junk rewards and values: they must count for
+# nothing, and must not cut the recursion between the two policy spans.
+TURNS_MASK = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0]])
+TURNS_REWARDS = torch.tensor([[0.0, 0.0, 9.0, 9.0, 1.0]])
+
+
+def test_gae_steps_over_an_environment_span_by_hand():
+    values = torch.tensor([[0.5, 0.25, 7.0, 7.0, 0.5]])
+    advantages, returns = gae_advantages(TURNS_REWARDS, values, TURNS_MASK, gamma=1.0, lam=0.5)
+    # over the policy tokens alone (rewards 0, 0, 1; values 0.5, 0.25, 0.5):
+    # t=4: delta = 1 - 0.5 = 0.5, A = 0.5; t=1: delta = 0 + 0.5 - 0.25 = 0.25, A = 0.25 + 0.5 x 0.5 = 0.5;
+    # t=0: delta = 0 + 0.25 - 0.5 = -0.25, A = -0.25 + 0.5 x 0.5 = 0
+    torch.testing.assert_close(advantages, torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.5]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.5, 0.75, 0.0, 0.0, 1.0]]))
+
+
+def test_reinforce_pp_returns_cross_an_environment_span_by_hand():
+    # G_4 = 1, G_1 = 0 + 0.5 x G_4 = 0.5, G_0 = 0 + 0.5 x G_1 = 0.25 (a return cut at the span would make G_1 = 0)
+    returns = discounted_returns(TURNS_REWARDS, TURNS_MASK, gamma=0.5)
+    torch.testing.assert_close(returns, torch.tensor([[0.25, 0.5, 0.0, 0.0, 1.0]]))

@@ -1,0 +1,228 @@
+"""Token-in, token-out rollouts over several turns.
+
+Each episode starts from its environment's first observation, tokenised once. Every turn the active episodes sample
+together (`sample_ids`, stopping at the model's stop tokens and at the tools' closing tags), the sampled ids are
+appended as they were drawn, the action's text goes to the environment, and its observation is tokenised once and
+appended: the history is never decoded and tokenised again, so what the trainer scores is exactly what the sampler
+saw. `Episode.policy` marks the policy's own tokens; `episode_batch` turns it into the token-aligned mask that keeps
+observation tokens out of the policy loss, the KL term, the value loss and the advantages.
+
+Budgets (`Budgets`): `max_turns` policy turns, `turn_tokens` new tokens per turn, `total_tokens` policy and
+observation tokens after the first observation (checked against the model's context before any turn). An episode
+ended by a budget is flagged (`Episode.truncated`: `turns`, `turn_tokens` or `total_tokens`), and the flags are
+metrics (`episode_stats`), never silent. A step past `timeout_s` ends its episode with reward 0 (`timed_out`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from pipeline.data.tokenization import encode
+from pipeline.envs.base import Environment, EnvironmentBug, Step
+from pipeline.models.generation import SamplingParams, context_length, sample_ids, stop_ids
+
+TRUNCATIONS = ("turns", "turn_tokens", "total_tokens")
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_turns: int
+    turn_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class Episode:
+    """One trajectory: the first observation's ids, then the policy's and the environment's tokens in order."""
+
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)
+    policy: list[bool] = field(default_factory=list)
+    """Per id of `ids`: the policy sampled it (True) or the environment wrote it."""
+    sampler_logps: list[float] = field(default_factory=list)
+    """With `with_logps`: the sampler's log-prob of each policy token, in order."""
+    reward: float = 0.0
+    turns: int = 0
+    tool_calls: int = 0
+    call_errors: int = 0
+    timed_out: bool = False
+    truncated: str | None = None
+    done: bool = False
+    transcript: list[tuple[str, str]] = field(default_factory=list)
+    """(`observation` or `policy`, text) per turn, the first observation first."""
+
+    @property
+    def active(self) -> bool:
+        return not (self.done or self.timed_out or self.truncated)
+
+
+def run_episodes(
+    policy: torch.nn.Module,
+    tokenizer,
+    make_env: Callable[[], Environment],
+    rows: Sequence[Mapping[str, Any]],
+    budgets: Budgets,
+    params: SamplingParams,
+    *,
+    seed: int,
+    batch_size: int,
+    tool_stops: Sequence[int] = (),
+    timeout_s: float,
+    kind: str,
+    with_logps: bool = False,
+) -> list[Episode]:
+    """One episode per row of `rows` in a new environment from `make_env` (`kind` names it in errors)."""
+    envs = [make_env() for _ in rows]
+    first = [_reset(env, row, index, kind) for index, (env, row) in enumerate(zip(envs, rows, strict=True))]
+    episodes = [Episode(ids) for ids in encode(tokenizer, first)]
+    for episode, text in zip(episodes, first, strict=True):
+        episode.transcript.append(("observation", text))
+    _check_context(policy, episodes, budgets)
+    model_stops = set(stop_ids(policy, tokenizer))
+    for turn in range(budgets.max_turns):
+        active = [i for i, episode in enumerate(episodes) if episode.active]
+        if not active:
+            break
+        rooms = [min(budgets.turn_tokens, budgets.total_tokens - len(episodes[i].ids)) for i in active]
+        samples = sample_ids(
+            policy,
+            tokenizer,
+            [episodes[i].prompt_ids + episodes[i].ids for i in active],
+            replace(params, max_new_tokens=max(rooms)),
+            batch_size=batch_size,
+            seed=seed + 100_003 * turn,
+            extra_stops=tool_stops,
+            with_logps=with_logps,
+        )
+        for row, (i, room) in enumerate(zip(active, rooms, strict=True)):
+            episode, stop = episodes[i], samples.stop_tokens[row]
+            action = samples.completion_ids[row] + ([stop] if stop is not None else [])
+            logps = samples.logps[row] if with_logps else []
+            if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
+                action, logps = action[:room], logps[:room]
+                episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
+            episode.ids += action
+            episode.policy += [True] * len(action)
+            episode.sampler_logps += logps
+            episode.turns += 1
+            shown = [t for t in action if t not in model_stops]  # a tool's closing tag stays in the text
+            text = tokenizer.decode(shown, skip_special_tokens=False)
+            episode.transcript.append(("policy", text))
+            if episode.truncated:
+                continue
+            answer = _bounded_step(envs[i], text, timeout_s, i, turn, kind)
+            if answer is None:
+                episode.timed_out = True
+                continue
+            _take(episode, answer, tokenizer, budgets)
+        if turn == budgets.max_turns - 1:
+            for episode in episodes:
+                if episode.active:
+                    episode.truncated = "turns"
+    return episodes
+
+
+def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> None:
+    """The environment's answer: its reward and counts, then its observation unless the episode ends."""
+    episode.reward += answer.reward
+    episode.tool_calls += int(answer.tool_call)
+    episode.call_errors += int(answer.error is not None)
+    if answer.done or answer.observation is None:
+        episode.done = True
+        return
+    observation = encode(tokenizer, [answer.observation])[0]
+    if len(episode.ids) + len(observation) >= budgets.total_tokens:  # no room left for a policy token after it
+        episode.truncated = "total_tokens"
+        return
+    episode.ids += observation
+    episode.policy += [False] * len(observation)
+    episode.transcript.append(("observation", answer.observation))
+
+
+def _reset(env: Environment, row: Mapping[str, Any], index: int, kind: str) -> str:
+    try:
+        return env.reset(row)
+    except Exception as error:
+        raise EnvironmentBug(
+            f"env.kind {kind}: reset raised on row {index} ({type(error).__name__}: {error}); an environment that "
+            "cannot start an episode is a bug in the environment or a bad row, not the policy's"
+        ) from error
+
+
+def _bounded_step(env: Environment, action: str, timeout_s: float, index: int, turn: int, kind: str) -> Step | None:
+    """`env.step(action)` in a daemon thread: its Step, or None past `timeout_s` (the thread is left behind)."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["step"] = env.step(action)
+        except Exception as error:  # noqa: BLE001 - carried to the caller, raised there with the row and turn
+            result["error"] = error
+
+    worker = threading.Thread(target=run, daemon=True, name=f"env-{kind}-row{index}")
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        return None
+    if "error" in result:
+        error = result["error"]
+        raise EnvironmentBug(
+            f"env.kind {kind}: step raised on row {index}, turn {turn + 1} ({type(error).__name__}: {error}); a "
+            "malformed action must come back as an error observation (Step(error=...)), not an exception"
+        ) from error
+    step = result["step"]
+    if not isinstance(step, Step):
+        raise EnvironmentBug(f"env.kind {kind}: step returned {type(step).__name__} on row {index}, not a Step")
+    return step
+
+
+def _check_context(policy: torch.nn.Module, episodes: Sequence[Episode], budgets: Budgets) -> None:
+    context = context_length(policy)
+    longest = max((len(e.prompt_ids) for e in episodes), default=0)
+    if context is not None and longest + budgets.total_tokens > context:
+        raise ValueError(
+            f"env.max_total_tokens: {budgets.total_tokens} tokens after a first observation of up to {longest} do not "
+            f"fit the model's context of {context} positions; set it to at most {context - longest}"
+        )
+
+
+def episode_batch(episodes: Sequence[Episode], pad_id: int) -> dict[str, torch.Tensor]:
+    """The trajectories right-padded: `input_ids`, `attention_mask` (B, L), and `mask` (B, L - 1), token-aligned as
+    `pipeline.losses.rl` reads it: 1 where position t's next token is the policy's."""
+    width = max(len(e.prompt_ids) + len(e.ids) for e in episodes)
+    input_ids = torch.full((len(episodes), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(episodes), width), dtype=torch.long)
+    policy = torch.zeros((len(episodes), width), dtype=torch.float32)
+    for row, episode in enumerate(episodes):
+        ids = episode.prompt_ids + episode.ids
+        input_ids[row, : len(ids)] = torch.as_tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+        start = len(episode.prompt_ids)
+        policy[row, start : len(ids)] = torch.as_tensor(episode.policy, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "mask": policy[:, 1:]}
+
+
+def episode_stats(episodes: Sequence[Episode]) -> dict[str, float]:
+    """The environment's metrics over `episodes`: mean reward and success, turns, tool calls and call errors per
+    episode, and the share of episodes each budget or the timeout ended."""
+    n = max(len(episodes), 1)
+    stats = {
+        "env/reward": sum(e.reward for e in episodes) / n,
+        "env/success": sum(e.reward > 0 for e in episodes) / n,
+        "env/turns": sum(e.turns for e in episodes) / n,
+        "env/tool_calls": sum(e.tool_calls for e in episodes) / n,
+        "env/call_errors": sum(e.call_errors for e in episodes) / n,
+        "env/timeouts": sum(e.timed_out for e in episodes) / n,
+    }
+    names = {
+        "turns": "env/truncated_turns",
+        "turn_tokens": "env/truncated_tokens",
+        "total_tokens": "env/truncated_total",
+    }
+    stats.update({names[t]: sum(e.truncated == t for e in episodes) / n for t in TRUNCATIONS})
+    return stats

@@ -1,0 +1,200 @@
+"""Multi-turn rollouts (`pipeline.envs.episodes`) with scripted policies: sampling patched to fixed token ids, as
+TRL's tests do; then a real model, whose sampler log-probs the trainer's must reproduce on the policy tokens."""
+
+import random
+import re
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from pipeline.data.tokenization import encode, train_bpe_tokenizer
+from pipeline.envs import episodes as episodes_module
+from pipeline.envs.base import EnvironmentBug, Step
+from pipeline.envs.calculator import Calculator, problem
+from pipeline.envs.episodes import Budgets, episode_batch, episode_stats, run_episodes
+from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
+from pipeline.envs.tools import closing, tag_tokens
+from pipeline.models.generation import Samples, SamplingParams
+from pipeline.models.logprobs import model_token_logps
+
+PARAMS = SamplingParams(16, temperature=1.0, top_k=0, top_p=1.0)
+BUDGETS = Budgets(max_turns=6, turn_tokens=16, total_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    rng = random.Random(0)
+    texts = [problem(rng)[0] + " <calc>12+31</calc><result>43</result> 43 higher. lower." for _ in range(200)]
+    return train_bpe_tokenizer(texts + [intro()], vocab_size=400, special=tag_tokens(["calc"]))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def scripted(monkeypatch, tokenizer, script):
+    """Patch the sampler: each row's action is `script(context text)`, its ids as the sampler would return them
+    (a tool's closing tag or EOS as the stop token, cut at the turn's budget). Records every context it saw."""
+    seen = []
+
+    def sample_ids(policy, tok, prompt_ids, params, *, batch_size, seed, extra_stops=(), with_logps=False):
+        completions, ended, stops = [], [], []
+        for ids in prompt_ids:
+            seen.append(list(ids))
+            action = encode(tokenizer, [script(tokenizer.decode(ids, skip_special_tokens=False))])[0]
+            stop = action.pop() if action and action[-1] in extra_stops else tokenizer.eos_token_id
+            if len(action) + 1 > params.max_new_tokens:
+                action, stop = (action + [stop])[: params.max_new_tokens], None
+            completions.append(action)
+            ended.append(stop is not None)
+            stops.append(stop)
+        texts = tokenizer.batch_decode(completions)
+        return Samples([list(p) for p in prompt_ids], completions, texts, ended, [False] * len(ended), stops)
+
+    monkeypatch.setattr(episodes_module, "sample_ids", sample_ids)
+    return seen
+
+
+def _run(model, tokenizer, env, rows, budgets=BUDGETS, **kwargs):
+    arguments = {"seed": 0, "batch_size": 8, "timeout_s": 5.0, "kind": "test"}
+    tool_stops = [tokenizer.convert_tokens_to_ids(closing("calc"))]
+    return run_episodes(model, tokenizer, env, rows, budgets, PARAMS, tool_stops=tool_stops, **{**arguments, **kwargs})
+
+
+def test_the_trajectory_is_the_ids_as_sampled_and_observed_and_the_mask_marks_the_policys(
+    monkeypatch, model, tokenizer
+):
+    def script(context: str) -> str:
+        return "<calc>12+31</calc>" if "<result>" not in context else " so 43"
+
+    seen = scripted(monkeypatch, tokenizer, script)
+    (episode,) = _run(model, tokenizer, Calculator, [{"prompt": "Ann has 12, Bo has 31 coins.", "answer": "43"}])
+    call, result, answer = (
+        encode(tokenizer, [text])[0] for text in ("<calc>12+31</calc>", "<result>43</result>", " so 43")
+    )
+    eos = tokenizer.eos_token_id
+    assert episode.ids == call + result + answer + [eos]  # each part tokenised once, appended in order
+    assert episode.policy == [True] * len(call) + [False] * len(result) + [True] * (len(answer) + 1)
+    assert seen[1] == episode.prompt_ids + call + result  # the second turn saw exactly the trajectory's ids
+    assert (episode.reward, episode.turns, episode.tool_calls, episode.done) == (1.0, 2, 1, True)
+    assert [role for role, _ in episode.transcript] == ["observation", "policy", "observation", "policy"]
+    batch = episode_batch([episode], tokenizer.pad_token_id)
+    start = len(episode.prompt_ids)  # token-aligned: position t is 1 where token t + 1 is the policy's
+    expected = [0.0] * (start - 1) + [float(p) for p in episode.policy]
+    assert batch["mask"][0].tolist() == expected and batch["input_ids"].shape[1] == start + len(episode.ids)
+
+
+def test_each_malformed_call_is_answered_counted_and_the_episode_goes_on(monkeypatch, model, tokenizer):
+    calls = iter(["12+7</calc>", "<calc> </calc>", "<calc>12 plus</calc>", " 19"])
+    scripted(monkeypatch, tokenizer, lambda context: next(calls))
+    (episode,) = _run(model, tokenizer, Calculator, [{"prompt": "Sum 12 and 7.", "answer": "19"}])
+    observations = [text for role, text in episode.transcript[1:] if role == "observation"]
+    assert observations == [
+        "<result>error: </calc> without <calc></result>",
+        "<result>error: empty <calc> call</result>",
+        "<result>error: calc: cannot parse '12 plus'</result>",
+    ]
+    assert (episode.call_errors, episode.tool_calls, episode.reward, episode.done) == (3, 3, 1.0, True)
+    assert episode_stats([episode])["env/call_errors"] == 3.0
+
+
+def test_each_budget_ends_the_episode_flagged(monkeypatch, model, tokenizer):
+    scripted(monkeypatch, tokenizer, lambda context: " 5")  # always wrong: the secret is 20
+    rows = [{"answer": 20}]
+    (turns,) = _run(model, tokenizer, Guess, rows, Budgets(max_turns=3, turn_tokens=16, total_tokens=80))
+    assert (turns.truncated, turns.turns, turns.done) == ("turns", 3, False)
+
+    scripted(monkeypatch, tokenizer, lambda context: " maybe it is 5 or 6 or 7 or 8 or 9 or 10 or 11")
+    (long_turn,) = _run(model, tokenizer, Guess, rows, Budgets(max_turns=6, turn_tokens=8, total_tokens=80))
+    assert long_turn.truncated == "turn_tokens" and len(long_turn.ids) == 8 and all(long_turn.policy)
+
+    scripted(monkeypatch, tokenizer, lambda context: " 5")
+    (total,) = _run(model, tokenizer, Guess, rows, Budgets(max_turns=6, turn_tokens=8, total_tokens=9))
+    assert total.truncated == "total_tokens" and len(total.ids) <= 9 and total.policy[-1]  # never ends on an answer
+    stats = episode_stats([turns, long_turn, total])
+    assert stats["env/truncated_turns"] == stats["env/truncated_tokens"] == stats["env/truncated_total"] == 1 / 3
+
+
+def test_a_budget_beyond_the_models_context_is_refused_naming_the_key(model, tokenizer):
+    with pytest.raises(ValueError, match=r"env.max_total_tokens: 500 tokens .* context of 256 positions"):
+        _run(model, tokenizer, Guess, [{"answer": 3}], Budgets(max_turns=2, turn_tokens=8, total_tokens=500))
+
+
+class Hanging(Guess):
+    def step(self, action: str) -> Step:
+        time.sleep(30)
+        return super().step(action)
+
+
+class BrokenReset(Guess):
+    def reset(self, row):
+        raise KeyError("answer")
+
+
+def test_a_hanging_step_ends_its_episode_in_time_and_a_reset_that_raises_is_named(monkeypatch, model, tokenizer):
+    scripted(monkeypatch, tokenizer, lambda context: " 16")
+    start = time.monotonic()
+    (episode,) = _run(model, tokenizer, Hanging, [{"answer": 20}], timeout_s=0.2)
+    assert time.monotonic() - start < 5 and episode.timed_out and episode.reward == 0.0 and episode.turns == 1
+    assert episode_stats([episode])["env/timeouts"] == 1.0
+    made = iter([Guess(), BrokenReset()])
+    with pytest.raises(EnvironmentBug, match=r"env.kind test: reset raised on row 1 \(KeyError: 'answer'\)"):
+        _run(model, tokenizer, lambda: next(made), [{"answer": 3}, {"answer": 4}])
+
+
+def binary_search(context: str) -> str:
+    """The optimal guesser: the middle of what the answers so far leave."""
+    low, high = LOW, HIGH
+    guesses = [int(number) for number in re.findall(r"\d+", context)][3:]  # after the intro's three numbers
+    answers = re.findall(r"higher|lower", context)
+    for guess, answer in zip(guesses, answers, strict=False):
+        low, high = (guess + 1, high) if answer == "higher" else (low, guess - 1)
+    return f" {(low + high) // 2}"
+
+
+def test_binary_search_scores_the_known_ceiling_through_the_real_rollout_code(monkeypatch, model, tokenizer):
+    scripted(monkeypatch, tokenizer, binary_search)
+    rows = [{"answer": secret} for secret in range(LOW, HIGH + 1)]
+    episodes = _run(model, tokenizer, Guess, rows, Budgets(max_turns=6, turn_tokens=8, total_tokens=80))
+    stats = episode_stats(episodes)
+    assert stats["env/success"] == CEILING["success_rate"] and stats["env/turns"] == CEILING["mean_turns"]
+    assert stats["env/truncated_turns"] == 0 and stats["env/call_errors"] == 0
+
+
+def test_the_trainers_log_probs_equal_the_samplers_on_the_policy_tokens(model, tokenizer):
+    rows = [{"answer": secret} for secret in (3, 17, 30, 9)]
+    params = SamplingParams(6, temperature=0.7, top_k=0, top_p=1.0)
+    episodes = run_episodes(
+        model,
+        tokenizer,
+        Guess,
+        rows,
+        Budgets(max_turns=3, turn_tokens=6, total_tokens=60),
+        params,
+        seed=3,
+        batch_size=4,
+        timeout_s=5.0,
+        kind="guess",
+        tool_stops=list(range(3, 200)),  # a random model: most tokens end a turn, so episodes last several turns
+        with_logps=True,
+    )
+    assert sum(e.turns for e in episodes) > len(episodes)  # several turns, observations between them
+    batch = episode_batch(episodes, tokenizer.pad_token_id)
+    logps, _ = model_token_logps(model.eval(), batch["input_ids"], batch["attention_mask"], temperature=0.7)
+    for row, episode in enumerate(episodes):
+        trained = logps[row][batch["mask"][row].bool()]
+        torch.testing.assert_close(trained, torch.tensor(episode.sampler_logps), atol=1e-4, rtol=1e-4)
