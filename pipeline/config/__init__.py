@@ -14,6 +14,7 @@ from pipeline.config.loader import ConfigError, flatten, load_config, read_param
 from pipeline.config.sections import (
     Config,
     DPOConfig,
+    EnvConfig,
     EvaluateConfig,
     JudgeConfig,
     ModelConfig,
@@ -32,7 +33,7 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
-    "Config", "ConfigError", "DPOConfig", "EvaluateConfig", "JudgeConfig", "ModelConfig", "PPOConfig",
+    "Config", "ConfigError", "DPOConfig", "EnvConfig", "EvaluateConfig", "JudgeConfig", "ModelConfig", "PPOConfig",
     "PreferencesConfig", "PrepareConfig", "ReferenceConfig", "RewardConfig", "SFTConfig", "SamplerConfig",
     "TrainerConfig", "TrainingConfig", "bounded", "flatten", "is_runtime", "load_config", "read_params", "runtime",
     "within",

@@ -99,7 +99,11 @@ def _judge(config: Config) -> list[str]:
 @rule("judge.kind", "prepare.source", "prepare.answer_column")
 def _verifier_answers(config: Config) -> list[str]:
     prepare = config.prepare
-    if config.judge.kind != "verifier" or prepare.source == "arithmetic" or prepare.answer_column:
+    if (
+        config.judge.kind != "verifier"
+        or prepare.source in ("arithmetic", "calculator", "guess")
+        or prepare.answer_column
+    ):
         return []
     return [
         f"prepare.answer_column: judge.kind 'verifier' checks responses against reference answers, and "
@@ -108,13 +112,15 @@ def _verifier_answers(config: Config) -> list[str]:
     ]
 
 
-@rule("ppo.reward_model_weight", "ppo.judge_weight")
+@rule("ppo.reward_model_weight", "ppo.judge_weight", "env.kind", "env.reward_weight")
 def _ppo_reward(config: Config) -> list[str]:
     if config.ppo.reward_model_weight or config.ppo.judge_weight:
         return []
+    if config.env.kind != "none" and config.env.reward_weight:
+        return []  # the environment's reward alone
     return [
-        "ppo.reward_model_weight + ppo.judge_weight: both are 0, so RL has no reward; set reward_model_weight: 1 "
-        "(RLHF), judge_weight: 1 (RLVR with a verifier judge), or both"
+        "ppo.reward_model_weight + ppo.judge_weight (+ env.reward_weight with an env.kind): all are 0, so RL has no "
+        "reward; set reward_model_weight: 1 (RLHF), judge_weight: 1 (RLVR with a verifier judge), or an environment"
     ]
 
 
@@ -166,5 +172,20 @@ def _dpo(config: Config) -> list[str]:
         errors.append(
             f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "
             "the cached log-probs must cover exactly the pairs DPO trains on"
+        )
+    return errors
+
+
+@rule("env.kind", "env.turn_tokens", "env.total_tokens")
+def _env(config: Config) -> list[str]:
+    env, errors = config.env, []
+    parts = env.kind.split(":")
+    builtin = ("none", "calculator", "guess")
+    if env.kind not in builtin and not (len(parts) == 3 and parts[0] == "python" and all(parts[1:])):
+        errors.append(f"env.kind: {env.kind!r} is not one of {', '.join(builtin)}, python:<module>:<Class>")
+    if env.turn_tokens > env.total_tokens:
+        errors.append(
+            f"env.turn_tokens: {env.turn_tokens} exceeds env.total_tokens = {env.total_tokens}, the whole episode's "
+            "budget; lower it or raise env.total_tokens"
         )
     return errors

@@ -90,9 +90,11 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    source: Literal["synthetic", "dataset", "arithmetic"]
+    source: Literal["synthetic", "dataset", "arithmetic", "calculator", "guess"]
     """`synthetic`: the embedded movie-review task. `dataset`: `datasets.load_dataset` on the keys below.
-    `arithmetic`: the embedded verifiable task (sums with reference answers, `pipeline.tasks.arithmetic`)."""
+    `arithmetic`: the embedded verifiable task (sums with reference answers, `pipeline.tasks.arithmetic`).
+    `calculator`, `guess`: the embedded multi-turn tasks for `env.kind` of the same name, with demonstrations one
+    row per policy turn (`pipeline.tasks.tools`)."""
     n_train: int = bounded(">= 1")
     """Synthetic: training reviews (the split is by prompt, so prompts never cross splits)."""
     n_val: int = bounded(">= 1")
@@ -126,7 +128,8 @@ class PrepareConfig:
     """Dataset: the column holding each row's reference answer (kept as `answer`; a verifier judge checks responses
     against its final answer, e.g. GSM8K's `answer`, which ends in `#### 72`). null: no answers."""
     frac_wrong: float = bounded("in [0, 1]")
-    """Arithmetic: share of SFT demonstrations whose stated sum is wrong (the imperfect data RL then fixes)."""
+    """Arithmetic, calculator, guess: share of SFT demonstrations that are wrong (a wrong sum, no tool or a wrong
+    call, a random guess: the imperfect data RL then fixes)."""
     messages_column: str | None
     """Conversational data: a column of `{role, content}` turn lists. The prompt is every turn before the last
     assistant turn, the completion that turn's content; `prompt_column`/`completion_column` are then not read."""
@@ -338,6 +341,28 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
+class EnvConfig:
+    kind: str
+    """`none` (single-turn: one prompt, one response, the default), an embedded environment (`calculator`: sums
+    with a `<calc>` tool; `guess`: a number in 1..32 told higher or lower), or your own `python:<module>:<Class>`
+    (`reset(row) -> str`, `step(action) -> pipeline.envs.base.Step`; imported from the project root only when
+    named). With an environment, `ppo` rollouts are episodes of several turns and only the policy's tokens train."""
+    max_turns: int = bounded(">= 1")
+    """Policy turns per episode; an episode still running after them is cut, counted as `env/truncated_turns`."""
+    turn_tokens: int = bounded(">= 1")
+    """New tokens per policy turn; a turn that has not stopped by then ends its episode (`env/truncated_tokens`)."""
+    total_tokens: int = bounded(">= 1")
+    """Policy and observation tokens per episode after its first observation, within the model's context; an
+    episode with no room left ends (`env/truncated_total`)."""
+    timeout_s: float = bounded("> 0")
+    """Seconds one environment step may take; a step still running then ends its episode with reward 0, counted
+    (`env/timeouts`)."""
+    reward_weight: float = bounded(">= 0")
+    """Weight of the environment's episode reward in the RL reward, beside `ppo.reward_model_weight` and
+    `ppo.judge_weight`."""
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     max_new_tokens: int = bounded(">= 1")
     """Response budget for every policy."""
@@ -417,3 +442,4 @@ class Config:
     evaluate: EvaluateConfig
     generation: SamplerConfig
     judge: JudgeConfig
+    env: EnvConfig

@@ -24,6 +24,9 @@ PROMPT_COMPLETION = pa.DataFrameSchema(
         "gold": pa.Column(float, nullable=True),
         # the reference answer a verifier judge checks responses against (`prepare.answer_column`), when there is one
         "answer": pa.Column(str, [_non_empty, _non_blank], required=False),
+        # multi-turn demonstrations (`pipeline.tasks.tools`): which policy turn of its episode a row shows (0: the
+        # first, whose prompt is the episode's first observation; later ones carry the history in their prompt)
+        "turn": pa.Column(int, pa.Check.ge(0), required=False),
     },
     strict=True,
     name="prompt_completion",

@@ -7,7 +7,6 @@ else 0. Tool calls are free; a malformed one is answered with an error (`pipelin
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,18 +14,6 @@ from pipeline.envs.base import Step
 from pipeline.envs.tools import answer_call, calculate
 
 TOOLS = {"calc": calculate}
-NAMES = ("Ann", "Bo", "Cy", "Di", "Ed", "Flo")
-ITEMS = ("apples", "books", "coins", "stamps", "shells")
-
-
-def problem(rng: random.Random) -> tuple[str, str]:
-    """One word problem and its answer: 3 to 5 people, two-digit counts each."""
-    count = rng.randint(3, 5)
-    numbers = [rng.randint(10, 99) for _ in range(count)]
-    people = rng.sample(NAMES, count)
-    item = rng.choice(ITEMS)
-    parts = ", ".join(f"{name} has {n}" for name, n in zip(people, numbers, strict=True))
-    return f"{parts} {item}. How many {item} in all?", str(sum(numbers))
 
 
 def final_number(text: str) -> str | None:
@@ -43,6 +30,8 @@ def final_number(text: str) -> str | None:
 
 class Calculator:
     """One episode of the calculator task (see the module docstring)."""
+
+    stop_texts = ("</calc>",)  # a turn that calls the tool ends on its closing tag
 
     def __init__(self, tools: Mapping[str, Any] = TOOLS) -> None:
         self.tools, self.answer = dict(tools), ""

@@ -36,6 +36,35 @@ class Budgets:
     total_tokens: int
 
 
+@dataclass(frozen=True)
+class EpisodeSpec:
+    """What a stage needs to run episodes (`env.*`): the environment's factory and name, the budgets, the step
+    timeout, the token ids that end a turn besides EOS (its tools' closing tags), the reward's weight."""
+
+    make_env: Callable[[], Environment]
+    kind: str
+    budgets: Budgets
+    timeout_s: float
+    tool_stops: tuple[int, ...]
+    reward_weight: float
+
+
+def turn_stops(make_env: Callable[[], Environment], tokenizer, kind: str) -> tuple[int, ...]:
+    """The ids of the texts the environment ends a turn on (`stop_texts`, its tools' closing tags), each one token
+    of `tokenizer`. Raises ValueError naming the text when the tokenizer splits it."""
+    ids = []
+    for text in getattr(make_env, "stop_texts", ()):
+        pieces = encode(tokenizer, [text])[0]
+        if len(pieces) != 1:
+            raise ValueError(
+                f"env.kind {kind}: the tokenizer splits {text!r} into {len(pieces)} tokens, so a turn cannot stop on "
+                "it; train the scratch tokenizer with the tool tags (prepare.source: calculator does) or use a model "
+                "whose tokenizer has it as one token"
+            )
+        ids.append(pieces[0])
+    return tuple(ids)
+
+
 @dataclass
 class Episode:
     """One trajectory: the first observation's ids, then the policy's and the environment's tokens in order."""

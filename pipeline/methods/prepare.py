@@ -11,6 +11,7 @@ from pipeline.methods.outcome import Outcome
 from pipeline.models.build import inference_device
 from pipeline.models.judges import build_judge
 from pipeline.tasks.prepare import prepare_splits, summarize_splits
+from pipeline.tasks.tools import SPECIAL_TOKENS
 
 
 def run_prepare(cfg: Config) -> Outcome:
@@ -23,7 +24,8 @@ def run_prepare(cfg: Config) -> Outcome:
     train = splits["train"]
     if tokenizer is None:
         texts = (train["prompt"] + train["completion"]).tolist()
-        tokenizer = train_bpe_tokenizer(texts, cfg.prepare.tokenizer_vocab_size)
+        special = SPECIAL_TOKENS if cfg.prepare.source == "calculator" else ()  # the tool's tags: one token each
+        tokenizer = train_bpe_tokenizer(texts, cfg.prepare.tokenizer_vocab_size, special)
     metrics = summarize_splits(splits)
     metrics["tokenizer/vocab_size"] = len(tokenizer)
     for column in ("prompt", "completion"):

@@ -24,8 +24,11 @@ from pipeline.data.schemas import PROMPT_COMPLETION, validate_frame
 from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.tasks.arithmetic import arithmetic_splits
 from pipeline.tasks.synthetic import class_fractions, generate_reviews
+from pipeline.tasks.tools import calculator_splits, guess_splits
 
 SPLITS = ("train", "val", "test")
+# The embedded tasks with reference answers: `prepare.source` -> (n_train, n_val, n_test, frac_wrong, seed) -> splits
+EMBEDDED_VERIFIABLE = {"arithmetic": arithmetic_splits, "calculator": calculator_splits, "guess": guess_splits}
 
 
 def synthetic_splits(
@@ -115,8 +118,8 @@ def prepare_splits(
         tokenizer: the model's tokenizer, whose chat template (if any) renders the prompts; None for a scratch
             model, whose tokenizer is trained on these splits afterwards.
     """
-    if cfg.source == "arithmetic":
-        splits = arithmetic_splits(cfg.n_train, cfg.n_val, cfg.n_test, cfg.frac_wrong, seed)
+    if cfg.source in EMBEDDED_VERIFIABLE:
+        splits = EMBEDDED_VERIFIABLE[cfg.source](cfg.n_train, cfg.n_val, cfg.n_test, cfg.frac_wrong, seed)
         splits = {name: _render_prompts(split, tokenizer) for name, split in splits.items()} if tokenizer else splits
     else:
         splits = (synthetic_splits if cfg.source == "synthetic" else dataset_splits)(cfg, seed, tokenizer)

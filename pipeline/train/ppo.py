@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipeline.config import PPOConfig, TrainerConfig
 from pipeline.data.batches import response_batch
+from pipeline.envs.episodes import EpisodeSpec, episode_batch, episode_stats, run_episodes
 from pipeline.losses.rewards import RewardWeights, shape_rewards
 from pipeline.losses.rl import (
     GROUP_ESTIMATORS,
@@ -138,6 +139,7 @@ class PPOModule(pl.LightningModule):
         seed: int,
         accumulate: int = 1,
         compiled_sampling: bool = False,
+        episodes: EpisodeSpec | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -151,9 +153,10 @@ class PPOModule(pl.LightningModule):
             reward_clip=cfg.reward_clip,
             reward_model_weight=cfg.reward_model_weight,
             judge_weight=cfg.judge_weight,
+            env_weight=episodes.reward_weight if episodes is not None else 0.0,
             missing_eos_penalty=cfg.missing_eos_penalty,
         )
-        self.accumulate, self.compiled_sampling = accumulate, compiled_sampling
+        self.accumulate, self.compiled_sampling, self.episodes = accumulate, compiled_sampling, episodes
         if (value_model is None) != (cfg.advantage_estimator != "gae"):
             raise ValueError(
                 f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae and only by gae"
@@ -186,17 +189,55 @@ class PPOModule(pl.LightningModule):
             model, input_ids, attention_mask, temperature=self.cfg.temperature, with_entropy=with_entropy
         )
 
+    def _episodes(
+        self, rows: Sequence[dict], params: SamplingParams, seed: int
+    ) -> tuple[Samples, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, dict[str, float]]:
+        """One episode per row in the environment: as `Samples` (the first observation as the prompt, the policy's
+        tokens as the completion, the last policy turn as the text, `ended` for an episode the environment ended),
+        the trajectories' (input_ids, attention_mask, policy mask), each episode's reward, the `env/*` metrics."""
+        spec = self.episodes
+        episodes = run_episodes(
+            self.policy,
+            self.tokenizer,
+            spec.make_env,
+            rows,
+            spec.budgets,
+            params,
+            seed=seed,
+            batch_size=len(rows),
+            tool_stops=spec.tool_stops,
+            timeout_s=spec.timeout_s,
+            kind=spec.kind,
+        )
+        batch = {k: v.to(self.device) for k, v in episode_batch(episodes, self.tokenizer.pad_token_id).items()}
+        samples = Samples(
+            [e.prompt_ids for e in episodes],
+            [[t for t, own in zip(e.ids, e.policy, strict=True) if own] for e in episodes],
+            [next(text for role, text in reversed(e.transcript) if role == "policy") for e in episodes],
+            [e.done for e in episodes],
+            [False] * len(episodes),
+        )
+        rewards = torch.tensor([e.reward for e in episodes], device=self.device)
+        sequences = (batch["input_ids"], batch["attention_mask"], batch["mask"])
+        return samples, sequences, rewards, episode_stats(episodes)
+
     @torch.no_grad()
-    def make_rollout(self, prompt_ids: Sequence[list[int]], step: int) -> tuple[Rollout, dict[str, float], Samples]:
+    def make_rollout(self, prompts: Sequence, step: int) -> tuple[Rollout, dict[str, float], Samples]:
+        """One rollout batch from `prompts`: token ids (single-turn), or data rows (episodes in an environment)."""
         cfg = self.cfg
         params = SamplingParams(
             cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling, key="ppo.max_new_tokens"
         )
         seed = self.seed + 7919 * step + self.global_rank
         group = cfg.num_generations
-        prompt_ids = [ids for ids in prompt_ids for _ in range(group)]  # each prompt's samples are consecutive rows
-        samples = sample_ids(self.policy, self.tokenizer, prompt_ids, params, batch_size=len(prompt_ids), seed=seed)
-        input_ids, attention_mask, mask = self._sequences(samples)
+        prompts = [prompt for prompt in prompts for _ in range(group)]  # each prompt's samples are consecutive rows
+        env_rewards, env_stats = None, {}
+        if self.episodes is None:
+            samples = sample_ids(self.policy, self.tokenizer, prompts, params, batch_size=len(prompts), seed=seed)
+            input_ids, attention_mask, mask = self._sequences(samples)
+        else:
+            samples, sequences, env_rewards, env_stats = self._episodes(prompts, params, seed)
+            input_ids, attention_mask, mask = sequences
         logps, _ = self._logps(self.policy, input_ids, attention_mask)
         with as_reference(self.policy, self.reference) as reference:
             ref_logps, _ = self._logps(reference, input_ids, attention_mask)
@@ -218,6 +259,7 @@ class PPOModule(pl.LightningModule):
             judge_scores=torch.tensor(golds, device=self.device),
             weights=self.reward_weights,
             kl_coef=self.kl_ctl.value if cfg.kl_in == "reward" else None,
+            env_rewards=env_rewards,
             whiten=cfg.whiten_rewards,
         )
         rewards, scores, non_score = shaped.rewards, shaped.scores, shaped.non_score
@@ -242,6 +284,7 @@ class PPOModule(pl.LightningModule):
             "val/eos_rate": float(ended.float().mean()),
             "val/stopped_by_context": float(sum(samples.stopped_by_context)),
             "val/response_length": float(mask.sum(1).mean()),
+            **env_stats,
         }
         if isinstance(self.judge, VerifierJudge):  # the share of rollout responses whose answer checks; hung checks
             correct = self.judge.last_correct
@@ -349,9 +392,9 @@ class PPOModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.judge.to(self.device)
 
-    def training_step(self, prompt_ids: list[list[int]], batch_idx: int) -> None:
+    def training_step(self, prompts: list, batch_idx: int) -> None:
         start = time.perf_counter()
-        rollout, stats, samples = self.make_rollout(prompt_ids, batch_idx)
+        rollout, stats, samples = self.make_rollout(prompts, batch_idx)
         if stats["val/eos_rate"] < self.cfg.min_eos_rate:
             raise PPOHealthError(
                 f"ppo: only {stats['val/eos_rate']:.0%} of rollout {batch_idx}'s responses ended with EOS, under "
@@ -410,9 +453,12 @@ def fit_ppo(
     seed: int,
     compiled_sampling: bool = False,
     hooks: Hooks = NO_HOOKS,
+    episodes: EpisodeSpec | None = None,
+    rows: Sequence[dict] = (),
 ) -> tuple[PPOModule, bool]:
     """Online RL of `policy` (`cfg.advantage_estimator`: PPO with `value_model`, or a critic-free estimator with
-    None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off.
+    None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off. With
+    `episodes`, rollouts are episodes in its environment, one per data row of `rows` drawn (`prompt_ids` unused).
 
     Returns:
         (the module, whose `history` holds every rollout's metrics; whether this process is rank 0).
@@ -430,9 +476,11 @@ def fit_ppo(
         seed=seed,
         accumulate=trainer.accumulate_grad_batches,
         compiled_sampling=compiled_sampling,
+        episodes=episodes,
     )
-    batches = PromptBatches(len(prompt_ids), cfg.prompts_per_rollout, cfg.rollouts, seed + hooks.rank)
-    loader = DataLoader(prompt_ids, batch_sampler=batches, collate_fn=list)
+    prompts = list(rows) if episodes is not None else prompt_ids
+    batches = PromptBatches(len(prompts), cfg.prompts_per_rollout, cfg.rollouts, seed + hooks.rank)
+    loader = DataLoader(prompts, batch_sampler=batches, collate_fn=list)
     callback = checkpointing(hooks, batches, unit="rollouts")
     fitter = build_trainer(
         trainer,

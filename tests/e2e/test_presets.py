@@ -13,6 +13,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from pipeline.config import load_config, read_params
+from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.judges import build_judge
 from tests.e2e.project import Project
 from tests.e2e.test_pipeline import STAGES
@@ -198,3 +199,29 @@ def test_gsm8k_preset_chat_model_math_verifier_grpo(tmp_path):
     assert metrics["judge/verifier_timeouts"] == 0.0
     ppo = project.report("ppo")
     assert "final/objective/accuracy" in ppo and ppo["model/value_parameters"] == 0.0  # GRPO: no value model
+
+
+@pytest.mark.parametrize("preset", ["calculator", "guess"])
+def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_path, preset):
+    """The environment presets' whole DAG at tiny sizes: demonstrations one row per policy turn, a tokenizer that
+    keeps the tool's tags whole, and `ppo` rollouts that are episodes of several turns, their metrics reported."""
+    project = Project(
+        tmp_path / "repo",
+        preset=preset,
+        overrides={
+            "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
+            # an SFT of 8 steps is never right, so every sample would tie at 0 and leave no preference pairs: a format
+            # reward that random text meets now and then separates them (as in the gsm8k preset's test)
+            "judge": {"format_pattern": "[a-z]{2}", "format_weight": 0.5},
+        },
+    )
+    assert project.ran(project.dvc("repro")) == STAGES
+    prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
+    assert prepared["turn"].max() >= 1 and prepared["answer"].notna().all()  # later turns carry their history
+    tokenizer = load_tokenizer(str(project.path / "models/sft"))
+    if preset == "calculator":
+        assert len(tokenizer("<calc>12+7</calc>", add_special_tokens=False)["input_ids"]) == 5  # tag, 12, +, 7, tag
+    ppo = project.report("ppo")
+    episode = {"env/reward", "env/success", "env/turns", "env/call_errors", "env/timeouts", "env/truncated_turns"}
+    assert {f"final/{key}" for key in episode} <= set(ppo)
+    assert ppo["final/env/turns"] >= 1.0 and ppo["model/value_parameters"] == 0.0

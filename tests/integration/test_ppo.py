@@ -6,6 +6,7 @@ from mlflow.tracking import MlflowClient
 from torch.utils.data import DataLoader
 
 from pipeline.data.tokenization import encode
+from pipeline.envs.guess import Guess
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.models.judges import VaderJudge
 from pipeline.track.tracking import StageRun
@@ -187,3 +188,64 @@ def test_lora_ppo_holds_one_policy_copy(model_cfg, cpu_trainer_cfg, tokenizer, r
     _fit(module, cpu_trainer_cfg, tokenizer, reviews)
     assert all(torch.equal(dict(policy.named_parameters())[n], p) for n, p in frozen.items())
     assert module.history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # first rollout: policy == reference
+
+
+class Wordy(Guess):
+    """The guessing game, with a reward for every character of a turn too: rewards that differ within a group."""
+
+    def step(self, action):
+        step = super().step(action)
+        return dataclasses.replace(step, reward=step.reward + 0.1 * len(action))
+
+
+def _guess_module(model_cfg, tokenizer, tmp_path, cfg):
+    from pipeline.envs.episodes import Budgets, EpisodeSpec
+
+    sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    # a random model rarely writes EOS: most tokens end a turn here, so episodes last several turns
+    spec = EpisodeSpec(
+        Wordy, "wordy", Budgets(4, 6, 80), timeout_s=5.0, tool_stops=tuple(range(2, 400)), reward_weight=1.0
+    )
+    return PPOModule(
+        policy=build_causal_lm(model_cfg, tokenizer, path=sft),
+        value_model=build_reward_model(model_cfg, tokenizer, sft) if cfg.advantage_estimator == "gae" else None,
+        reference=build_causal_lm(model_cfg, tokenizer, path=sft),
+        reward_model=None,
+        judge=VaderJudge(),
+        tokenizer=tokenizer,
+        cfg=cfg,
+        reward_mean=0.0,
+        reward_std=1.0,
+        seed=0,
+        episodes=spec,
+    )
+
+
+ENV_CFG = {"reward_model_weight": 0.0, "judge_weight": 0.0, "missing_eos_penalty": 0.0, "kl_control": "fixed"}
+GUESS_ROWS = [{"prompt": "Guess my number from 1 to 32.", "answer": secret} for secret in range(1, 33)]
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_an_environment_rollout_trains_and_scores_the_policy_tokens_only(
+    estimator, model_cfg, cpu_trainer_cfg, tokenizer, tmp_path
+):
+    groups = {"num_generations": 2, "minibatch_size": 8} if estimator == "grpo" else {}
+    cfg = _ppo_cfg(advantage_estimator=estimator, prompts_per_rollout=4, **ENV_CFG, **groups)
+    module = _guess_module(model_cfg, tokenizer, tmp_path, cfg)
+    rollout, stats, samples = module.make_rollout(GUESS_ROWS[:4], step=0)
+    observed = (rollout.attention_mask[:, 1:] > 0) & (rollout.mask == 0)  # trajectory tokens the policy did not write
+    observed[:, : min(len(p) for p in samples.prompt_ids) - 1] = False  # (the first observation, the prompt)
+    assert observed.any() and stats["env/turns"] > 1  # observations between turns
+    assert not rollout.advantages[rollout.mask == 0].any()  # no advantage on an observation or the prompt
+    if rollout.returns is not None:
+        assert not rollout.returns[rollout.mask == 0].any()
+    assert {"env/reward", "env/success", "env/call_errors", "env/truncated_turns", "env/truncated_tokens"} <= set(stats)
+
+    policy = params_snapshot(module.policy)
+    loader = DataLoader(GUESS_ROWS, batch_sampler=PromptBatches(32, cfg.prompts_per_rollout, 2, 0), collate_fn=list)
+    trainer = build_trainer(
+        cpu_trainer_cfg, max_steps=-1, max_epochs=1, val_every_n_steps=None, grad_clip=0.0, logger=False
+    )
+    trainer.fit(module, train_dataloaders=loader)
+    assert len(module.history) == 2 and all("env/turns" in row for row in module.history)
+    assert len(changed(policy, module.policy)) > len(policy) // 2

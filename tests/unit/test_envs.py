@@ -5,10 +5,11 @@ import random
 import pytest
 
 from pipeline.envs.base import Step
-from pipeline.envs.calculator import Calculator, problem
+from pipeline.envs.calculator import Calculator
 from pipeline.envs.guess import CEILING, GUESSES, Guess
 from pipeline.envs.registry import environment_factory
 from pipeline.envs.tools import answer_call, calculate
+from pipeline.tasks.tools import calculator_problem
 
 
 def test_calculate_evaluates_integer_arithmetic_and_refuses_anything_else():
@@ -49,9 +50,9 @@ def test_the_calculator_answers_a_call_and_scores_the_final_answer():
     assert env.step("so 43") == Step(None, reward=1.0, done=True)
     env.reset({"prompt": "p", "answer": "43"})
     assert env.step("it is 42").reward == 0.0
-    prompt, answer = problem(random.Random(3))
-    numbers = [int(word) for word in prompt.replace(",", " ").split() if word.isdigit()]
-    assert 3 <= len(numbers) <= 5 and all(10 <= n <= 99 for n in numbers) and int(answer) == sum(numbers)
+    prompt, numbers = calculator_problem(random.Random(3))
+    assert [int(word) for word in prompt.replace(",", " ").split() if word.isdigit()] == numbers
+    assert 3 <= len(numbers) <= 5 and all(10 <= n <= 99 for n in numbers)
 
 
 def test_guess_says_higher_or_lower_and_ends_after_the_last_guess():
@@ -74,3 +75,27 @@ def test_env_kind_names_a_builtin_or_a_users_class_or_says_what_is_valid():
         environment_factory("chess")
     with pytest.raises(ValueError, match=r"env.kind: cannot import 'Nope' from module 'pipeline.envs.guess'"):
         environment_factory("python:pipeline.envs.guess:Nope")
+
+
+def test_the_demonstrations_are_one_row_per_policy_turn_with_the_history_as_prompt():
+    from pipeline.tasks.tools import calculator_splits, guess_splits
+
+    splits = calculator_splits(200, 5, 5, 0.3, seed=0)
+    train = splits["train"]
+    firsts = train[train["turn"] == 0]
+    assert len(firsts) == 200 and firsts["prompt"].is_unique
+    followups = train[train["turn"] == 1]
+    for row in followups.itertuples():  # the second turn's history: the problem, the call, the tool's result
+        assert row.prompt.count("<calc>") == 1 and row.prompt.endswith("</result>") and "<result>" not in row.completion
+    good = sum(row.completion.strip() == row.answer for row in followups.itertuples())
+    assert 0.6 < good / len(firsts) < 0.8  # 30 % demonstrated badly: no tool, or a call that leaves a number out
+    assert set(splits["test"]["turn"]) == {0} and not set(splits["test"]["prompt"]) & set(train["prompt"])
+
+    games = guess_splits(50, 5, 5, 0.0, seed=0)["train"]
+    env, ends = Guess(), 0
+    for game in games[games["turn"] == 0].itertuples():  # replayed in the environment, binary search wins
+        env.reset({"prompt": game.prompt, "answer": game.answer})
+        turns = games[(games["answer"] == game.answer) & games["prompt"].str.startswith(game.prompt)]
+        steps = [env.step(row.completion) for row in turns.itertuples()]
+        ends += steps[-1].reward == 1.0
+    assert ends == 50

@@ -12,12 +12,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from pipeline.data.tokenization import encode, train_bpe_tokenizer
 from pipeline.envs import episodes as episodes_module
 from pipeline.envs.base import EnvironmentBug, Step
-from pipeline.envs.calculator import Calculator, problem
+from pipeline.envs.calculator import Calculator
 from pipeline.envs.episodes import Budgets, episode_batch, episode_stats, run_episodes
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
 from pipeline.envs.tools import closing, tag_tokens
 from pipeline.models.generation import Samples, SamplingParams
 from pipeline.models.logprobs import model_token_logps
+from pipeline.tasks.tools import calculator_problem
 
 PARAMS = SamplingParams(16, temperature=1.0, top_k=0, top_p=1.0)
 BUDGETS = Budgets(max_turns=6, turn_tokens=16, total_tokens=200)
@@ -26,7 +27,9 @@ BUDGETS = Budgets(max_turns=6, turn_tokens=16, total_tokens=200)
 @pytest.fixture(scope="module")
 def tokenizer():
     rng = random.Random(0)
-    texts = [problem(rng)[0] + " <calc>12+31</calc><result>43</result> 43 higher. lower." for _ in range(200)]
+    texts = [
+        calculator_problem(rng)[0] + " <calc>12+31</calc><result>43</result> 43 higher. lower." for _ in range(200)
+    ]
     return train_bpe_tokenizer(texts + [intro()], vocab_size=400, special=tag_tokens(["calc"]))
 
 

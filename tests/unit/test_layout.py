@@ -25,7 +25,7 @@ ALLOWED = {
     "files": set(),
     "data": FOUNDATION,
     "models": FOUNDATION | {"data"},
-    "tasks": FOUNDATION | {"data", "models"},
+    "tasks": FOUNDATION | {"data", "models", "envs"},
     "losses": set(),
     "train": FOUNDATION | {"data", "models", "losses", "envs"},
     "envs": FOUNDATION | {"data", "models"},
