@@ -36,6 +36,11 @@ class Calculator:
     def __init__(self, tools: Mapping[str, Any] = TOOLS) -> None:
         self.tools, self.answer = dict(tools), ""
 
+    @classmethod
+    def without_tools(cls) -> Calculator:
+        """The same task with no tool: a call is read as the answer (evaluate's `no_tool` figures)."""
+        return cls(tools={})
+
     def reset(self, row: Mapping[str, Any]) -> str:
         self.answer = str(row["answer"])
         return str(row["prompt"])

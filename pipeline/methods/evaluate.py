@@ -9,8 +9,10 @@ import pandas as pd
 from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
+from pipeline.eval.environments import evaluate_in_environment, transcripts_markdown, transcripts_table
 from pipeline.eval.policies import evaluate_policies, samples_table
 from pipeline.eval.reports import HEADLINE, eval_markdown
+from pipeline.methods.environments import episode_spec, episode_starts
 from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, frozen, inference_device
@@ -39,9 +41,10 @@ def run_evaluate(
     test = read_table(f"{data_dir}/test.parquet", PROMPT_COMPLETION)
     prompts = test["prompt"].tolist()
     judge = gold_judge(cfg, [(f"{data_dir}/test.parquet", test)])
+    policies = {"sft": load(sft_dir), "ppo": load(ppo_dir), "dpo": load(dpo_dir)}
     results, metrics = evaluate_policies(
-        {"ppo": load(ppo_dir), "dpo": load(dpo_dir)},
-        load(sft_dir),
+        {"ppo": policies["ppo"], "dpo": policies["dpo"]},
+        policies["sft"],
         reward_model,
         judge,
         tokenizer,
@@ -50,10 +53,26 @@ def run_evaluate(
         seed=cfg.seed,
         compiled=cfg.generation.compile,
     )
+    tables = {"samples/evaluate.json": samples_table(results, prompts)}
+    markdown = eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples)
+    spec = episode_spec(cfg.env, tokenizer)
+    if spec is not None:
+        played_metrics, played = evaluate_in_environment(
+            policies,
+            tokenizer,
+            spec,
+            episode_starts(test),
+            cfg.evaluate,
+            seed=cfg.seed,
+            without_tools=getattr(spec.make_env, "without_tools", None),
+        )
+        metrics.update(played_metrics)
+        tables["samples/episodes.json"] = transcripts_table(played)
+        markdown += "\n\n" + transcripts_markdown(played, played_metrics, cfg.evaluate.n_shown_samples)
     return Evaluation(
         metrics,
-        tables={"samples/evaluate.json": samples_table(results, prompts)},
+        tables=tables,
         points={name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results},
-        markdown=eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples),
+        markdown=markdown,
         headline={k: v for k, v in metrics.items() if k.split("/")[1] in HEADLINE},
     )

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.config import Config, ConfigError, EnvConfig
+from pipeline.config import Config, ConfigError
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
-from pipeline.envs.episodes import Budgets, EpisodeSpec, turn_stops
-from pipeline.envs.registry import environment_factory
+from pipeline.methods.environments import episode_spec, episode_starts
 from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training
@@ -18,23 +17,6 @@ from pipeline.train.hooks import NO_HOOKS, Hooks
 from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
 from pipeline.train.sharding import FSDP
-
-
-def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
-    """The environment `env.kind` names, with its budgets and the tokens its turns stop on; None for `none`."""
-    make_env = environment_factory(env.kind)
-    if make_env is None:
-        return None
-    budgets = Budgets(env.max_turns, env.turn_tokens, env.total_tokens)
-    stops = turn_stops(make_env, tokenizer, env.kind)
-    return EpisodeSpec(make_env, env.kind, budgets, env.timeout_s, stops, env.reward_weight)
-
-
-def _episode_starts(table: pd.DataFrame) -> list[dict]:
-    """The rows episodes start from: each prompt once, first turns only when the rows show several turns."""
-    if "turn" in table:
-        table = table[table["turn"] == 0]
-    return table.drop_duplicates("prompt").to_dict("records")
 
 
 def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks: Hooks = NO_HOOKS) -> Outcome | None:
@@ -85,7 +67,7 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         compiled_sampling=cfg.generation.compile,
         hooks=hooks,
         episodes=episodes,
-        rows=_episode_starts(train_table) if episodes is not None else (),
+        rows=episode_starts(train_table) if episodes is not None else (),
     )
     if not is_global_zero:
         return None

@@ -225,3 +225,10 @@ def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_p
     episode = {"env/reward", "env/success", "env/turns", "env/call_errors", "env/timeouts", "env/truncated_turns"}
     assert {f"final/{key}" for key in episode} <= set(ppo)
     assert ppo["final/env/turns"] >= 1.0 and ppo["model/value_parameters"] == 0.0
+    metrics = project.report("metrics")  # evaluate plays every policy in the environment too
+    for policy in ("sft", "ppo", "dpo"):
+        played = {f"{policy}/env/{key}" for key in ("pass_at_1", "turns", "tool_calls", "call_errors", "timeouts")}
+        assert played <= set(metrics), policy
+        assert (f"{policy}/env/no_tool/pass_at_1" in metrics) == (preset == "calculator")  # the tool's value
+    report = (project.path / "reports/eval.md").read_text()
+    assert "## In the environment" in report and "[observation] " in report and "[policy] " in report

@@ -13,7 +13,7 @@ from pipeline.data.tokenization import encode, train_bpe_tokenizer
 from pipeline.envs import episodes as episodes_module
 from pipeline.envs.base import EnvironmentBug, Step
 from pipeline.envs.calculator import Calculator
-from pipeline.envs.episodes import Budgets, episode_batch, episode_stats, run_episodes
+from pipeline.envs.episodes import Budgets, Episode, episode_batch, episode_stats, run_episodes
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
 from pipeline.envs.tools import closing, tag_tokens
 from pipeline.models.generation import Samples, SamplingParams
@@ -201,3 +201,18 @@ def test_the_trainers_log_probs_equal_the_samplers_on_the_policy_tokens(model, t
     for row, episode in enumerate(episodes):
         trained = logps[row][batch["mask"][row].bool()]
         torch.testing.assert_close(trained, torch.tensor(episode.sampler_logps), atol=1e-4, rtol=1e-4)
+
+
+def test_environment_pass_at_k_and_rates_by_hand():
+    from pipeline.eval.environments import Played, played_metrics, transcripts_markdown
+
+    def episode(reward, turns, truncated=None):
+        return Episode([1], reward=reward, turns=turns, truncated=truncated, transcript=[("observation", "q")])
+
+    # two rows, 4 episodes each: row 0 wins once, row 1 never (one cut by the turn budget)
+    played = Played([episode(1.0, 2)] + [episode(0.0, 3)] * 3 + [episode(0.0, 6, "turns")] + [episode(0.0, 4)] * 3, 4)
+    metrics = played_metrics(played)
+    assert metrics["pass_at_1"] == (0.25 + 0.0) / 2 and metrics["pass_at_4"] == (1.0 + 0.0) / 2
+    assert metrics["turns"] == (2 + 3 * 3 + 6 + 3 * 4) / 8 and metrics["truncated_turns"] == 1 / 8
+    text = transcripts_markdown({"sft": played}, {f"sft/env/{k}": v for k, v in metrics.items()}, n_shown=1)
+    assert "| sft | 0.125 | 0.500 | - | 3.62 |" in text and "[observation] q" in text

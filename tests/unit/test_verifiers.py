@@ -155,5 +155,7 @@ def test_verifier_config_needs_answers_and_rl_needs_a_reward():
     params["prepare"]["source"] = "arithmetic"
     assert load_config(params).judge.kind == "verifier"
     params["ppo"].update(reward_model_weight=0.0, judge_weight=0.0)
-    with pytest.raises(ConfigError, match="ppo.reward_model_weight \\+ ppo.judge_weight: both are 0"):
+    with pytest.raises(ConfigError, match="ppo.reward_model_weight \\+ ppo.judge_weight .*: all are 0"):
         load_config(params)
+    params["env"].update(kind="guess")  # an environment's reward is enough
+    assert load_config(params).env.kind == "guess"

@@ -1,0 +1,26 @@
+"""What the stages that play episodes share: the environment `env.*` names, and the rows episodes start from."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.config import EnvConfig
+from pipeline.envs.episodes import Budgets, EpisodeSpec, turn_stops
+from pipeline.envs.registry import environment_factory
+
+
+def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
+    """The environment `env.kind` names, with its budgets and the tokens its turns stop on; None for `none`."""
+    make_env = environment_factory(env.kind)
+    if make_env is None:
+        return None
+    budgets = Budgets(env.max_turns, env.turn_tokens, env.total_tokens)
+    stops = turn_stops(make_env, tokenizer, env.kind)
+    return EpisodeSpec(make_env, env.kind, budgets, env.timeout_s, stops, env.reward_weight)
+
+
+def episode_starts(table: pd.DataFrame) -> list[dict]:
+    """The rows episodes start from: each prompt once, first turns only when the rows show several turns."""
+    if "turn" in table:
+        table = table[table["turn"] == 0]
+    return table.drop_duplicates("prompt").to_dict("records")
