@@ -120,6 +120,11 @@ def _more(result: dict[str, float]) -> str:
     """The stage-specific figures: PPO rollouts/s, generation tokens/s per batch size."""
     if "rollouts_per_s" in result:
         return f"{result['rollouts_per_s']:.2f} rollouts/s"
+    if "multi_vs_single" in result:
+        return (
+            f"{result['turns']:.1f} turns; one turn of the same length: {result['single_turn_tokens_per_s']:.0f} "
+            f"tok/s ({result['multi_vs_single']:.2f}x)"
+        )
     return ", ".join(
         f"batch {b}: {result[f'tokens_per_s_batch{b}']:.0f} tok/s"
         for b in GENERATION_BATCHES

@@ -38,6 +38,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 from pipeline.config import Config, load_config
 from pipeline.data.batches import PairCollator, tokenize_pairs, tokenize_rows
 from pipeline.data.tokenization import train_bpe_tokenizer
+from pipeline.envs.base import Step
+from pipeline.envs.episodes import Budgets, run_episodes
 from pipeline.models.build import (
     build_causal_lm,
     build_reward_model,
@@ -57,10 +59,14 @@ from pipeline.train.trainer import FitResult, peak_rss_mb
 
 ROWS, BATCH, VOCAB, PPO_ROLLOUTS = 2048, 16, 2000, 8
 WORKLOADS = ("scratch", "hub")
-STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation")
+STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "ppo", "generation", "episodes")
 # `--stages ...`: SFT under trainer.compile (a warm-up of minutes); generation and PPO under generation.compile
 OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling", "generation_long")
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
+# `episodes`: 64 episodes of 4 turns (each ends on a tenth of the vocabulary, ~10 tokens), a 3-token observation
+# between turns, against one turn of the same total length per row: multi-turn sampling's overhead (each turn
+# prefills its history again) at equal tokens.
+EPISODE_ROWS, EPISODE_TURNS, EPISODE_TURN_TOKENS, EPISODE_TOTAL = 64, 4, 24, 96
 LONG_BATCH, LONG_NEW_TOKENS, LONG_POSITIONS = 64, 400, 512
 HUB_DROPOUT = 0.1
 
@@ -265,6 +271,8 @@ def run_stage(stage: str, work: Workload, seed: int = 0) -> dict[str, float]:
         out["flops"] = 6 * count_parameters(policy) * out["tokens"]
     elif stage in ("ppo", "ppo_compiled_sampling"):
         out = _run_ppo(work, config, seed, compiled=stage == "ppo_compiled_sampling")
+    elif stage == "episodes":
+        out = _run_episodes(work, config, seed)
     elif stage in ("generation", "generation_compiled", "generation_long"):
         out = _run_generation(
             work, config, seed, compiled=stage == "generation_compiled", long=stage == "generation_long"
@@ -337,6 +345,48 @@ def _run_generation(work: Workload, config: Config, seed: int, compiled: bool, l
         out["tokens"] += tokens
         out["flops"] += 2 * n * tokens
     return out
+
+
+class _Echo:
+    """The bench's environment: never done, answers every turn with the same short observation."""
+
+    def reset(self, row) -> str:
+        return row["prompt"]
+
+    def step(self, action: str) -> Step:
+        return Step(" ok then.")
+
+
+def _run_episodes(work: Workload, config: Config, seed: int) -> dict[str, float]:
+    """Multi-turn episodes (`run_episodes`, what `ppo` runs with an environment) and, on the same prompts, one turn
+    of the episodes' mean length: tokens/s of each (sampled and observation tokens alike) and their ratio."""
+    model = work.causal_lm(config, disable_dropout=True).to(_device())
+    prompts = [work.rows[i % len(work.rows)].prompt_ids for i in range(EPISODE_ROWS)]
+    rows = [{"prompt": work.tokenizer.decode(ids)} for ids in prompts]
+    stops = tuple(range(2, 2 + VOCAB // 10))
+    params = SamplingParams(EPISODE_TURN_TOKENS, temperature=1.0, top_k=0, top_p=1.0)
+    budgets = Budgets(EPISODE_TURNS, EPISODE_TURN_TOKENS, EPISODE_TOTAL)
+    start = time.perf_counter()
+    episodes = run_episodes(
+        model, work.tokenizer, _Echo, rows, budgets, params, seed=seed, batch_size=EPISODE_ROWS,
+        tool_stops=stops, timeout_s=5.0, kind="bench",
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    tokens = float(sum(len(e.ids) for e in episodes))
+    single = SamplingParams(round(tokens / len(episodes)), temperature=1.0, top_k=0, top_p=1.0)
+    start = time.perf_counter()
+    samples = sample_ids(model, work.tokenizer, prompts, single, batch_size=EPISODE_ROWS, seed=seed)
+    single_wall = time.perf_counter() - start
+    single_tokens = float(sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True)))
+    n = count_parameters(model)
+    return {
+        "wall_s": wall,
+        "tokens": tokens,
+        "flops": 2 * n * tokens,
+        "turns": sum(e.turns for e in episodes) / len(episodes),
+        "single_turn_tokens_per_s": single_tokens / single_wall,
+        "multi_vs_single": (tokens / wall) / (single_tokens / single_wall),
+    }
 
 
 def summarize(runs: list[dict[str, float]], peak_gflops: float) -> dict[str, float]:

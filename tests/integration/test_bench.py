@@ -22,9 +22,11 @@ def test_bench_runs_each_method_through_the_stages_wiring(tmp_path):
     assert not {"build_trainer", "SFTModule", "RewardModule", "DPOModule", "PPOModule"} & called
     work = workloads.workload("scratch", tmp_path, read_params(ROOT / "params.yaml"), rows=32)
     work.rollouts = 2
-    for stage in ("sft", "reward", "dpo_packed", "ppo"):
+    for stage in ("sft", "reward", "dpo_packed", "episodes", "ppo"):
         out = workloads.run_stage(stage, work)
         assert out["tokens"] > 0 and out["tokens_per_s"] > 0, stage
+        if stage == "episodes":  # several turns each, measured against one turn of the same length
+            assert out["turns"] > 1 and out["multi_vs_single"] > 0
     assert out["rollouts_per_s"] > 0
 
 
