@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pipeline.data.tokenization import encode
 from pipeline.envs.base import Environment, EnvironmentBug, Step
-from pipeline.models.generation import SamplingParams, context_length, sample_ids, stop_ids
+from pipeline.models.generation import CACHE_ARGUMENT, SamplingParams, context_length, drawn_log_probs, stop_ids
 
 TRUNCATIONS = ("turns", "turn_tokens", "total_tokens")
 
@@ -84,6 +84,8 @@ class Episode:
     done: bool = False
     transcript: list[tuple[str, str]] = field(default_factory=list)
     """(`observation` or `policy`, text) per turn, the first observation first."""
+    pending: list[int] = field(default_factory=list)
+    """The observation's ids appended since the policy's last turn (the next turn feeds them to the sampler)."""
 
     @property
     def active(self) -> bool:
@@ -105,55 +107,148 @@ def run_episodes(
     kind: str,
     with_logps: bool = False,
 ) -> list[Episode]:
-    """One episode per row of `rows` in a new environment from `make_env` (`kind` names it in errors)."""
+    """One episode per row of `rows` in a new environment from `make_env` (`kind` names it in errors), played
+    `batch_size` episodes at a time, every turn of a batch sampled together (`CachedTurns`)."""
     envs = [make_env() for _ in rows]
     first = [_reset(env, row, index, kind) for index, (env, row) in enumerate(zip(envs, rows, strict=True))]
     episodes = [Episode(ids) for ids in encode(tokenizer, first)]
     for episode, text in zip(episodes, first, strict=True):
         episode.transcript.append(("observation", text))
     _check_context(policy, episodes, budgets)
-    model_stops = set(stop_ids(policy, tokenizer))
-    for turn in range(budgets.max_turns):
-        active = [i for i, episode in enumerate(episodes) if episode.active]
-        if not active:
-            break
-        rooms = [min(budgets.turn_tokens, budgets.total_tokens - len(episodes[i].ids)) for i in active]
-        samples = sample_ids(
-            policy,
-            tokenizer,
-            [episodes[i].prompt_ids + episodes[i].ids for i in active],
-            replace(params, max_new_tokens=max(rooms)),
-            batch_size=batch_size,
-            seed=seed + 100_003 * turn,
-            extra_stops=tool_stops,
-            with_logps=with_logps,
-        )
-        for row, (i, room) in enumerate(zip(active, rooms, strict=True)):
-            episode, stop = episodes[i], samples.stop_tokens[row]
-            action = samples.completion_ids[row] + ([stop] if stop is not None else [])
-            logps = samples.logps[row] if with_logps else []
-            if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
-                action, logps = action[:room], logps[:room]
-                episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
-            episode.ids += action
-            episode.policy += [True] * len(action)
-            episode.sampler_logps += logps
-            episode.turns += 1
-            shown = [t for t in action if t not in model_stops]  # a tool's closing tag stays in the text
-            text = tokenizer.decode(shown, skip_special_tokens=False)
-            episode.transcript.append(("policy", text))
-            if episode.truncated:
-                continue
-            answer = _bounded_step(envs[i], text, timeout_s, i, turn, kind)
-            if answer is None:
-                episode.timed_out = True
-                continue
-            _take(episode, answer, tokenizer, budgets)
-        if turn == budgets.max_turns - 1:
-            for episode in episodes:
-                if episode.active:
-                    episode.truncated = "turns"
+    model_stops = stop_ids(policy, tokenizer)
+    stops = model_stops + [t for t in tool_stops if t not in model_stops]
+    for start in range(0, len(episodes), batch_size):
+        chunk = range(start, min(start + batch_size, len(episodes)))
+        turns = CachedTurns(policy, tokenizer, [episodes[i].prompt_ids for i in chunk], params, stops, with_logps)
+        for turn in range(budgets.max_turns):
+            active = [i for i in chunk if episodes[i].active]
+            if not active:
+                break
+            rooms = [min(budgets.turn_tokens, budgets.total_tokens - len(episodes[i].ids)) for i in active]
+            observed = {i - start: episodes[i].pending for i in active}
+            drawn = turns.sample(observed, max(rooms), seed + 100_003 * turn + start)
+            for i, room in zip(active, rooms, strict=True):
+                action, logps, stop = drawn[i - start]
+                _act(episodes[i], envs[i], action, logps, stop, room, set(model_stops), tokenizer, budgets, timeout_s,
+                     (i, turn, kind))  # fmt: skip
+        for i in chunk:
+            if episodes[i].active:
+                episodes[i].truncated = "turns"
     return episodes
+
+
+def _act(episode, env, action, logps, stop, room, model_stops, tokenizer, budgets, timeout_s, where) -> None:
+    """One policy turn of `episode`: its ids appended as drawn, then the environment's answer (or a budget's end)."""
+    episode.pending = []
+    if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
+        action, logps = action[:room], logps[:room]
+        episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
+    episode.ids += action
+    episode.policy += [True] * len(action)
+    episode.sampler_logps += logps
+    episode.turns += 1
+    shown = [t for t in action if t not in model_stops]  # a tool's closing tag stays in the text
+    text = tokenizer.decode(shown, skip_special_tokens=False)
+    episode.transcript.append(("policy", text))
+    if episode.truncated:
+        return
+    index, turn, kind = where
+    answer = _bounded_step(env, text, timeout_s, index, turn, kind)
+    if answer is None:
+        episode.timed_out = True
+        return
+    _take(episode, answer, tokenizer, budgets)
+
+
+class CachedTurns:
+    """The turns of a batch of episodes sampled together, the KV cache kept from turn to turn.
+
+    The batch starts as the left-padded first observations. After each turn every continuing row is extended by its
+    observation, left-padded to the widest one, and rows whose episode ended leave the batch (and the cache). The
+    cache never sees a token twice: each turn feeds only what is new (the last sampled token and the observation).
+    Padding inside a row (after an early stop, before a shorter observation) is masked, and positions come from
+    the mask, so each row's tokens are scored as the trainer scores its unpadded trajectory (a test checks the
+    sampler's log-probs against the trainer's).
+    """
+
+    def __init__(self, policy, tokenizer, prompts: Sequence[list[int]], params: SamplingParams, stops, with_logps):
+        self.policy, self.params, self.stops, self.with_logps = policy, params, list(stops), with_logps
+        self.pad = tokenizer.pad_token_id
+        width = max(map(len, prompts))
+        self.sequences = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            self.sequences[row, width - len(ids) :] = torch.as_tensor(ids)
+            self.mask[row, width - len(ids) :] = 1
+        self.rows = list(range(len(prompts)))  # batch row -> episode of the chunk
+        self.cache = None
+
+    def _continue(self, observed: Mapping[int, list[int]]) -> None:
+        """Keep the rows in `observed` (in its order), each extended by its observation."""
+        keep = [self.rows.index(row) for row in observed]
+        if keep != list(range(len(self.rows))):
+            index = torch.as_tensor(keep)
+            self.sequences, self.mask = self.sequences[index], self.mask[index]
+            if self.cache is not None:
+                self.cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
+        self.rows = list(observed)
+        width = max(map(len, observed.values()))
+        if width:
+            block = torch.full((len(self.rows), width), self.pad, dtype=torch.long)
+            block_mask = torch.zeros_like(block)
+            for row, ids in enumerate(observed.values()):
+                if ids:
+                    block[row, width - len(ids) :] = torch.as_tensor(ids)
+                    block_mask[row, width - len(ids) :] = 1
+            self.sequences = torch.cat([self.sequences, block], 1)
+            self.mask = torch.cat([self.mask, block_mask], 1)
+
+    @torch.no_grad()
+    def sample(
+        self, observed: Mapping[int, list[int]], max_new_tokens: int, seed: int
+    ) -> dict[int, tuple[list[int], list[float], int | None]]:
+        """One turn for the episodes in `observed` (chunk row -> its observation since its last turn): per row, the
+        drawn ids (up to and including the stop token), their log-probs (with `with_logps`), the stop token."""
+        self._continue(observed)
+        params, policy = self.params, self.policy
+        device = next(policy.parameters()).device
+        was_training = policy.training
+        policy.eval()
+        torch.manual_seed(seed)
+        width = self.sequences.shape[1]
+        sampling = params.temperature > 0
+        with torch.compiler.set_stance("force_eager"):
+            output = policy.generate(
+                input_ids=self.sequences.to(device),
+                attention_mask=self.mask.to(device),
+                **{CACHE_ARGUMENT: self.cache},
+                do_sample=sampling,
+                temperature=params.temperature if sampling else None,
+                top_k=params.top_k if sampling else None,
+                top_p=params.top_p if sampling else None,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.stops if len(self.stops) > 1 else self.stops[0],
+                pad_token_id=self.pad,
+                use_cache=True,
+                return_dict_in_generate=True,
+                output_logits=self.with_logps,
+            )
+        policy.train(was_training)
+        self.cache = output.past_key_values
+        drawn_logps = drawn_log_probs(output, width, params.temperature) if self.with_logps else None
+        sequences = output.sequences.cpu()
+        new = sequences[:, width:]
+        new_mask = torch.zeros_like(new)
+        drawn = {}
+        for row, episode in enumerate(self.rows):
+            tokens = new[row].tolist()
+            end = next((t for t, token in enumerate(tokens) if token in self.stops), None)
+            action = tokens if end is None else tokens[: end + 1]
+            new_mask[row, : len(action)] = 1
+            logps = drawn_logps[row, : len(action)].tolist() if drawn_logps is not None else []
+            drawn[episode] = (action, logps, None if end is None else tokens[end])
+        self.sequences, self.mask = sequences, torch.cat([self.mask, new_mask], 1)
+        return drawn
 
 
 def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> None:
@@ -170,6 +265,7 @@ def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> None:
         return
     episode.ids += observation
     episode.policy += [False] * len(observation)
+    episode.pending = observation
     episode.transcript.append(("observation", answer.observation))
 
 

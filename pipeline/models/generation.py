@@ -183,7 +183,7 @@ def sample_ids(
                 **cache,
             )
         if with_logps:
-            drawn = _drawn_logps(output, width, params.temperature)
+            drawn = drawn_log_probs(output, width, params.temperature)
             output = output.sequences
         for row, i in enumerate(index):
             tokens = output[row, width:].tolist()
@@ -210,8 +210,9 @@ def sample_ids(
     )
 
 
-def _drawn_logps(output, width: int, temperature: float) -> torch.Tensor:
-    """The log-prob of each drawn token under the raw logits at `temperature`. Shape: (B, new tokens), float32."""
+def drawn_log_probs(output, width: int, temperature: float) -> torch.Tensor:
+    """The log-prob of each token `generate` drew after the first `width` positions (its output with `output_logits`),
+    under the raw logits at `temperature`. Shape: (B, new tokens), float32."""
     logits = torch.stack(output.logits, 1).float()  # (B, N, V)
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature

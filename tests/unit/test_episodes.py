@@ -16,7 +16,7 @@ from pipeline.envs.calculator import Calculator
 from pipeline.envs.episodes import Budgets, Episode, episode_batch, episode_stats, run_episodes
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
 from pipeline.envs.tools import closing, tag_tokens
-from pipeline.models.generation import Samples, SamplingParams
+from pipeline.models.generation import SamplingParams
 from pipeline.models.logprobs import model_token_logps
 from pipeline.tasks.tools import calculator_problem
 
@@ -54,21 +54,25 @@ def scripted(monkeypatch, tokenizer, script):
     (a tool's closing tag or EOS as the stop token, cut at the turn's budget). Records every context it saw."""
     seen = []
 
-    def sample_ids(policy, tok, prompt_ids, params, *, batch_size, seed, extra_stops=(), with_logps=False):
-        completions, ended, stops = [], [], []
-        for ids in prompt_ids:
-            seen.append(list(ids))
-            action = encode(tokenizer, [script(tokenizer.decode(ids, skip_special_tokens=False))])[0]
-            stop = action.pop() if action and action[-1] in extra_stops else tokenizer.eos_token_id
-            if len(action) + 1 > params.max_new_tokens:
-                action, stop = (action + [stop])[: params.max_new_tokens], None
-            completions.append(action)
-            ended.append(stop is not None)
-            stops.append(stop)
-        texts = tokenizer.batch_decode(completions)
-        return Samples([list(p) for p in prompt_ids], completions, texts, ended, [False] * len(ended), stops)
+    class ScriptedTurns:
+        def __init__(self, policy, tok, prompts, params, stops, with_logps):
+            self.contexts, self.stops = {row: list(ids) for row, ids in enumerate(prompts)}, stops
 
-    monkeypatch.setattr(episodes_module, "sample_ids", sample_ids)
+        def sample(self, observed, max_new_tokens, seed):
+            drawn = {}
+            for row, observation in observed.items():
+                context = self.contexts[row] = self.contexts[row] + observation
+                seen.append(list(context))
+                action = encode(tokenizer, [script(tokenizer.decode(context, skip_special_tokens=False))])[0]
+                if not (action and action[-1] in self.stops):
+                    action.append(tokenizer.eos_token_id)
+                action = action[:max_new_tokens]
+                stop = action[-1] if action[-1] in self.stops else None
+                self.contexts[row] = context + action
+                drawn[row] = (action, [], stop)
+            return drawn
+
+    monkeypatch.setattr(episodes_module, "CachedTurns", ScriptedTurns)
     return seen
 
 
