@@ -1,4 +1,7 @@
-"""What every stage entry point shares: argv, params, seeding, the MLflow stage run, DDP rank handling.
+"""What every stage entry point shares, `stage()` in named steps: read argv and params (`_read`), seed and open the
+MLflow stage run (`_run`), hold the stage's checkpoint folder (`_held`, `_checkpoints`, from `stages/checkpoints.py`),
+start the watcher that marks a killed stage's runs KILLED (`_reaper`, `stages/reaper.py`), run the stage's pipeline
+call with its `Hooks`, and write its outputs atomically; DDP rank handling and the one-line exits (`run_main`).
 
 This is the one place (with the stage scripts) that reads `sys.argv`, `params.yaml` and the environment; the
 `pipeline` package gets everything as arguments.

@@ -269,6 +269,13 @@ def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> None:
     episode.transcript.append(("observation", answer.observation))
 
 
+def check_resets(make_env: Callable[[], Environment], rows: Sequence[Mapping[str, Any]], kind: str) -> None:
+    """Start an episode on every row once, before any training: an environment that cannot is named with its row
+    (`EnvironmentBug`) while nothing has been trained yet."""
+    for index, row in enumerate(rows):
+        _reset(make_env(), row, index, kind)
+
+
 def _reset(env: Environment, row: Mapping[str, Any], index: int, kind: str) -> str:
     try:
         return env.reset(row)

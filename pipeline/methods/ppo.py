@@ -8,6 +8,7 @@ import pandas as pd
 from pipeline.config import Config, ConfigError
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import encode, load_tokenizer
+from pipeline.envs.episodes import check_resets
 from pipeline.methods.environments import episode_spec, episode_starts
 from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
@@ -51,6 +52,9 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         reward_model, stats = build_reward_model(cfg.model, tokenizer, reward_dir), RewardStats.read(reward_dir)
     judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train_table)], tokenizer).to("cpu")
     episodes = episode_spec(cfg.env, tokenizer)
+    rows = episode_starts(train_table) if episodes is not None else []
+    if episodes is not None:
+        check_resets(episodes.make_env, rows, episodes.kind)  # a broken environment fails before any training
     module, is_global_zero = fit_ppo(
         policy,
         value_model,
@@ -67,7 +71,7 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         compiled_sampling=cfg.generation.compile,
         hooks=hooks,
         episodes=episodes,
-        rows=episode_starts(train_table) if episodes is not None else (),
+        rows=rows,
     )
     if not is_global_zero:
         return None

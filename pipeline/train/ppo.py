@@ -157,6 +157,8 @@ class PPOModule(pl.LightningModule):
             missing_eos_penalty=cfg.missing_eos_penalty,
         )
         self.accumulate, self.compiled_sampling, self.episodes = accumulate, compiled_sampling, episodes
+        # Dr. GRPO's constant per-row denominator: the most policy tokens a row can hold
+        self.max_tokens = episodes.budgets.total_tokens if episodes is not None else cfg.max_new_tokens
         if (value_model is None) != (cfg.advantage_estimator != "gae"):
             raise ValueError(
                 f"ppo.advantage_estimator {cfg.advantage_estimator!r}: a value model is needed by gae and only by gae"
@@ -345,7 +347,7 @@ class PPOModule(pl.LightningModule):
         cfg = self.cfg
         ids, am, mask = rollout.input_ids[index], rollout.attention_mask[index], rollout.mask[index]
         logps, entropy = self._logps(self.policy, ids, am, with_entropy=True)
-        aggregation = {"aggregation": self.aggregation, "max_tokens": cfg.max_new_tokens}
+        aggregation = {"aggregation": self.aggregation, "max_tokens": self.max_tokens}
         pg_loss, pg_stats = clipped_policy_loss(
             logps, rollout.logps[index], rollout.advantages[index], mask, cliprange=cfg.cliprange, **aggregation
         )
@@ -362,7 +364,7 @@ class PPOModule(pl.LightningModule):
                 kl_estimate(logps, rollout.ref_logps[index], "k3"),
                 mask,
                 self.aggregation,
-                max_tokens=cfg.max_new_tokens,
+                max_tokens=self.max_tokens,
             )
             loss = loss + cfg.kl_loss_coef * kl_loss
             stats["loss/kl_avg"] = kl_loss.detach()

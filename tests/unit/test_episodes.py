@@ -13,7 +13,7 @@ from pipeline.data.tokenization import encode, train_bpe_tokenizer
 from pipeline.envs import episodes as episodes_module
 from pipeline.envs.base import EnvironmentBug, Step
 from pipeline.envs.calculator import Calculator
-from pipeline.envs.episodes import Budgets, Episode, episode_batch, episode_stats, run_episodes
+from pipeline.envs.episodes import Budgets, Episode, check_resets, episode_batch, episode_stats, run_episodes
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
 from pipeline.envs.tools import closing, tag_tokens
 from pipeline.models.generation import SamplingParams
@@ -158,6 +158,8 @@ def test_a_hanging_step_ends_its_episode_in_time_and_a_reset_that_raises_is_name
     (episode,) = _run(model, tokenizer, Hanging, [{"answer": 20}], timeout_s=0.2)
     assert time.monotonic() - start < 5 and episode.timed_out and episode.reward == 0.0 and episode.turns == 1
     assert episode_stats([episode])["env/timeouts"] == 1.0
+    with pytest.raises(EnvironmentBug, match=r"env.kind broken: reset raised on row 0 \(KeyError: 'answer'\)"):
+        check_resets(BrokenReset, [{"answer": 3}], "broken")  # what ppo does before it trains
     made = iter([Guess(), BrokenReset()])
     with pytest.raises(EnvironmentBug, match=r"env.kind test: reset raised on row 1 \(KeyError: 'answer'\)"):
         _run(model, tokenizer, lambda: next(made), [{"answer": 3}, {"answer": 4}])
