@@ -368,9 +368,18 @@ def _run_episodes(work: Workload, config: Config, seed: int) -> dict[str, float]
     budgets = Budgets(EPISODE_TURNS, EPISODE_TURN_TOKENS, EPISODE_TOTAL)
     start = time.perf_counter()
     episodes = run_episodes(
-        model, work.tokenizer, _Echo, rows, budgets, params, seed=seed, batch_size=EPISODE_ROWS,
-        tool_stops=stops, timeout_s=5.0, kind="bench",
-    )  # fmt: skip
+        model,
+        work.tokenizer,
+        _Echo,
+        rows,
+        budgets,
+        params,
+        seed=seed,
+        batch_size=EPISODE_ROWS,
+        tool_stops=stops,
+        timeout_s=5.0,
+        kind="bench",
+    )
     wall = time.perf_counter() - start
     tokens = float(sum(len(e.ids) for e in episodes))
     single = SamplingParams(round(tokens / len(episodes)), temperature=1.0, top_k=0, top_p=1.0)

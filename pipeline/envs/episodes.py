@@ -129,20 +129,27 @@ def run_episodes(
             drawn = turns.sample(observed, max(rooms), seed + 100_003 * turn + start)
             for i, room in zip(active, rooms, strict=True):
                 action, logps, stop = drawn[i - start]
-                _act(episodes[i], envs[i], action, logps, stop, room, set(model_stops), tokenizer, budgets, timeout_s,
-                     (i, turn, kind))  # fmt: skip
+                episode = episodes[i]
+                if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
+                    action, logps = action[:room], logps[:room]
+                    episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
+                text = _append_turn(episode, action, logps, tokenizer, set(model_stops))
+                if episode.truncated:
+                    continue
+                answer = _bounded_step(envs[i], text, timeout_s, i, turn, kind)
+                if answer is None:
+                    episode.timed_out = True
+                    continue
+                _take(episode, answer, tokenizer, budgets)
         for i in chunk:
             if episodes[i].active:
                 episodes[i].truncated = "turns"
     return episodes
 
 
-def _act(episode, env, action, logps, stop, room, model_stops, tokenizer, budgets, timeout_s, where) -> None:
-    """One policy turn of `episode`: its ids appended as drawn, then the environment's answer (or a budget's end)."""
+def _append_turn(episode: Episode, action: list[int], logps: list[float], tokenizer, model_stops: set[int]) -> str:
+    """One policy turn's ids appended to `episode` as drawn; the turn's text, as the environment reads it."""
     episode.pending = []
-    if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
-        action, logps = action[:room], logps[:room]
-        episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
     episode.ids += action
     episode.policy += [True] * len(action)
     episode.sampler_logps += logps
@@ -150,14 +157,7 @@ def _act(episode, env, action, logps, stop, room, model_stops, tokenizer, budget
     shown = [t for t in action if t not in model_stops]  # a tool's closing tag stays in the text
     text = tokenizer.decode(shown, skip_special_tokens=False)
     episode.transcript.append(("policy", text))
-    if episode.truncated:
-        return
-    index, turn, kind = where
-    answer = _bounded_step(env, text, timeout_s, index, turn, kind)
-    if answer is None:
-        episode.timed_out = True
-        return
-    _take(episode, answer, tokenizer, budgets)
+    return text
 
 
 class CachedTurns:
