@@ -48,6 +48,7 @@ def _sampling(workdir: Path) -> dict[str, float]:
     import pandas as pd
     from transformers import AutoModelForCausalLM
 
+    from pipeline.bench.workloads import sampled_tokens
     from pipeline.data.tokenization import encode, load_tokenizer
     from pipeline.models.generation import SamplingParams, sample_ids
 
@@ -65,7 +66,7 @@ def _sampling(workdir: Path) -> dict[str, float]:
         samples = sample_ids(model, tokenizer, ids, params, batch_size=SAMPLING_BATCH, seed=0)
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-        tokens = sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True))
+        tokens = sampled_tokens(samples)
         out[f"{mode}_tokens_per_s"] = tokens / wall
         completions[mode] = samples.completion_ids
     out["speedup"] = out["compiled_tokens_per_s"] / out["eager_tokens_per_s"]

@@ -47,7 +47,7 @@ from pipeline.models.build import (
     count_parameters,
     prepare_for_training,
 )
-from pipeline.models.generation import SamplingParams, sample_ids
+from pipeline.models.generation import Samples, SamplingParams, sample_ids
 from pipeline.models.judges import VaderJudge
 from pipeline.models.reference import attach_reference, reference_logps
 from pipeline.tasks.synthetic import generate_reviews
@@ -321,6 +321,11 @@ def _run_ppo(work: Workload, config: Config, seed: int, compiled: bool) -> dict[
     }
 
 
+def sampled_tokens(samples: Samples) -> float:
+    """The tokens a sampling call drew: every completion's, and the EOS of each that ended."""
+    return float(sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True)))
+
+
 def _run_generation(work: Workload, config: Config, seed: int, compiled: bool, long: bool = False) -> dict[str, float]:
     """`pipeline.models.generation.sample_ids` (what preferences, PPO rollouts and evaluation call) at each batch size;
     `long`: `LONG_NEW_TOKENS` at `LONG_BATCH` from a `LONG_POSITIONS`-position scratch model."""
@@ -339,7 +344,7 @@ def _run_generation(work: Workload, config: Config, seed: int, compiled: bool, l
         start = time.perf_counter()
         samples = sample_ids(model, work.tokenizer, prompts, params, batch_size=batch, seed=seed)
         wall = time.perf_counter() - start
-        tokens = float(sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True)))
+        tokens = sampled_tokens(samples)
         out[f"tokens_per_s_batch{batch}"] = tokens / wall
         out["wall_s"] += wall
         out["tokens"] += tokens
@@ -386,7 +391,7 @@ def _run_episodes(work: Workload, config: Config, seed: int) -> dict[str, float]
     start = time.perf_counter()
     samples = sample_ids(model, work.tokenizer, prompts, single, batch_size=EPISODE_ROWS, seed=seed)
     single_wall = time.perf_counter() - start
-    single_tokens = float(sum(len(c) + e for c, e in zip(samples.completion_ids, samples.ended, strict=True)))
+    single_tokens = sampled_tokens(samples)
     n = count_parameters(model)
     return {
         "wall_s": wall,

@@ -12,6 +12,7 @@ from pipeline.files import dvc_md5
 from stages import dag_stages
 from tests.e2e.conftest import built_once
 from tests.e2e.project import Project
+from tests.e2e.test_resume import _runs
 
 pytestmark = pytest.mark.slow
 STAGES = set(dag_stages())  # read from dvc.yaml
@@ -53,11 +54,6 @@ def _client(project: Project) -> MlflowClient:
     return MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
 
 
-def _runs(project: Project) -> list:
-    client = _client(project)
-    return client.search_runs([client.get_experiment_by_name("alignment").experiment_id], max_results=1000)
-
-
 def test_one_repro_runs_every_stage_of_the_dag(dag):
     assert Project.ran((dag.path.parent / "repro.txt").read_text()) == STAGES
     assert "Data and pipelines are up to date" in dag.dvc("status")  # every stage's lock matches its inputs
@@ -95,7 +91,7 @@ def test_evaluate_scores_every_policy_and_writes_its_report_and_figures(dag):
 
 
 def test_one_group_run_spans_the_stage_runs_and_holds_the_headline_figures(dag):
-    runs = _runs(dag)
+    runs = _runs(dag, None)
     assert sorted(r.info.run_name for r in runs if r.data.tags["align.role"] == "stage") == sorted(STAGES)
     parent = next(r for r in runs if r.data.tags["align.role"] == "group")
     stage_runs = [r.info for r in runs if r.data.tags["align.role"] == "stage"]
@@ -108,7 +104,7 @@ def test_one_group_run_spans_the_stage_runs_and_holds_the_headline_figures(dag):
 
 
 def test_stage_runs_follow_mlflows_conventions(dag):
-    _check_mlflow_conventions(dag, _client(dag), _runs(dag), (dag.path.parent / "ran-at.txt").read_text())
+    _check_mlflow_conventions(dag, _client(dag), _runs(dag, None), (dag.path.parent / "ran-at.txt").read_text())
 
 
 def test_the_plots_page_draws_every_plot_offline(dag, tmp_path):
@@ -154,7 +150,7 @@ def test_a_beta_sweep_reuses_the_reference_runs_queued_points_at_once_and_feeds_
     rounds = project.run_points(points, jobs=2, client=_client(project))
     shown = json.loads(project.dvc("exp", "show", "--json"))
     revs = {rev["name"]: rev for entry in shown for e in entry.get("experiments") or [] for rev in e["revs"]}
-    runs = _runs(project)
+    runs = _runs(project, None)
     spans = []
     for name in points:
         assert "dpo/kl" in revs[name]["data"]["metrics"]["reports/metrics.json"]["data"], name
