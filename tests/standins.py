@@ -40,6 +40,26 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' "
     "+ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# The shape of Qwen2.5-Instruct's template with tools (written for these tests, not copied): the tools' JSON schemas
+# listed in a system turn, an assistant's calls as `<tool_call>` JSON, each `tool` turn a `<tool_response>` inside a
+# user turn (consecutive ones share it).
+QWEN_TOOLS = (
+    "{%- if tools %}{{ '<|im_start|>system\\nYou may call these tools:\\n<tools>' }}{%- for tool in tools %}"
+    "{{ '\\n' + (tool | tojson) }}{%- endfor %}{{ '\\n</tools>\\nCall one as <tool_call>\\n{\"name\": <name>, "
+    '"arguments": <object>}\\n</tool_call><|im_end|>\\n\' }}{%- endif %}'
+    "{%- for message in messages %}"
+    "{%- if message.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{ '<|im_start|>user' }}{%- endif %}"
+    "{{ '\\n<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{ '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif message.role == 'assistant' and message.tool_calls %}{{ '<|im_start|>assistant' }}"
+    "{%- if message.content %}{{ '\\n' + message.content }}{%- endif %}"
+    "{%- for call in message.tool_calls %}{%- set call = call.function if call.function is defined else call %}"
+    '{{ \'\\n<tool_call>\\n{"name": "\' + call.name + \'", "arguments": \' + (call.arguments | tojson) + '
+    "'}\\n</tool_call>' }}{%- endfor %}{{ '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
 EOS, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 
 
@@ -65,9 +85,11 @@ def bpe_tokenizer(texts: Sequence[str], specials: Sequence[str], vocab_size: int
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
 
 
-def chat_tokenizer(texts: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
-    tokenizer = bpe_tokenizer(texts or corpus(), [EOS, IM_START, IM_END], eos_token=EOS, bos_token=EOS)
-    tokenizer.chat_template = CHATML
+def chat_tokenizer(
+    texts: Sequence[str] | None = None, template: str = CHATML, vocab_size: int = 400
+) -> PreTrainedTokenizerFast:
+    tokenizer = bpe_tokenizer(texts or corpus(), [EOS, IM_START, IM_END], vocab_size, eos_token=EOS, bos_token=EOS)
+    tokenizer.chat_template = template
     return tokenizer
 
 
@@ -77,9 +99,17 @@ def _save(model, tokenizer, path: Path) -> str:
     return str(path)
 
 
-def chat_llama(path: Path, seed: int = 0) -> str:
-    """A tiny Llama-architecture chat model with a ChatML template; no pad token, EOS != end-of-turn."""
-    tokenizer = chat_tokenizer()
+def chat_llama(
+    path: Path,
+    seed: int = 0,
+    template: str = CHATML,
+    texts: Sequence[str] | None = None,
+    vocab_size: int = 400,
+    context: int = 256,
+) -> str:
+    """A tiny Llama-architecture chat model with a ChatML template (or `template`, e.g. `QWEN_TOOLS`), its
+    tokenizer trained on `texts` (the review grammar by default); no pad token, EOS != end-of-turn."""
+    tokenizer = chat_tokenizer(texts, template, vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -88,7 +118,7 @@ def chat_llama(path: Path, seed: int = 0) -> str:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=context,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

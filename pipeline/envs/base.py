@@ -1,4 +1,4 @@
-"""The environment protocol and `env.kind`'s loader.
+"""The environment protocol: `reset`, `step` and the `Step` it returns.
 
 An environment is a Python object, one instance per episode: `reset(row)` takes the data row (its `prompt`, its
 `answer`, any other column) and returns the first observation, the text the policy starts from; `step(action)`
@@ -13,8 +13,7 @@ the row and the turn. A step that runs past `env.timeout_s` ends its episode wit
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,26 +41,3 @@ class Environment(Protocol):
 
 class EnvironmentBug(RuntimeError):
     """An environment raised (in `reset` or `step`): the message names it, the row and the turn."""
-
-
-def environment_class(kind: str, builtin: Mapping[str, Callable[[], Environment]]) -> Callable[[], Environment] | None:
-    """What `env.kind` names: None for `none` (single-turn), a built-in, or a user's `python:<module>:<Class>`
-    (imported only when named, from the project root). Raises ValueError naming the key and the fix."""
-    if kind == "none":
-        return None
-    if kind in builtin:
-        return builtin[kind]
-    parts = kind.split(":")
-    if len(parts) != 3 or parts[0] != "python" or not all(parts[1:]):
-        valid = ", ".join(["none", *sorted(builtin), "python:<module>:<Class>"])
-        raise ValueError(f"env.kind: {kind!r} is not one of {valid}")
-    try:
-        cls = getattr(importlib.import_module(parts[1]), parts[2])
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"env.kind: cannot import {parts[2]!r} from module {parts[1]!r} ({error}); the module must be importable "
-            "from the project root"
-        ) from None
-    if not callable(cls):
-        raise ValueError(f"env.kind: {kind!r} is not a class")
-    return cls

@@ -39,7 +39,8 @@ class Budgets:
 @dataclass(frozen=True)
 class EpisodeSpec:
     """What a stage needs to run episodes (`env.*`): the environment's factory and name, the budgets, the step
-    timeout, the token ids that end a turn besides EOS (its tools' closing tags), the reward's weight."""
+    timeout, the token ids that end a turn besides EOS (its tools' closing tags), the reward's weight, and the
+    environment without its tools."""
 
     make_env: Callable[[], Environment]
     kind: str
@@ -47,19 +48,21 @@ class EpisodeSpec:
     timeout_s: float
     tool_stops: tuple[int, ...]
     reward_weight: float
+    make_bare: Callable[[], Environment] | None = None
+    """The same environment with its tools taken away (`without_tools`), when it has that variant."""
 
 
-def turn_stops(make_env: Callable[[], Environment], tokenizer, kind: str) -> tuple[int, ...]:
-    """The ids of the texts the environment ends a turn on (`stop_texts`, its tools' closing tags), each one token
+def turn_stops(env: Environment, tokenizer, kind: str) -> tuple[int, ...]:
+    """The ids of the texts `env` ends a turn on besides EOS (`stop_texts`: its tools' closing tags), each one token
     of `tokenizer`. Raises ValueError naming the text when the tokenizer splits it."""
     ids = []
-    for text in getattr(make_env, "stop_texts", ()):
+    for text in getattr(env, "stop_texts", ()):
         pieces = encode(tokenizer, [text])[0]
         if len(pieces) != 1:
             raise ValueError(
                 f"env.kind {kind}: the tokenizer splits {text!r} into {len(pieces)} tokens, so a turn cannot stop on "
-                "it; train the scratch tokenizer with the tool tags (prepare.source: calculator does) or use a model "
-                "whose tokenizer has it as one token"
+                "it; train the scratch tokenizer with the tool tags (prepare.source: calculator does) or use a chat "
+                "model, whose tool calls end on its end-of-turn token"
             )
         ids.append(pieces[0])
     return tuple(ids)
@@ -318,7 +321,7 @@ def _check_context(policy: torch.nn.Module, episodes: Sequence[Episode], budgets
     longest = max((len(e.prompt_ids) for e in episodes), default=0)
     if context is not None and longest + budgets.total_tokens > context:
         raise ValueError(
-            f"env.max_total_tokens: {budgets.total_tokens} tokens after a first observation of up to {longest} do not "
+            f"env.total_tokens: {budgets.total_tokens} tokens after a first observation of up to {longest} do not "
             f"fit the model's context of {context} positions; set it to at most {context - longest}"
         )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -78,16 +78,15 @@ def evaluate_in_environment(
     cfg: EvaluateConfig,
     *,
     seed: int,
-    without_tools: Callable[[], Any] | None = None,
 ) -> tuple[dict[str, float], dict[str, Played]]:
-    """`<policy>/env/*` for every policy; `<policy>/env/no_tool/*` too when `without_tools` makes the environment
-    with its tools taken away. Returns the metrics and each policy's episodes."""
+    """`<policy>/env/*` for every policy; `<policy>/env/no_tool/*` too when the environment has a variant without
+    its tools (`spec.make_bare`). Returns the metrics and each policy's episodes."""
     metrics, played = {}, {}
     for name, policy in policies.items():
         played[name] = play(policy, tokenizer, spec, rows, cfg, seed=seed)
         metrics.update({f"{name}/env/{key}": value for key, value in played_metrics(played[name]).items()})
-        if without_tools is not None:
-            bare = dataclasses.replace(spec, make_env=without_tools, tool_stops=())
+        if spec.make_bare is not None:
+            bare = dataclasses.replace(spec, make_env=spec.make_bare, tool_stops=())
             alone = played_metrics(play(policy, tokenizer, bare, rows, cfg, seed=seed))
             metrics.update({f"{name}/env/no_tool/{key}": value for key, value in alone.items()})
     return metrics, played

@@ -5,18 +5,24 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline.config import EnvConfig
+from pipeline.envs.dialogue import dialogue_for
 from pipeline.envs.episodes import Budgets, EpisodeSpec, turn_stops
 from pipeline.envs.registry import environment_factory
 
 
 def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
-    """The environment `env.kind` names, with its budgets and the tokens its turns stop on; None for `none`."""
-    make_env = environment_factory(env.kind)
+    """The environment `env.kind` names, speaking the tokenizer's dialogue (its chat template's tool calls, or the
+    tag protocol), with its budgets and the tokens its turns stop on; None for `none`."""
+    make_env = environment_factory(env.kind, dialogue_for(tokenizer))
     if make_env is None:
         return None
     budgets = Budgets(env.max_turns, env.turn_tokens, env.total_tokens)
-    stops = turn_stops(make_env, tokenizer, env.kind)
-    return EpisodeSpec(make_env, env.kind, budgets, env.timeout_s, stops, env.reward_weight)
+    probe = make_env()
+    stops = turn_stops(probe, tokenizer, env.kind)
+    bare = None
+    if callable(getattr(probe, "without_tools", None)):
+        bare = lambda: make_env().without_tools()  # noqa: E731 - a factory like make_env
+    return EpisodeSpec(make_env, env.kind, budgets, env.timeout_s, stops, env.reward_weight, bare)
 
 
 def episode_starts(table: pd.DataFrame) -> list[dict]:

@@ -64,7 +64,6 @@ def run_evaluate(
             episode_starts(test),
             cfg.evaluate,
             seed=cfg.seed,
-            without_tools=getattr(spec.make_env, "without_tools", None),
         )
         metrics.update(played_metrics)
         tables["samples/episodes.json"] = transcripts_table(played)

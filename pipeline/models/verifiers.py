@@ -37,6 +37,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from pipeline.config.named import import_named
+
 NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?")
 BUILTIN = ("exact", "math")
 
@@ -104,19 +106,7 @@ def load_checker(name: str) -> Callable[[str, str, str], float]:
                 "math-verify, or use judge.verifier: exact"
             ) from None
         return math_score
-    parts = name.split(":")
-    if len(parts) != 3 or parts[0] != "python" or not all(parts[1:]):
-        raise ValueError(f"judge.verifier: {name!r} is not one of exact, math, python:<module>:<function>")
-    try:
-        function = getattr(importlib.import_module(parts[1]), parts[2])
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"judge.verifier: cannot import {parts[2]!r} from module {parts[1]!r} ({error}); the "
-            "module must be importable from the project root"
-        ) from None
-    if not callable(function):
-        raise ValueError(f"judge.verifier: {name!r} is not callable")
-    return function
+    return import_named(name, "judge.verifier", "exact, math")
 
 
 class Verifier:

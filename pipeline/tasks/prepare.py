@@ -5,7 +5,8 @@ held-out test prompts that evaluation samples from. With `source: dataset`, rows
 `datasets.load_dataset` (a hub id, or a builder such as `json`/`parquet` with local `data_files`) through a column
 mapping; when there is no completion column the text is split after `prompt_words` words, as the DPO paper's IMDb
 task uses review prefixes as prompts. With `messages_column`, each row is a conversation (`pipeline.data.chat`): the
-prompt is every turn before the last assistant turn, rendered with the tokenizer's chat template when it has one.
+prompt is every turn before the last assistant turn, rendered with the tokenizer's chat template when it has one; a
+conversation with tool calls gives a row per assistant turn (`turn`), all in the split of its first.
 The `gold` column is the judge's score of each completion.
 """
 
@@ -18,9 +19,10 @@ import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
 from pipeline.config import PrepareConfig
-from pipeline.data.chat import conversation_prompts, render_prompt
+from pipeline.data.chat import conversation_rows, render_prompt
 from pipeline.data.loading import load_table, require_columns, require_text
 from pipeline.data.schemas import PROMPT_COMPLETION, validate_frame
+from pipeline.envs.dialogue import dialogue_for
 from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.tasks.arithmetic import arithmetic_splits
 from pipeline.tasks.synthetic import class_fractions, generate_reviews
@@ -28,7 +30,9 @@ from pipeline.tasks.tools import calculator_splits, guess_splits
 
 SPLITS = ("train", "val", "test")
 # The embedded tasks with reference answers: `prepare.source` -> (n_train, n_val, n_test, frac_wrong, seed) -> splits
-EMBEDDED_VERIFIABLE = {"arithmetic": arithmetic_splits, "calculator": calculator_splits, "guess": guess_splits}
+EMBEDDED_VERIFIABLE = {"arithmetic": arithmetic_splits}
+# ... and those played in an environment, their demonstrations written through its dialogue (a last argument)
+EMBEDDED_ENVIRONMENTS = {"calculator": calculator_splits, "guess": guess_splits}
 
 
 def synthetic_splits(
@@ -56,12 +60,16 @@ def dataset_splits(cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizer
         if tokenizer is None:
             raise ValueError("prepare.messages_column: conversations need a hub or local model.base, not scratch")
         where = f"{cfg.data_files or cfg.dataset_path} column {cfg.messages_column!r}"
-        prompts, completions = conversation_prompts(table[cfg.messages_column].tolist(), tokenizer, where)
-        frame = pd.DataFrame({"prompt": prompts, "completion": completions})
+        tools = table["tools"].tolist() if "tools" in table else None
+        frame = pd.DataFrame(conversation_rows(table[cfg.messages_column].tolist(), tokenizer, where, tools))
+        # a conversation's rows stay in one split, under the prompt of its first row
+        frame["group"] = frame.groupby("conversation")["prompt"].transform("first")
+        frame = frame.drop(columns="conversation" if frame["turn"].max() > 0 else ["conversation", "turn"])
     else:
         frame = _map_columns(table, cfg)
         frame = _render_prompts(frame, tokenizer) if tokenizer is not None else frame
-    prompts = sorted(frame["prompt"].unique())
+        frame["group"] = frame["prompt"]
+    prompts = sorted(frame["group"].unique())
     random.Random(seed).shuffle(prompts)
     if len(prompts) <= cfg.n_val + cfg.n_test:
         raise ValueError(
@@ -70,13 +78,14 @@ def dataset_splits(cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizer
         )
     test_prompts = set(prompts[: cfg.n_test])
     val_prompts = set(prompts[cfg.n_test : cfg.n_test + cfg.n_val])
+    firsts = frame[frame["turn"] == 0] if "turn" in frame else frame  # held out: where episodes start
     splits = {
-        "test": frame[frame["prompt"].isin(test_prompts)].drop_duplicates("prompt"),
-        "val": frame[frame["prompt"].isin(val_prompts)].drop_duplicates("prompt"),
-        "train": frame[~frame["prompt"].isin(test_prompts | val_prompts)],
+        "test": firsts[firsts["group"].isin(test_prompts)].drop_duplicates("prompt"),
+        "val": firsts[firsts["group"].isin(val_prompts)].drop_duplicates("prompt"),
+        "train": frame[~frame["group"].isin(test_prompts | val_prompts)],
     }
     splits["train"] = splits["train"].sample(frac=1.0, random_state=seed).head(cfg.n_train)
-    return {name: split.reset_index(drop=True) for name, split in splits.items()}
+    return {name: split.drop(columns="group").reset_index(drop=True) for name, split in splits.items()}
 
 
 def _render_prompts(frame: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> pd.DataFrame:
@@ -118,7 +127,10 @@ def prepare_splits(
         tokenizer: the model's tokenizer, whose chat template (if any) renders the prompts; None for a scratch
             model, whose tokenizer is trained on these splits afterwards.
     """
-    if cfg.source in EMBEDDED_VERIFIABLE:
+    if cfg.source in EMBEDDED_ENVIRONMENTS:  # turns written through the dialogue the environment will speak
+        draw = EMBEDDED_ENVIRONMENTS[cfg.source]
+        splits = draw(cfg.n_train, cfg.n_val, cfg.n_test, cfg.frac_wrong, seed, dialogue_for(tokenizer))
+    elif cfg.source in EMBEDDED_VERIFIABLE:
         splits = EMBEDDED_VERIFIABLE[cfg.source](cfg.n_train, cfg.n_val, cfg.n_test, cfg.frac_wrong, seed)
         splits = {name: _render_prompts(split, tokenizer) for name, split in splits.items()} if tokenizer else splits
     else:

@@ -14,10 +14,13 @@ from transformers import AutoTokenizer
 
 from pipeline.config import load_config, read_params
 from pipeline.data.tokenization import load_tokenizer
+from pipeline.envs.tools import CALC
 from pipeline.models.judges import build_judge
+from pipeline.tasks.tools import calculator_problem
 from tests.e2e.project import Project
 from tests.e2e.test_pipeline import STAGES
 from tests.standins import (
+    QWEN_TOOLS,
     chat_llama,
     encoder_reward_model,
     gpt2_hub,
@@ -220,7 +223,7 @@ def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_p
     assert prepared["turn"].max() >= 1 and prepared["answer"].notna().all()  # later turns carry their history
     tokenizer = load_tokenizer(str(project.path / "models/sft"))
     if preset == "calculator":
-        assert len(tokenizer("<calc>12+7</calc>", add_special_tokens=False)["input_ids"]) == 5  # tag, 12, +, 7, tag
+        assert tokenizer.tokenize("<calc> 12 + 7</calc>") == ["<calc>", "Ġ12", "Ġ+", "Ġ7", "</calc>"]  # tags whole
     ppo = project.report("ppo")
     episode = {"env/reward", "env/success", "env/turns", "env/call_errors", "env/timeouts", "env/truncated_turns"}
     assert {f"final/{key}" for key in episode} <= set(ppo)
@@ -232,3 +235,53 @@ def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_p
         assert (f"{policy}/env/no_tool/pass_at_1" in metrics) == (preset == "calculator")  # the tool's value
     report = (project.path / "reports/eval.md").read_text()
     assert "## In the environment" in report and "[observation] " in report and "[policy] " in report
+
+
+def test_calculator_chat_preset_runs_the_dag_through_the_chat_templates_tool_calling(tmp_path):
+    """The hub tool preset on a stand-in with a Qwen2.5-shaped tool-calling template: demonstrations written in it
+    (the tool offered as a JSON schema, calls as `<tool_call>` JSON, results as `tool` turns), episodes played
+    through it in ppo and evaluate, the tool taken away for `no_tool`."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    rng = random.Random(0)
+    call = '<tool_call>\n{"name": "calc", "arguments": {"expression": "12+31+7"}}\n</tool_call>'
+    texts = [json.dumps(CALC.schema())] * 20 + [
+        f"{calculator_problem(rng)[0]} {call} <tool_response>\n50\n</tool_response> You may call these tools:"
+        for _ in range(300)
+    ]
+    base = chat_llama(hub / "tool-llama", template=QWEN_TOOLS, texts=texts, vocab_size=800, context=512)
+    lengths = {"max_length": 300}
+    project = Project(
+        tmp_path / "repo",
+        preset="calculator-chat",
+        overrides={
+            "model": {"base": base},
+            "trainer": CPU,
+            "prepare": {"n_train": 200, "n_val": 10, "n_test": 10},
+            "sft": {**lengths, "max_new_tokens": 16},
+            "preferences": lengths,
+            "reward": lengths,
+            "reference": lengths,
+            "dpo": {**lengths, "max_new_tokens": 16},
+            "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4, "max_new_tokens": 16},
+            "evaluate": {"pass_k": 2, "max_new_tokens": 16},
+            "env": {"turn_tokens": 24, "total_tokens": 120},
+            "judge": {"format_pattern": "[0-9]{2}", "format_weight": 0.5},  # as above: pairs from an untrained SFT
+        },
+    )
+    assert project.ran(project.dvc("repro")) == STAGES
+    train = pd.read_parquet(project.path / "data/prepared/train.parquet")
+    firsts, seconds = train[train["turn"] == 0], train[train["turn"] == 1]
+    assert firsts["prompt"].str.startswith("<|im_start|>system\nYou may call these tools:\n<tools>\n").all()
+    assert firsts["completion"].str.startswith('<tool_call>\n{"name": "calc", "arguments": {"expression": ').any()
+    assert (
+        len(seconds)
+        and seconds["prompt"].str.contains("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n").all()
+    )
+    ppo = project.report("ppo")
+    assert {"final/env/success", "final/env/turns", "final/env/call_errors"} <= set(ppo)
+    metrics = project.report("metrics")
+    for policy in ("sft", "ppo", "dpo"):
+        assert {f"{policy}/env/pass_at_1", f"{policy}/env/no_tool/pass_at_1"} <= set(metrics), policy
+    report = (project.path / "reports/eval.md").read_text()
+    assert "[observation] <|im_start|>system\nYou may call these tools:" in report

@@ -1,13 +1,14 @@
 """Conversations and chat templates: the loss mask token by token, end-of-turn detection, plain rendering, errors."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from pipeline.data.batches import SFTCollator, tokenize_rows
 from pipeline.data.chat import (
-    conversation_prompts,
+    conversation_rows,
     end_of_turn_token,
     hh_turns,
     parse_turns,
@@ -18,7 +19,13 @@ from pipeline.data.chat import (
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.models.build import build_causal_lm
 from pipeline.models.generation import SamplingParams, sample, stop_ids
-from tests.standins import EOS, IM_END, chat_llama, chat_tokenizer
+from tests.standins import EOS, IM_END, QWEN_TOOLS, chat_llama, chat_tokenizer
+
+
+def conversation_prompts(values, tokenizer, where):
+    rows = conversation_rows(values, tokenizer, where)
+    return [row["prompt"] for row in rows], [row["completion"] for row in rows]
+
 
 CONVERSATION = [
     {"role": "system", "content": "Answer briefly."},
@@ -92,6 +99,11 @@ def test_template_without_special_end_of_turn_is_refused(chat_dir, tmp_path):
         ([{"content": "hi"}, {"role": "assistant", "content": "a"}],
          r"f\.jsonl row 3 column 'messages': turn 0 has no 'role'"),
         ([{"role": "robot", "content": "hi"}], r"turn 0 has unknown role 'robot'; roles are system, user, assistant"),
+        ([{"role": "user", "content": None}], r"turn 0 has no 'content'"),
+        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "calc", "arguments": "{x"}}]}],
+         r"turn 0 tool_calls call 0: arguments '\{x' are not JSON"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}],
+         r"turn 0 tool_calls call 0 is .*; a call needs a function 'name' and 'arguments'"),
         ([{"role": "user", "content": "hi"}], r"row 3 column 'messages': the conversation has no assistant turn"),
         ([{"role": "user", "content": 3}], r"turn 0 content is 3, not a string or a list of content parts"),
         ("just text", r"expected a non-empty list of \{role, content\} turns"),
@@ -146,3 +158,47 @@ def test_openai_content_parts_are_read_as_their_joined_text():
     image = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "x.png"}}]
     with pytest.raises(ValueError, match=r"f\.jsonl row 0: turn 0 content part 1 is \{'type': 'image_url'.*only text"):
         parse_turns([{"role": "user", "content": image}], "f.jsonl row 0")
+
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "Ann has 12 coins, Bo has 31 coins. How many coins in all?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "calc", "arguments": '{"expression": "12+31"}'}}],
+    },
+    {"role": "tool", "content": "43"},
+    {"role": "assistant", "content": "43"},
+]
+SCHEMA = '[{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]'
+
+
+def test_a_conversation_with_tool_calls_trains_every_assistant_turn_and_never_a_tools_result():
+    """Hub chat data in OpenAI's format (`tool_calls` with JSON-string arguments, a `tool` turn, a `tools` column):
+    one row per assistant turn; the template's own text for the call; the tool's result only ever in a prompt."""
+    tokenizer = use_chat_template(chat_tokenizer(template=QWEN_TOOLS), "auto")
+    rows = conversation_rows(
+        [TOOL_CONVERSATION, CONVERSATION], tokenizer, "tools.jsonl column 'messages'", [SCHEMA, None]
+    )
+    assert [(r["turn"], r["conversation"]) for r in rows] == [(0, 0), (1, 0), (0, 1)]
+    call, answer = rows[0], rows[1]
+    assert call["prompt"].startswith("<|im_start|>system\nYou may call these tools:")  # the row's tools, offered
+    assert call["completion"] == '<tool_call>\n{"name": "calc", "arguments": {"expression": "12+31"}}\n</tool_call>'
+    assert answer["completion"] == "43" and "<tool_response>\n43\n</tool_response>" in answer["prompt"]
+    # the second row's prompt is the first row's prompt, its call and end-of-turn, and the tool turn: as rollouts
+    # build it, and as the template renders the whole conversation
+    assert answer["prompt"].startswith(call["prompt"] + call["completion"] + IM_END)
+    tools = json.loads(SCHEMA)  # the template renders the arguments read as an object, as real ones expect them
+    whole = tokenizer.apply_chat_template(parse_turns(TOOL_CONVERSATION, "t"), tools=tools, tokenize=False)
+    assert answer["prompt"] + answer["completion"] + IM_END + "\n" == whole
+    batch = SFTCollator(0, tokenizer.eos_token_id)(
+        tokenize_rows(tokenizer, [answer["prompt"]], [answer["completion"]], 400, "test")
+    )
+    trained = [i for i, m in zip(batch["input_ids"][0].tolist(), batch["loss_mask"][0].tolist(), strict=True) if m]
+    assert tokenizer.decode(trained) == "43" + IM_END  # the answer alone: nothing of the tool's turn
+    plain = chat_tokenizer()
+    plain.chat_template = None
+    with pytest.raises(ValueError, match=r"t row 0: the conversation has tool calls or tool turns, which only a chat"):
+        conversation_rows([TOOL_CONVERSATION], plain, "t")
+    with pytest.raises(ValueError, match=r"t row 0 column 'tools': '\[\{' is not JSON"):
+        conversation_rows([TOOL_CONVERSATION], tokenizer, "t", ["[{"])

@@ -7,18 +7,21 @@ import time
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from pipeline.data.chat import use_chat_template
 from pipeline.data.tokenization import encode, train_bpe_tokenizer
 from pipeline.envs import episodes as episodes_module
 from pipeline.envs.base import EnvironmentBug, Step
 from pipeline.envs.calculator import Calculator
+from pipeline.envs.dialogue import ChatTemplate, closing, tag_tokens
 from pipeline.envs.episodes import Budgets, Episode, check_resets, episode_batch, episode_stats, run_episodes
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
-from pipeline.envs.tools import closing, tag_tokens
+from pipeline.envs.tools import CALC
 from pipeline.models.generation import SamplingParams
 from pipeline.models.logprobs import model_token_logps
 from pipeline.tasks.tools import calculator_problem
+from tests.standins import QWEN_TOOLS, chat_tokenizer
 
 PARAMS = SamplingParams(16, temperature=1.0, top_k=0, top_p=1.0)
 BUDGETS = Budgets(max_turns=6, turn_tokens=16, total_tokens=200)
@@ -91,7 +94,7 @@ def test_the_trajectory_is_the_ids_as_sampled_and_observed_and_the_mask_marks_th
     seen = scripted(monkeypatch, tokenizer, script)
     (episode,) = _run(model, tokenizer, Calculator, [{"prompt": "Ann has 12, Bo has 31 coins.", "answer": "43"}])
     call, result, answer = (
-        encode(tokenizer, [text])[0] for text in ("<calc>12+31</calc>", "<result>43</result>", " so 43")
+        encode(tokenizer, [text])[0] for text in ("<calc>12+31</calc>", "<result> 43</result>", " so 43")
     )
     eos = tokenizer.eos_token_id
     assert episode.ids == call + result + answer + [eos]  # each part tokenised once, appended in order
@@ -105,15 +108,55 @@ def test_the_trajectory_is_the_ids_as_sampled_and_observed_and_the_mask_marks_th
     assert batch["mask"][0].tolist() == expected and batch["input_ids"].shape[1] == start + len(episode.ids)
 
 
+def test_under_a_chat_template_the_trajectory_is_what_the_template_renders_of_the_whole_conversation(monkeypatch):
+    """A chat model's episode (the tool offered in the first observation, a `<tool_call>` ended by the end-of-turn
+    token, the result a `tool` turn appended through the template): its ids, as text, are the template's rendering
+    of the conversation; the tool's turn is the environment's, the rest the policy's."""
+    tokenizer = chat_tokenizer(template=QWEN_TOOLS)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer = use_chat_template(tokenizer, "auto")
+    dialogue = ChatTemplate(tokenizer)
+    call = dialogue.call(CALC, "12+31")
+    scripted(monkeypatch, tokenizer, lambda context: call if "tool_response" not in context else "43")
+    first = dialogue.first("Ann has 12, Bo has 31 coins. How many?", [CALC])
+    torch.manual_seed(0)
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, **shape))
+    (episode,) = run_episodes(
+        model,
+        tokenizer,
+        lambda: Calculator(dialogue),
+        [{"prompt": first, "answer": "43"}],
+        Budgets(max_turns=3, turn_tokens=200, total_tokens=400),
+        PARAMS,
+        seed=0,
+        batch_size=1,
+        timeout_s=5.0,
+        kind="calculator",
+    )
+    function = {"name": "calc", "arguments": {"expression": "12+31"}}
+    conversation = [
+        {"role": "user", "content": "Ann has 12, Bo has 31 coins. How many?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": function}]},
+        {"role": "tool", "content": "43"},
+        {"role": "assistant", "content": "43"},
+    ]
+    rendered = tokenizer.apply_chat_template(conversation, tools=[CALC.schema()], tokenize=False)
+    text = tokenizer.decode(episode.prompt_ids + episode.ids, skip_special_tokens=False)
+    assert text + "\n" == rendered and (episode.reward, episode.tool_calls, episode.turns) == (1.0, 1, 2)
+    observed = tokenizer.decode([t for t, mine in zip(episode.ids, episode.policy, strict=True) if not mine])
+    assert observed == "\n<|im_start|>user\n<tool_response>\n43\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_each_malformed_call_is_answered_counted_and_the_episode_goes_on(monkeypatch, model, tokenizer):
     calls = iter(["12+7</calc>", "<calc> </calc>", "<calc>12 plus</calc>", " 19"])
     scripted(monkeypatch, tokenizer, lambda context: next(calls))
     (episode,) = _run(model, tokenizer, Calculator, [{"prompt": "Sum 12 and 7.", "answer": "19"}])
     observations = [text for role, text in episode.transcript[1:] if role == "observation"]
     assert observations == [
-        "<result>error: </calc> without <calc></result>",
-        "<result>error: empty <calc> call</result>",
-        "<result>error: calc: cannot parse '12 plus'</result>",
+        "<result> error: </calc> without <calc></result>",
+        "<result> error: empty <calc> call</result>",
+        "<result> error: calc: cannot parse '12 plus'</result>",
     ]
     assert (episode.call_errors, episode.tool_calls, episode.reward, episode.done) == (3, 3, 1.0, True)
     assert episode_stats([episode])["env/call_errors"] == 3.0
@@ -137,7 +180,7 @@ def test_each_budget_ends_the_episode_flagged(monkeypatch, model, tokenizer):
 
 
 def test_a_budget_beyond_the_models_context_is_refused_naming_the_key(model, tokenizer):
-    with pytest.raises(ValueError, match=r"env.max_total_tokens: 500 tokens .* context of 256 positions"):
+    with pytest.raises(ValueError, match=r"env.total_tokens: 500 tokens .* context of 256 positions"):
         _run(model, tokenizer, Guess, [{"answer": 3}], Budgets(max_turns=2, turn_tokens=8, total_tokens=500))
 
 

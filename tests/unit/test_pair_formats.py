@@ -1,14 +1,17 @@
 """Preference datasets in every accepted format, read from local JSON lines through `datasets`, and their errors."""
 
+import json
+
 import pandas as pd
 import pytest
 
 from pipeline.data.chat import use_chat_template
+from pipeline.envs.tools import CALC
 from pipeline.models.judges import VaderJudge
 from pipeline.tasks.preferences import dataset_pairs
 from pipeline.tasks.prepare import prepare_splits
 from tests.defaults import default_section
-from tests.standins import chat_tokenizer, hh_rows, ultrafeedback_rows, write_jsonl
+from tests.standins import QWEN_TOOLS, chat_tokenizer, hh_rows, ultrafeedback_rows, write_jsonl
 from tests.unit.test_synthetic import _cfg
 
 USER = {"role": "user", "content": "Rate the film."}
@@ -128,3 +131,41 @@ def test_prepare_messages_column_renders_prompts_and_names_bad_rows(tmp_path, ch
     write_jsonl(tmp_path / "sft.jsonl", rows)
     with pytest.raises(ValueError, match=r"sft\.jsonl column 'messages' row 7: the conversation has no assistant"):
         prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=chat_tok)
+
+
+def test_prepare_reads_tool_conversations_a_row_per_assistant_turn_each_conversation_in_one_split(tmp_path):
+    """Hub chat data with tool calls (OpenAI's `tool_calls`, `tool` turns, a `tools` column) written as JSON lines
+    and read through `datasets`: every assistant turn a row, numbered by `turn`; a conversation's rows in one split;
+    held-out splits keep first turns, where episodes start."""
+    tokenizer = chat_tokenizer(template=QWEN_TOOLS)
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer = use_chat_template(tokenizer, "auto")
+    schema = json.dumps([CALC.schema()])
+    rows = []
+    for i in range(30):
+        arguments = json.dumps({"expression": f"{i}+7"})
+        call = {"type": "function", "function": {"name": "calc", "arguments": arguments}}
+        messages = [
+            {"role": "user", "content": f"Problem {i}: {i} and 7?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": str(i + 7)},
+            {"role": "assistant", "content": f"{i + 7}"},
+        ]
+        rows.append({"messages": messages, "tools": schema})
+    cfg = _cfg(
+        source="dataset",
+        dataset_path="json",
+        data_files=write_jsonl(tmp_path / "tools.jsonl", rows),
+        n_val=4,
+        n_test=4,
+        messages_column="messages",
+    )
+    splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=tokenizer)
+    train = splits["train"]
+    assert sorted(train["turn"].value_counts().to_dict().items()) == [(0, 22), (1, 22)]
+    assert set(splits["test"]["turn"]) == {0} and len(splits["test"]) == 4 and len(splits["val"]) == 4
+    problem = r"Problem (\d+):"
+    for name in ("val", "test"):  # no held-out problem has a turn in train
+        assert not set(splits[name]["prompt"].str.extract(problem)[0]) & set(train["prompt"].str.extract(problem)[0])
+    assert train[train["turn"] == 0]["completion"].str.startswith("<tool_call>\n").all()
+    assert not train["completion"].str.contains("tool_response").any()

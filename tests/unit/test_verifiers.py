@@ -96,7 +96,7 @@ def test_python_verifier_that_cannot_be_imported_names_the_key():
         Verifier("python:tests.verifier_functions:nope", timeout_s=5)
     with pytest.raises(ValueError, match=r"judge.verifier: cannot import 'f' from module 'no_such_module_here'"):
         Verifier("python:no_such_module_here:f", timeout_s=5)
-    with pytest.raises(ValueError, match="is not one of exact, math, python:<module>:<function>"):
+    with pytest.raises(ValueError, match="is not one of exact, math, python:<module>:<name>"):
         Verifier("fuzzy", timeout_s=5)
 
 
