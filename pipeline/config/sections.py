@@ -360,6 +360,9 @@ class EnvConfig:
     reward_weight: float = bounded(">= 0")
     """Weight of the environment's episode reward in the RL reward, beside `ppo.reward_model_weight` and
     `ppo.judge_weight`."""
+    tools: bool
+    """false: the environment without its tools, in `ppo` and `evaluate` (`calculator`: a call is read as the answer),
+    to measure what the tool is worth against a policy trained with it."""
 
 
 @dataclass(frozen=True)

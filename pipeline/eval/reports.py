@@ -24,15 +24,22 @@ def write_curve(rows: Sequence[dict[str, float]], path: str | Path) -> None:
 HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate", "length")
 
 
-def eval_markdown(results: dict, metrics: dict[str, float], prompts: list[str], n_shown: int) -> str:
-    """reports/eval.md: the policy table and, for the first test prompts, every policy's completion."""
+def eval_markdown(
+    results: dict, metrics: dict[str, float], prompts: list[str], n_shown: int, *, first_turn_only: bool = False
+) -> str:
+    """reports/eval.md: the policy table and, for the first test prompts, every policy's completion.
+    `first_turn_only`: an environment plays the task; this table is one turn from its first observation."""
+    episodes = (
+        " With an environment (`env.kind`) each sample is one turn from the episode's first observation (often a tool "
+        "call), not the task: the task's figures are the episodes' (`<policy>/env/*`, in the environment's section)."
+    )
     lines = [
         "# Evaluation on held-out test prompts",
         "",
         f"{len(prompts)} prompts, one sample per policy and prompt (same seed and sampling). Win-rates are against "
         "SFT on the same prompt, ties count half; the length-controlled win-rate (LC) is the gold win-rate at equal "
         "length (a logistic regression on the length difference, as AlpacaEval-LC). KL is the sampled sequence KL "
-        "to SFT in nats (Best-of-N: analytic).",
+        "to SFT in nats (Best-of-N: analytic)." + (episodes if first_turn_only else ""),
         "",
         "| policy | gold score (95 % CI) | RM score | KL | win-rate (gold) | LC win-rate (gold) | win-rate (RM) "
         "| length | EOS rate | distinct-1 | distinct-2 |",

@@ -12,7 +12,8 @@ from pipeline.envs.registry import environment_factory
 
 def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
     """The environment `env.kind` names, speaking the tokenizer's dialogue (its chat template's tool calls, or the
-    tag protocol), with its budgets and the tokens its turns stop on; None for `none`."""
+    tag protocol), with its budgets and the tokens its turns stop on; None for `none`. With `env.tools: false`, the
+    environment without its tools."""
     make_env = environment_factory(env.kind, dialogue_for(tokenizer))
     if make_env is None:
         return None
@@ -22,6 +23,13 @@ def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
     bare = None
     if callable(getattr(probe, "without_tools", None)):
         bare = lambda: make_env().without_tools()  # noqa: E731 - a factory like make_env
+    if not env.tools:
+        if bare is None:
+            raise ValueError(
+                f"env.tools: false, but env.kind {env.kind} has no variant without tools (a without_tools() method "
+                "returning the environment with its tools taken away); set env.tools: true"
+            )
+        return EpisodeSpec(bare, env.kind, budgets, env.timeout_s, (), env.reward_weight)
     return EpisodeSpec(make_env, env.kind, budgets, env.timeout_s, stops, env.reward_weight, bare)
 
 

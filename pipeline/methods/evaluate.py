@@ -54,8 +54,8 @@ def run_evaluate(
         compiled=cfg.generation.compile,
     )
     tables = {"samples/evaluate.json": samples_table(results, prompts)}
-    markdown = eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples)
     spec = episode_spec(cfg.env, tokenizer)
+    markdown = eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples, first_turn_only=spec is not None)
     if spec is not None:
         played_metrics, played = evaluate_in_environment(
             policies,

@@ -196,3 +196,21 @@ def test_the_demonstrations_are_one_row_per_policy_turn_with_the_history_as_prom
         steps = [env.step(row.completion) for row in turns.itertuples()]
         ends += steps[-1].reward == 1.0
     assert ends == 50
+
+
+def test_env_tools_false_trains_and_measures_the_environment_without_its_tools():
+    from pipeline.methods.environments import episode_spec
+    from tests.defaults import default_section
+
+    tokenizer = chat_tokenizer()  # no template is set: the tag protocol
+    tokenizer.chat_template = None
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<calc>", "</calc>"]})
+    with_tool = episode_spec(default_section("env", kind="calculator"), tokenizer)
+    assert with_tool.tool_stops == (tokenizer.convert_tokens_to_ids("</calc>"),) and with_tool.make_bare is not None
+    bare = episode_spec(default_section("env", kind="calculator", tools=False), tokenizer)
+    env = bare.make_env()
+    env.reset({"prompt": "p", "answer": "19"})
+    assert env.step("<calc> 12 + 7</calc>") == Step(None, reward=0.0, done=True)  # the call is read as the answer
+    assert bare.tool_stops == () and bare.make_bare is None
+    with pytest.raises(ValueError, match="env.tools: false, but env.kind guess has no variant without tools"):
+        episode_spec(default_section("env", kind="guess", tools=False), tokenizer)
