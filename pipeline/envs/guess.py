@@ -36,6 +36,9 @@ def guessed(action: str) -> int | None:
 class Guess:
     """One game (see the module docstring); the row's `answer` is the secret."""
 
+    ceiling = ("binary search", CEILING["success_rate"], CEILING["mean_turns"])
+    """The optimal policy's name, success rate and mean turns: `evaluate` prints them beside the policies."""
+
     def __init__(self, dialogue: Dialogue | None = None) -> None:
         self.dialogue = dialogue if dialogue is not None else PlainTags()
         self.secret, self.guesses = 0, 0

@@ -112,8 +112,14 @@ def transcripts_table(played: Mapping[str, Played]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def transcripts_markdown(played: Mapping[str, Played], metrics: Mapping[str, float], n_shown: int) -> str:
-    """The environment's section of reports/eval.md: a table of each policy's episode metrics, whole transcripts."""
+def transcripts_markdown(
+    played: Mapping[str, Played],
+    metrics: Mapping[str, float],
+    n_shown: int,
+    ceiling: tuple[str, float, float] | None = None,
+) -> str:
+    """The environment's section of reports/eval.md: a table of each policy's episode metrics (and the optimal
+    policy's `ceiling`, name, success rate and mean turns, when the environment knows it), whole transcripts."""
     names = list(played)
     k = next(iter(played.values())).per_row if played else 1
     lines = [
@@ -136,6 +142,10 @@ def transcripts_markdown(played: Mapping[str, Played], metrics: Mapping[str, flo
             f"| {m['call_errors']:.2f} | {m['truncated_turns']:.2f} / {m['truncated_tokens']:.2f} / "
             f"{m['truncated_total']:.2f} | {m['timeouts']:.2f} |"
         )
+    if ceiling is not None:
+        name, success, turns = ceiling
+        unknown = "- | " if k > 1 else ""  # pass@k, no tool: not known
+        lines.append(f"| optimal ({name}) | {success:.3f} | {unknown}- | {turns:.2f} | - | - | - | - |")
     lines += ["", "### Transcripts", ""]
     for name, result in played.items():
         for index in range(0, min(n_shown * result.per_row, len(result.episodes)), result.per_row):

@@ -67,7 +67,8 @@ def run_evaluate(
         )
         metrics.update(played_metrics)
         tables["samples/episodes.json"] = transcripts_table(played)
-        markdown += "\n\n" + transcripts_markdown(played, played_metrics, cfg.evaluate.n_shown_samples)
+        ceiling = getattr(spec.make_env(), "ceiling", None)
+        markdown += "\n\n" + transcripts_markdown(played, played_metrics, cfg.evaluate.n_shown_samples, ceiling)
     return Evaluation(
         metrics,
         tables=tables,

@@ -263,5 +263,10 @@ def test_environment_pass_at_k_and_rates_by_hand():
     metrics = played_metrics(played)
     assert metrics["pass_at_1"] == (0.25 + 0.0) / 2 and metrics["pass_at_4"] == (1.0 + 0.0) / 2
     assert metrics["turns"] == (2 + 3 * 3 + 6 + 3 * 4) / 8 and metrics["truncated_turns"] == 1 / 8
-    text = transcripts_markdown({"sft": played}, {f"sft/env/{k}": v for k, v in metrics.items()}, n_shown=1)
+    text = transcripts_markdown(
+        {"sft": played}, {f"sft/env/{k}": v for k, v in metrics.items()}, n_shown=1, ceiling=Guess.ceiling
+    )
     assert "| sft | 0.125 | 0.500 | - | 3.62 |" in text and "[observation] q" in text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[-1] == "| optimal (binary search) | 1.000 | - | - | 4.22 | - | - | - | - |"
+    assert {line.count("|") for line in table} == {10}  # the ceiling's row has the table's columns
