@@ -23,6 +23,7 @@ a tool that raises) is answered `error: <reason>` in the tool's answer and count
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -132,8 +133,14 @@ class ChatTemplate:
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.eos = tokenizer, tokenizer.eos_token
-        self.tool_turn = _turn_after_assistant(tokenizer, "tool")
-        self.user_turn = _turn_after_assistant(tokenizer, "user")
+
+    @functools.cached_property
+    def tool_turn(self) -> tuple[str, str]:
+        return _turn_after_assistant(self.tokenizer, "tool")
+
+    @functools.cached_property
+    def user_turn(self) -> tuple[str, str]:
+        return _turn_after_assistant(self.tokenizer, "user")
 
     def first(self, text: str, tools: Sequence[Tool]) -> str:
         schemas = [tool.schema() for tool in tools] or None
@@ -188,10 +195,16 @@ def _turn_after_assistant(tokenizer, role: str) -> tuple[str, str]:
     """The text a template writes after an assistant turn's end-of-turn token, up to a new `role` turn's content,
     and from its content through the next generation prompt: (before, after)."""
     probe: list[dict[str, Any]] = [{"role": "user", "content": "PING"}, {"role": "assistant", "content": "PONG"}]
-    head = tokenizer.apply_chat_template(probe, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*probe, {"role": role, "content": _MARK}], tokenize=False, add_generation_prompt=True
-    )
+    try:
+        head = tokenizer.apply_chat_template(probe, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            [*probe, {"role": role, "content": _MARK}], tokenize=False, add_generation_prompt=True
+        )
+    except Exception as error:  # noqa: BLE001 - a template raises what it likes (jinja's TemplateError, its own)
+        raise ValueError(
+            f"model.chat_template: the template cannot render a {role!r} turn after an assistant turn ({error}); "
+            "use a model whose template has tool calling, or set model.chat_template to a Jinja file that does"
+        ) from None
     after_pong = head.split("PONG", 1)[1] if "PONG" in head else ""
     if not full.startswith(head) or not after_pong.startswith(tokenizer.eos_token) or full.count(_MARK) != 1:
         raise ValueError(

@@ -14,9 +14,9 @@ def episode_spec(env: EnvConfig, tokenizer) -> EpisodeSpec | None:
     """The environment `env.kind` names, speaking the tokenizer's dialogue (its chat template's tool calls, or the
     tag protocol), with its budgets and the tokens its turns stop on; None for `none`. With `env.tools: false`, the
     environment without its tools."""
-    make_env = environment_factory(env.kind, dialogue_for(tokenizer))
-    if make_env is None:
+    if env.kind == "none":
         return None
+    make_env = environment_factory(env.kind, dialogue_for(tokenizer))
     budgets = Budgets(env.max_turns, env.turn_tokens, env.total_tokens)
     probe = make_env()
     stops = turn_stops(probe, tokenizer, env.kind)

@@ -110,7 +110,20 @@ def test_a_template_that_rewrites_the_history_when_a_turn_is_added_is_refused():
     rewrites = CHATML.replace("message['content']", earlier)
     tokenizer = use_chat_template(chat_tokenizer(template=rewrites), "auto")
     with pytest.raises(ValueError, match="model.chat_template: adding a 'tool' turn after an assistant turn does not"):
-        ChatTemplate(tokenizer)
+        ChatTemplate(tokenizer).answer_call('<tool_call>{"name": "calc"}</tool_call>', TOOLS)
+
+
+def test_a_template_without_a_tool_role_is_named_when_a_tool_answers_and_single_turn_never_asks():
+    from pipeline.methods.environments import episode_spec
+    from tests.defaults import default_section
+
+    strict = "{% if messages[-1]['role'] == 'tool' %}{{ raise_exception('Only user and assistant roles') }}{% endif %}"
+    tokenizer = use_chat_template(chat_tokenizer(template=strict + CHATML), "auto")
+    assert episode_spec(default_section("env", kind="none"), tokenizer) is None  # env.kind none builds no dialogue
+    env = episode_spec(default_section("env", kind="calculator"), tokenizer).make_env()
+    assert env.step("It is 19.").done  # an answer needs no tool turn
+    with pytest.raises(ValueError, match=r"model.chat_template: the template cannot render a 'tool' turn after an"):
+        env.step('<tool_call>{"name": "calc", "arguments": {"expression": "1"}}</tool_call>')
 
 
 def test_a_chat_models_demonstrations_are_written_in_its_template(qwen):
