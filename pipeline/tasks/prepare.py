@@ -78,10 +78,10 @@ def dataset_splits(cfg: PrepareConfig, seed: int, tokenizer: PreTrainedTokenizer
         )
     test_prompts = set(prompts[: cfg.n_test])
     val_prompts = set(prompts[cfg.n_test : cfg.n_test + cfg.n_val])
-    firsts = frame[frame["turn"] == 0] if "turn" in frame else frame  # held out: where episodes start
+    firsts = frame[frame["turn"] == 0] if "turn" in frame else frame  # test: where episodes start
     splits = {
         "test": firsts[firsts["group"].isin(test_prompts)].drop_duplicates("prompt"),
-        "val": firsts[firsts["group"].isin(val_prompts)].drop_duplicates("prompt"),
+        "val": frame[frame["group"].isin(val_prompts)].drop_duplicates("prompt"),
         "train": frame[~frame["group"].isin(test_prompts | val_prompts)],
     }
     splits["train"] = splits["train"].sample(frac=1.0, random_state=seed).head(cfg.n_train)

@@ -15,7 +15,9 @@ tokenizer, trained with the tags: `SPECIAL_TOKENS`) and a guess on EOS; for a ch
 - `guess`: "Game 17: guess my number from 1 to 32 ...". The demonstration is binary search; a share `frac_wrong`
   of the training games guesses at random within what the answers leave instead.
 Every row carries its `answer` (the sum; the secret) and its `turn` (0: the episode's first, the rows `ppo` starts
-its episodes from). Prompts are unique, so the split by prompt holds.
+its episodes from). Validation keeps every turn, as train does, so its loss and the preference pairs drawn from it
+see answers too (first turns alone are all tool calls, which a verifier scores alike); test keeps first turns.
+Prompts are unique, so the split by prompt holds.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _calculator_turns(
 def calculator_splits(
     n_train: int, n_val: int, n_test: int, frac_wrong: float, seed: int, dialogue: Dialogue | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Train rows, one per demonstrated turn; val and test rows, one per problem (its first turn), all unique.
+    """Train and val rows, one per demonstrated turn (val's all good); test rows, one per problem (its first turn).
     `dialogue` writes the turns (the tag protocol by default; a chat model's template for a hub model)."""
     dialogue = dialogue if dialogue is not None else PlainTags()
     rng = random.Random(seed)
@@ -76,7 +78,7 @@ def calculator_splits(
             problems += 1
             prompt = dialogue.first(question, TOOLS)
             turns = _calculator_turns(prompt, numbers, rng, name == "train" and rng.random() < frac_wrong, dialogue)
-            turns = turns if name == "train" else turns[:1]
+            turns = turns if name != "test" else turns[:1]  # test: where episodes start; val: every turn, as train
             answer = str(sum(numbers))
             rows += [{"prompt": p, "completion": c, "answer": answer, "turn": t} for t, (p, c) in enumerate(turns)]
         splits[name] = pd.DataFrame(rows)
@@ -98,7 +100,8 @@ def _guess_turns(first: str, secret: int, rng: random.Random, wrong: bool, dialo
 def guess_splits(
     n_train: int, n_val: int, n_test: int, frac_wrong: float, seed: int, dialogue: Dialogue | None = None
 ) -> dict[str, pd.DataFrame]:
-    """Train rows, one per demonstrated guess; val and test rows, one per game (its first guess)."""
+    """Train and val rows, one per demonstrated guess (val's all binary search); test rows, one per game (its first
+    guess)."""
     dialogue = dialogue if dialogue is not None else PlainTags()
     rng = random.Random(seed)
     splits, game = {}, 0
@@ -108,7 +111,7 @@ def guess_splits(
             game += 1
             secret, first = rng.randint(LOW, HIGH), dialogue.first(intro(game), ())
             turns = _guess_turns(first, secret, rng, name == "train" and rng.random() < frac_wrong, dialogue)
-            shown = turns if name == "train" else turns[:1]
+            shown = turns if name != "test" else turns[:1]
             rows += [{"prompt": p, "completion": c, "answer": str(secret), "turn": t} for t, (p, c) in enumerate(shown)]
         splits[name] = pd.DataFrame(rows)
     return splits

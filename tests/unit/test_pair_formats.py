@@ -136,7 +136,7 @@ def test_prepare_messages_column_renders_prompts_and_names_bad_rows(tmp_path, ch
 def test_prepare_reads_tool_conversations_a_row_per_assistant_turn_each_conversation_in_one_split(tmp_path):
     """Hub chat data with tool calls (OpenAI's `tool_calls`, `tool` turns, a `tools` column) written as JSON lines
     and read through `datasets`: every assistant turn a row, numbered by `turn`; a conversation's rows in one split;
-    held-out splits keep first turns, where episodes start."""
+    test keeps first turns, where episodes start; validation keeps every turn, as train."""
     tokenizer = chat_tokenizer(template=QWEN_TOOLS)
     tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     tokenizer = use_chat_template(tokenizer, "auto")
@@ -163,7 +163,7 @@ def test_prepare_reads_tool_conversations_a_row_per_assistant_turn_each_conversa
     splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=tokenizer)
     train = splits["train"]
     assert sorted(train["turn"].value_counts().to_dict().items()) == [(0, 22), (1, 22)]
-    assert set(splits["test"]["turn"]) == {0} and len(splits["test"]) == 4 and len(splits["val"]) == 4
+    assert set(splits["test"]["turn"]) == {0} and len(splits["test"]) == 4 and len(splits["val"]) == 8  # every turn
     problem = r"Problem (\d+):"
     for name in ("val", "test"):  # no held-out problem has a turn in train
         assert not set(splits[name]["prompt"].str.extract(problem)[0]) & set(train["prompt"].str.extract(problem)[0])
