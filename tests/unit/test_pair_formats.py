@@ -114,16 +114,16 @@ def test_bad_pair_rows_name_file_row_and_column(tmp_path, chat_tok, row, message
         dataset_pairs(_cfg_for(path, val_fraction=0.5), seed=0, tokenizer=chat_tok)
 
 
+def _messages_cfg(data_files: str):
+    """prepare's section for conversations in a `messages` column of local JSON lines, 4 held out each way."""
+    return _cfg(
+        source="dataset", dataset_path="json", data_files=data_files, n_val=4, n_test=4, messages_column="messages"
+    )
+
+
 def test_prepare_messages_column_renders_prompts_and_names_bad_rows(tmp_path, chat_tok):
     rows = [{"messages": r["chosen"]} for r in ultrafeedback_rows(20)]
-    cfg = _cfg(
-        source="dataset",
-        dataset_path="json",
-        data_files=write_jsonl(tmp_path / "sft.jsonl", rows),
-        n_val=4,
-        n_test=4,
-        messages_column="messages",
-    )
+    cfg = _messages_cfg(write_jsonl(tmp_path / "sft.jsonl", rows))
     splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=chat_tok)
     assert splits["train"]["prompt"].str.startswith("<|im_start|>user\n").all()
     assert splits["test"]["completion"].tolist()[0] in {r["messages"][1]["content"] for r in rows}
@@ -152,14 +152,7 @@ def test_prepare_reads_tool_conversations_a_row_per_assistant_turn_each_conversa
             {"role": "assistant", "content": f"{i + 7}"},
         ]
         rows.append({"messages": messages, "tools": schema})
-    cfg = _cfg(
-        source="dataset",
-        dataset_path="json",
-        data_files=write_jsonl(tmp_path / "tools.jsonl", rows),
-        n_val=4,
-        n_test=4,
-        messages_column="messages",
-    )
+    cfg = _messages_cfg(write_jsonl(tmp_path / "tools.jsonl", rows))
     splits = prepare_splits(cfg, seed=0, judge=VaderJudge(), tokenizer=tokenizer)
     train = splits["train"]
     assert sorted(train["turn"].value_counts().to_dict().items()) == [(0, 22), (1, 22)]
