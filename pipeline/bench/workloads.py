@@ -64,8 +64,8 @@ STAGES = ("sft", "sft_packed", "reward", "reward_packed", "dpo", "dpo_packed", "
 OPT_IN_STAGES = ("sft_compiled", "generation_compiled", "ppo_compiled_sampling", "generation_long")
 GENERATION_BATCHES, GENERATION_NEW_TOKENS = (16, 64, 256), 36
 # `episodes`: 64 episodes of 4 turns (each ends on a tenth of the vocabulary, ~10 tokens), a 3-token observation
-# between turns, against one turn of the same total length per row: multi-turn sampling's overhead (each turn
-# prefills its history again) at equal tokens.
+# between turns, against one turn of the same total length per row: what multi-turn sampling costs at equal tokens
+# (an environment answering every turn, rows of different lengths, a batch every row of which has the same length).
 EPISODE_ROWS, EPISODE_TURNS, EPISODE_TURN_TOKENS, EPISODE_TOTAL = 64, 4, 24, 96
 LONG_BATCH, LONG_NEW_TOKENS, LONG_POSITIONS = 64, 400, 512
 HUB_DROPOUT = 0.1

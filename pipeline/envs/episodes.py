@@ -1,11 +1,13 @@
 """Token-in, token-out rollouts over several turns.
 
-Each episode starts from its environment's first observation, tokenised once. Every turn the active episodes sample
-together (`sample_ids`, stopping at the model's stop tokens and at the tools' closing tags), the sampled ids are
-appended as they were drawn, the action's text goes to the environment, and its observation is tokenised once and
-appended: the history is never decoded and tokenised again, so what the trainer scores is exactly what the sampler
-saw. `Episode.policy` marks the policy's own tokens; `episode_batch` turns it into the token-aligned mask that keeps
-observation tokens out of the policy loss, the KL term, the value loss and the advantages.
+Each episode starts from its environment's first observation, tokenised once. The episodes of a batch run as
+streams over one KV cache (`Decoder`, `_Play`): every forward takes one token per row, the policy's next draw or
+the next token of the row's observation, so a row whose turn ends (at the model's stop tokens or the tools' closing
+tags) is answered by its environment at once and goes on while the others are still in their turns. The sampled ids
+are appended as they were drawn and each observation is tokenised once and appended: the history is never decoded
+and tokenised again, so what the trainer scores is exactly what the sampler saw. `Episode.policy` marks the
+policy's own tokens; `episode_batch` turns it into the token-aligned mask that keeps observation tokens out of the
+policy loss, the KL term, the value loss and the advantages.
 
 Budgets (`Budgets`): `max_turns` policy turns, `turn_tokens` new tokens per turn, `total_tokens` policy and
 observation tokens after the first observation (checked against the model's context before any turn). An episode
@@ -15,7 +17,10 @@ metrics (`episode_stats`), never silent. A step past `timeout_s` ends its episod
 
 from __future__ import annotations
 
+import inspect
+import signal
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,9 +29,13 @@ import torch
 
 from pipeline.data.tokenization import encode
 from pipeline.envs.base import Environment, EnvironmentBug, Step
-from pipeline.models.generation import CACHE_ARGUMENT, SamplingParams, context_length, drawn_log_probs, stop_ids
+from pipeline.models.generation import CACHE_ARGUMENT, SamplingParams, context_length, preallocated_cache, stop_ids
+from pipeline.models.lora import unwrapped
 
 TRUNCATIONS = ("turns", "turn_tokens", "total_tokens")
+COMPACT_AT = 4
+"""Rows whose episodes ended leave the batch once they are a 1/`COMPACT_AT` share of it; until then they are fed
+nothing (a masked pad)."""
 
 
 @dataclass(frozen=True)
@@ -87,8 +96,6 @@ class Episode:
     done: bool = False
     transcript: list[tuple[str, str]] = field(default_factory=list)
     """(`observation` or `policy`, text) per turn, the first observation first."""
-    pending: list[int] = field(default_factory=list)
-    """The observation's ids appended since the policy's last turn (the next turn feeds them to the sampler)."""
 
     @property
     def active(self) -> bool:
@@ -111,7 +118,7 @@ def run_episodes(
     with_logps: bool = False,
 ) -> list[Episode]:
     """One episode per row of `rows` in a new environment from `make_env` (`kind` names it in errors), played
-    `batch_size` episodes at a time, every turn of a batch sampled together (`CachedTurns`)."""
+    `batch_size` episodes at a time (`_Play`)."""
     envs = [make_env() for _ in rows]
     first = [_reset(env, row, index, kind) for index, (env, row) in enumerate(zip(envs, rows, strict=True))]
     episodes = [Episode(ids) for ids in encode(tokenizer, first)]
@@ -120,39 +127,91 @@ def run_episodes(
     _check_context(policy, episodes, budgets)
     model_stops = stop_ids(policy, tokenizer)
     stops = model_stops + [t for t in tool_stops if t not in model_stops]
-    for start in range(0, len(episodes), batch_size):
-        chunk = range(start, min(start + batch_size, len(episodes)))
-        turns = CachedTurns(policy, tokenizer, [episodes[i].prompt_ids for i in chunk], params, stops, with_logps)
-        for turn in range(budgets.max_turns):
-            active = [i for i in chunk if episodes[i].active]
-            if not active:
-                break
-            rooms = [min(budgets.turn_tokens, budgets.total_tokens - len(episodes[i].ids)) for i in active]
-            observed = {i - start: episodes[i].pending for i in active}
-            drawn = turns.sample(observed, max(rooms), seed + 100_003 * turn + start)
-            for i, room in zip(active, rooms, strict=True):
-                action, logps, stop = drawn[i - start]
-                episode = episodes[i]
-                if stop is None or len(action) > room:  # the budget, not the policy, ended the turn
-                    action, logps = action[:room], logps[:room]
-                    episode.truncated = "turn_tokens" if room == budgets.turn_tokens else "total_tokens"
-                text = _append_turn(episode, action, logps, tokenizer, set(model_stops))
-                if episode.truncated:
-                    continue
-                answer = _bounded_step(envs[i], text, timeout_s, i, turn, kind)
-                if answer is None:
-                    episode.timed_out = True
-                    continue
-                _take(episode, answer, tokenizer, budgets)
-        for i in chunk:
-            if episodes[i].active:
-                episodes[i].truncated = "turns"
+    play = _Play(tokenizer, budgets, set(stops), set(model_stops), timeout_s, kind)
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.inference_mode(), torch.compiler.set_stance("force_eager"):  # a compiled body decodes eagerly
+            for start in range(0, len(episodes), batch_size):
+                chunk = list(range(start, min(start + batch_size, len(episodes))))
+                prompts = [episodes[i].prompt_ids for i in chunk]
+                decoder = Decoder(
+                    policy,
+                    prompts,
+                    params,
+                    pad_id=tokenizer.pad_token_id,
+                    room=budgets.total_tokens,
+                    seed=seed + start,
+                    with_logps=with_logps,
+                )
+                play(decoder, chunk, episodes, envs)
+    finally:
+        policy.train(was_training)
     return episodes
+
+
+@dataclass
+class _Play:
+    """The episodes of a chunk played as streams: every row of the batch moves one token per forward, whatever the
+    others do. A row draws its next token, or is fed the next token of its environment's observation; when its turn
+    ends (a stop token, or the turn's budget) the environment answers at once and the row goes on with the answer,
+    so no row waits for the slowest turn of the batch, and a row whose episode ended leaves the batch."""
+
+    tokenizer: Any
+    budgets: Budgets
+    stops: set[int]
+    model_stops: set[int]
+    timeout_s: float
+    kind: str
+
+    def __call__(self, decoder: Decoder, chunk: list[int], episodes: list[Episode], envs: list[Environment]) -> None:
+        rows = list(chunk)  # batch row -> episode
+        feed: dict[int, deque[int]] = {i: deque() for i in chunk}  # ids to feed before the row's next draw
+        turn: dict[int, tuple[list[int], list[float]]] = {i: ([], []) for i in chunk}  # this turn's ids, log-probs
+        room = {i: self._room(episodes[i]) for i in chunk}
+        while rows:
+            drawing = [row for row, i in enumerate(rows) if episodes[i].active and not feed[i]]
+            for row, (token, logp) in zip(drawing, decoder.draw(drawing), strict=True):
+                i = rows[row]
+                action, logps = turn[i]
+                action.append(token)
+                logps.append(logp)
+                feed[i].append(token)
+                if token in self.stops or len(action) == room[i]:
+                    feed[i] += self._end_turn(episodes[i], envs[i], i, action, logps, room[i])
+                    turn[i], room[i] = ([], []), self._room(episodes[i])
+            staying = [row for row, i in enumerate(rows) if episodes[i].active]
+            if not staying:
+                break
+            if (len(rows) - len(staying)) * COMPACT_AT >= len(rows):  # ended rows leave in groups: each leave copies
+                rows = [rows[row] for row in staying]  # the cache, and a row fed nothing costs less than a copy
+                decoder.keep(staying)
+            decoder.feed([feed[i].popleft() if episodes[i].active else None for i in rows])
+
+    def _room(self, episode: Episode) -> int:
+        return min(self.budgets.turn_tokens, self.budgets.total_tokens - len(episode.ids))
+
+    def _end_turn(
+        self, episode: Episode, env: Environment, index: int, action: list[int], logps: list[float], room: int
+    ) -> list[int]:
+        """The turn appended, the environment's answer taken; the answer's ids to feed when the episode goes on."""
+        if action[-1] not in self.stops:  # the budget, not the policy, ended the turn
+            episode.truncated = "turn_tokens" if room == self.budgets.turn_tokens else "total_tokens"
+        text = _append_turn(episode, action, logps, self.tokenizer, self.model_stops)
+        if episode.truncated:
+            return []
+        answer = _bounded_step(env, text, self.timeout_s, index, episode.turns - 1, self.kind)
+        if answer is None:
+            episode.timed_out = True
+            return []
+        observation = _take(episode, answer, self.tokenizer, self.budgets)
+        if episode.active and episode.turns == self.budgets.max_turns:
+            episode.truncated = "turns"
+        return observation
 
 
 def _append_turn(episode: Episode, action: list[int], logps: list[float], tokenizer, model_stops: set[int]) -> str:
     """One policy turn's ids appended to `episode` as drawn; the turn's text, as the environment reads it."""
-    episode.pending = []
     episode.ids += action
     episode.policy += [True] * len(action)
     episode.sampler_logps += logps
@@ -163,113 +222,121 @@ def _append_turn(episode: Episode, action: list[int], logps: list[float], tokeni
     return text
 
 
-class CachedTurns:
-    """The turns of a batch of episodes sampled together, the KV cache kept from turn to turn.
+class Decoder:
+    """A batch of token streams over one KV cache: `draw` the next token of some rows, `feed` one token to every row,
+    `keep` some rows (the others leave the batch and the cache).
 
-    The batch starts as the left-padded first observations. After each turn every continuing row is extended by its
-    observation, left-padded to the widest one, and rows whose episode ended leave the batch (and the cache). The
-    cache never sees a token twice: each turn feeds only what is new (the last sampled token and the observation).
-    Padding inside a row (after an early stop, before a shorter observation) is masked, and positions come from
-    the mask, so each row's tokens are scored as the trainer scores its unpadded trajectory (a test checks the
-    sampler's log-probs against the trainer's).
+    The batch starts as the left-padded first observations, run once; then every forward takes exactly one token
+    per row, so a row never holds padding after its prompt and its positions are its own count of tokens. Each row's
+    tokens are scored as the trainer scores its unpadded trajectory (a test checks the sampler's log-probs against
+    the trainer's). Sampling follows `generate`'s order (temperature, then top-k, then top-p); a drawn token's
+    log-prob is under the raw logits at the temperature, as the trainer computes it. One generator, seeded once,
+    draws for the whole batch: the same rows give the same tokens.
     """
 
-    def __init__(self, policy, tokenizer, prompts: Sequence[list[int]], params: SamplingParams, stops, with_logps):
-        self.policy, self.params, self.stops, self.with_logps = policy, params, list(stops), with_logps
-        self.pad = tokenizer.pad_token_id
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        *,
+        pad_id: int,
+        room: int,
+        seed: int,
+        with_logps: bool,
+    ) -> None:
+        self.policy, self.params, self.with_logps, self.pad = policy, params, with_logps, pad_id
+        self.device = next(policy.parameters()).device
         width = max(map(len, prompts))
-        self.sequences = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
         self.mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, ids in enumerate(prompts):
-            self.sequences[row, width - len(ids) :] = torch.as_tensor(ids)
-            self.mask[row, width - len(ids) :] = 1
-        self.rows = list(range(len(prompts)))  # batch row -> episode of the chunk
-        self.cache = None
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.as_tensor(prompt)
+            self.mask[row, width - len(prompt) :] = 1
+        self.mask = self.mask.to(self.device)
+        self.positions = self.mask.sum(1, keepdim=True)  # each row's next position
+        self.cache = preallocated_cache(unwrapped(policy), width + room)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        keep_last = "logits_to_keep" in inspect.signature(unwrapped(policy).forward).parameters
+        self.logits = self._forward(
+            ids.to(self.device), (self.mask.cumsum(1) - 1).clamp(min=0), {"logits_to_keep": 1} if keep_last else {}
+        )
 
-    def _continue(self, observed: Mapping[int, list[int]]) -> None:
-        """Keep the rows in `observed` (in its order), each extended by its observation."""
-        keep = [self.rows.index(row) for row in observed]
-        if keep != list(range(len(self.rows))):
-            index = torch.as_tensor(keep)
-            self.sequences, self.mask = self.sequences[index], self.mask[index]
-            if self.cache is not None:
-                self.cache.batch_select_indices(index.to(self.cache.layers[0].keys.device))
-        self.rows = list(observed)
-        width = max(map(len, observed.values()))
-        if width:
-            block = torch.full((len(self.rows), width), self.pad, dtype=torch.long)
-            block_mask = torch.zeros_like(block)
-            for row, ids in enumerate(observed.values()):
-                if ids:
-                    block[row, width - len(ids) :] = torch.as_tensor(ids)
-                    block_mask[row, width - len(ids) :] = 1
-            self.sequences = torch.cat([self.sequences, block], 1)
-            self.mask = torch.cat([self.mask, block_mask], 1)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, extra: Mapping[str, Any]) -> torch.Tensor:
+        output = self.policy(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=positions,
+            use_cache=True,
+            **{CACHE_ARGUMENT: self.cache},
+            **extra,
+        )
+        return output.logits[:, -1].float()
 
-    @torch.no_grad()
-    def sample(
-        self, observed: Mapping[int, list[int]], max_new_tokens: int, seed: int
-    ) -> dict[int, tuple[list[int], list[float], int | None]]:
-        """One turn for the episodes in `observed` (chunk row -> its observation since its last turn): per row, the
-        drawn ids (up to and including the stop token), their log-probs (with `with_logps`), the stop token."""
-        self._continue(observed)
-        params, policy = self.params, self.policy
-        device = next(policy.parameters()).device
-        was_training = policy.training
-        policy.eval()
-        torch.manual_seed(seed)
-        width = self.sequences.shape[1]
-        sampling = params.temperature > 0
-        with torch.compiler.set_stance("force_eager"):
-            output = policy.generate(
-                input_ids=self.sequences.to(device),
-                attention_mask=self.mask.to(device),
-                **{CACHE_ARGUMENT: self.cache},
-                do_sample=sampling,
-                temperature=params.temperature if sampling else None,
-                top_k=params.top_k if sampling else None,
-                top_p=params.top_p if sampling else None,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.stops if len(self.stops) > 1 else self.stops[0],
-                pad_token_id=self.pad,
-                use_cache=True,
-                return_dict_in_generate=True,
-                output_logits=self.with_logps,
-            )
-        policy.train(was_training)
-        self.cache = output.past_key_values
-        drawn_logps = drawn_log_probs(output, width, params.temperature) if self.with_logps else None
-        sequences = output.sequences.cpu()
-        new = sequences[:, width:]
-        new_mask = torch.zeros_like(new)
-        drawn = {}
-        for row, episode in enumerate(self.rows):
-            tokens = new[row].tolist()
-            end = next((t for t, token in enumerate(tokens) if token in self.stops), None)
-            action = tokens if end is None else tokens[: end + 1]
-            new_mask[row, : len(action)] = 1
-            logps = drawn_logps[row, : len(action)].tolist() if drawn_logps is not None else []
-            drawn[episode] = (action, logps, None if end is None else tokens[end])
-        self.sequences, self.mask = sequences, torch.cat([self.mask, new_mask], 1)
-        return drawn
+    def feed(self, tokens: Sequence[int | None]) -> None:
+        """One token per row, in the batch's order; None feeds a row nothing (a pad its later tokens do not see)."""
+        seen = torch.as_tensor([token is not None for token in tokens], device=self.device)
+        self.mask = torch.cat([self.mask, seen[:, None].long()], 1)
+        ids = torch.as_tensor([self.pad if token is None else token for token in tokens], device=self.device)[:, None]
+        self.logits = self._forward(ids, self.positions, {})
+        self.positions = self.positions + 1
+
+    def draw(self, rows: Sequence[int]) -> list[tuple[int, float]]:
+        """The next token of each of `rows` (batch rows), with its log-prob (0.0 without `with_logps`)."""
+        if not rows:
+            return []
+        logits = self.logits[torch.as_tensor(rows, device=self.device)]
+        params = self.params
+        if params.temperature <= 0:
+            tokens = logits.argmax(-1)
+            scaled = logits
+        else:
+            scaled = logits / params.temperature
+            probs = torch.softmax(filtered(scaled, params.top_k, params.top_p), -1)
+            tokens = torch.multinomial(probs, 1, generator=self.generator)[:, 0]
+        logps = torch.log_softmax(scaled, -1).gather(-1, tokens[:, None])[:, 0] if self.with_logps else None
+        tokens = tokens.tolist()
+        return list(zip(tokens, logps.tolist() if logps is not None else [0.0] * len(tokens), strict=True))
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only `rows` (batch rows, in this order) stay in the batch."""
+        index = torch.as_tensor(rows, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
 
 
-def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> None:
-    """The environment's answer: its reward and counts, then its observation unless the episode ends."""
+def filtered(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """`scores` (B, V) with the tokens top-k and then top-p sampling exclude set to -inf, as `generate`'s warpers do:
+    top-k keeps the tokens scoring at least the k-th best; top-p the smallest set of the best tokens whose
+    probability reaches `top_p` (at least one)."""
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(scores, descending=False)
+        drop = torch.softmax(ordered, -1).cumsum(-1) <= 1 - top_p
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return scores
+
+
+def _take(episode: Episode, answer: Step, tokenizer, budgets: Budgets) -> list[int]:
+    """The environment's answer: its reward and counts, then its observation unless the episode ends (its ids,
+    returned to be fed to the policy)."""
     episode.reward += answer.reward
     episode.tool_calls += int(answer.tool_call)
     episode.call_errors += int(answer.error is not None)
     if answer.done or answer.observation is None:
         episode.done = True
-        return
+        return []
     observation = encode(tokenizer, [answer.observation])[0]
     if len(episode.ids) + len(observation) >= budgets.total_tokens:  # no room left for a policy token after it
         episode.truncated = "total_tokens"
-        return
+        return []
     episode.ids += observation
     episode.policy += [False] * len(observation)
-    episode.pending = observation
     episode.transcript.append(("observation", answer.observation))
+    return observation
 
 
 def check_resets(make_env: Callable[[], Environment], rows: Sequence[Mapping[str, Any]], kind: str) -> None:
@@ -290,7 +357,12 @@ def _reset(env: Environment, row: Mapping[str, Any], index: int, kind: str) -> s
 
 
 def _bounded_step(env: Environment, action: str, timeout_s: float, index: int, turn: int, kind: str) -> Step | None:
-    """`env.step(action)` in a daemon thread: its Step, or None past `timeout_s` (the thread is left behind)."""
+    """`env.step(action)`: its Step, or None past `timeout_s`.
+
+    On the main thread the step runs there, bounded by a SIGALRM timer (`_alarmed`): a thread per step cost a
+    quarter of multi-turn sampling's throughput (`make bench`'s `episodes`), the hand-over to it waiting on the
+    cores torch's threads hold. Elsewhere (or without SIGALRM) it runs in a daemon thread, left behind past the
+    bound. A step stuck in C code that never returns to Python is bounded only by the thread."""
     result: dict[str, Any] = {}
 
     def run() -> None:
@@ -299,11 +371,15 @@ def _bounded_step(env: Environment, action: str, timeout_s: float, index: int, t
         except Exception as error:  # noqa: BLE001 - carried to the caller, raised there with the row and turn
             result["error"] = error
 
-    worker = threading.Thread(target=run, daemon=True, name=f"env-{kind}-row{index}")
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
-        return None
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        if not _alarmed(run, timeout_s):
+            return None
+    else:
+        worker = threading.Thread(target=run, daemon=True, name=f"env-{kind}-row{index}")
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            return None
     if "error" in result:
         error = result["error"]
         raise EnvironmentBug(
@@ -314,6 +390,30 @@ def _bounded_step(env: Environment, action: str, timeout_s: float, index: int, t
     if not isinstance(step, Step):
         raise EnvironmentBug(f"env.kind {kind}: step returned {type(step).__name__} on row {index}, not a Step")
     return step
+
+
+class _StepTimeout(BaseException):
+    """Raised into a step past its bound; a BaseException, so an environment's `except Exception` lets it through."""
+
+
+def _raise_timeout(signum, frame) -> None:
+    raise _StepTimeout
+
+
+def _alarmed(run: Callable[[], None], timeout_s: float) -> bool:
+    """`run()` on this (the main) thread, interrupted after `timeout_s`: whether it finished in time."""
+    previous = signal.signal(signal.SIGALRM, _raise_timeout)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        try:
+            run()
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _StepTimeout:
+        return False
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    return True
 
 
 def _check_context(policy: torch.nn.Module, episodes: Sequence[Episode], budgets: Budgets) -> None:

@@ -3,6 +3,7 @@ TRL's tests do; then a real model, whose sampler log-probs the trainer's must re
 
 import random
 import re
+import threading
 import time
 
 import pytest
@@ -53,29 +54,41 @@ def model(tokenizer):
 
 
 def scripted(monkeypatch, tokenizer, script):
-    """Patch the sampler: each row's action is `script(context text)`, its ids as the sampler would return them
-    (a tool's closing tag or EOS as the stop token, cut at the turn's budget). Records every context it saw."""
+    """Patch the sampler: a row starting a turn draws the ids of `script(its context as text)`, one per draw, ended
+    by EOS unless the text ends on a stop (a tool's closing tag); the rollout loop cuts it at the turn's budget.
+    Records every context a turn started from."""
     seen = []
+    calc = tokenizer.convert_tokens_to_ids(closing("calc"))
+    stops = {tokenizer.eos_token_id} | ({calc} if calc != tokenizer.unk_token_id else set())
 
-    class ScriptedTurns:
-        def __init__(self, policy, tok, prompts, params, stops, with_logps):
-            self.contexts, self.stops = {row: list(ids) for row, ids in enumerate(prompts)}, stops
+    class ScriptedDecoder:
+        def __init__(self, policy, prompts, params, **kwargs):
+            self.contexts, self.actions = [list(ids) for ids in prompts], [[] for _ in prompts]
 
-        def sample(self, observed, max_new_tokens, seed):
-            drawn = {}
-            for row, observation in observed.items():
-                context = self.contexts[row] = self.contexts[row] + observation
-                seen.append(list(context))
-                action = encode(tokenizer, [script(tokenizer.decode(context, skip_special_tokens=False))])[0]
-                if not (action and action[-1] in self.stops):
-                    action.append(tokenizer.eos_token_id)
-                action = action[:max_new_tokens]
-                stop = action[-1] if action[-1] in self.stops else None
-                self.contexts[row] = context + action
-                drawn[row] = (action, [], stop)
+        def draw(self, rows):
+            drawn = []
+            for row in rows:
+                if not self.actions[row]:
+                    seen.append(list(self.contexts[row]))
+                    action = encode(
+                        tokenizer, [script(tokenizer.decode(self.contexts[row], skip_special_tokens=False))]
+                    )[0]
+                    self.actions[row] = action if action and action[-1] in stops else action + [tokenizer.eos_token_id]
+                token = self.actions[row].pop(0)
+                if token in stops:
+                    self.actions[row] = []
+                drawn.append((token, 0.0))
             return drawn
 
-    monkeypatch.setattr(episodes_module, "CachedTurns", ScriptedTurns)
+        def feed(self, tokens):
+            for context, token in zip(self.contexts, tokens, strict=True):
+                context += [] if token is None else [token]
+
+        def keep(self, rows):
+            self.contexts = [self.contexts[row] for row in rows]
+            self.actions = [self.actions[row] for row in rows]
+
+    monkeypatch.setattr(episodes_module, "Decoder", ScriptedDecoder)
     return seen
 
 
@@ -201,6 +214,13 @@ def test_a_hanging_step_ends_its_episode_in_time_and_a_reset_that_raises_is_name
     (episode,) = _run(model, tokenizer, Hanging, [{"answer": 20}], timeout_s=0.2)
     assert time.monotonic() - start < 5 and episode.timed_out and episode.reward == 0.0 and episode.turns == 1
     assert episode_stats([episode])["env/timeouts"] == 1.0
+    off_main = []  # off the main thread (no SIGALRM there) the step runs in a thread of its own, bounded the same
+    worker = threading.Thread(
+        target=lambda: off_main.extend(_run(model, tokenizer, Hanging, [{"answer": 20}], timeout_s=0.2))
+    )
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive() and off_main[0].timed_out and off_main[0].reward == 0.0
     with pytest.raises(EnvironmentBug, match=r"env.kind broken: reset raised on row 0 \(KeyError: 'answer'\)"):
         check_resets(BrokenReset, [{"answer": 3}], "broken")  # what ppo does before it trains
     made = iter([Guess(), BrokenReset()])
@@ -250,6 +270,49 @@ def test_the_trainers_log_probs_equal_the_samplers_on_the_policy_tokens(model, t
     for row, episode in enumerate(episodes):
         trained = logps[row][batch["mask"][row].bool()]
         torch.testing.assert_close(trained, torch.tensor(episode.sampler_logps), atol=1e-4, rtol=1e-4)
+
+
+class Chatter:
+    """Answers every turn with `row["words"]` words and ends the episode after `row["turns"]` turns."""
+
+    def reset(self, row):
+        self.row, self.turns = row, 0
+        return row["prompt"]
+
+    def step(self, action: str) -> Step:
+        self.turns += 1
+        return Step(" higher" * self.row["words"], done=self.turns == self.row["turns"])
+
+
+def test_each_row_is_its_own_stream_the_same_alone_as_beside_rows_that_end_sooner_or_later(model, tokenizer):
+    """Greedy episodes of different lengths and answers played in one batch (rows fed their answers while others
+    draw, rows leaving the batch) and each played alone: the same ids, the same log-probs (so the same positions
+    and attention)."""
+    prompts = ["Ann has 12 coins.", "Sum 12 and 7, then 31.", "lower", "Bo has 31, Ann 12 and Cy 43 coins."]
+    rows = [{"prompt": p, "words": 1 + i, "turns": 4 - i} for i, p in enumerate(prompts)]
+    stops = list(range(3, len(tokenizer)))  # every turn one token: the rows' phases are set by their answers
+    arguments = {"seed": 5, "timeout_s": 5.0, "kind": "chatter", "tool_stops": stops, "with_logps": True}
+    greedy = SamplingParams(6, temperature=0.0, top_k=0, top_p=1.0)
+    budgets = Budgets(max_turns=4, turn_tokens=6, total_tokens=60)
+    together = run_episodes(model, tokenizer, Chatter, rows, budgets, greedy, batch_size=4, **arguments)
+    assert [e.turns for e in together] == [4, 3, 2, 1] and len({len(e.ids) for e in together}) > 2
+    for row, episode in zip(rows, together, strict=True):
+        (alone,) = run_episodes(model, tokenizer, Chatter, [row], budgets, greedy, batch_size=1, **arguments)
+        assert alone.ids == episode.ids and alone.policy == episode.policy
+        torch.testing.assert_close(torch.tensor(alone.sampler_logps), torch.tensor(episode.sampler_logps))
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 1.0), (5, 1.0), (0, 0.8), (7, 0.6)])
+def test_the_samplers_filter_keeps_what_generates_warpers_keep(top_k, top_p):
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = torch.randn(6, 50, generator=torch.Generator().manual_seed(top_k))
+    expected = scores.clone()
+    if top_k:
+        expected = TopKLogitsWarper(top_k)(None, expected)
+    if top_p < 1.0:
+        expected = TopPLogitsWarper(top_p)(None, expected)
+    torch.testing.assert_close(episodes_module.filtered(scores, top_k, top_p), expected, rtol=0, atol=0)
 
 
 def test_environment_pass_at_k_and_rates_by_hand():
