@@ -285,6 +285,9 @@ def finish(ctx: StageContext, outcome: Outcome, report: str, outputs: list[str])
     for artifact_file, table in outcome.tables.items():
         ctx.run.log_table(table, artifact_file)
     ctx.run.set_tags({f"dvc.out.{path}": dvc_md5(path) for path in outputs if Path(path).exists()})
+    if outcome.tags:  # a tripped gate shows on the stage's run and on the pipeline's
+        ctx.run.set_tags(outcome.tags)
+        ctx.run.set_tags(outcome.tags, run_id=ctx.run.parent_run_id)
     ctx.run.log_artifact(report)
     ctx.checkpoints.clear()
     print(f"{ctx.name}: {outcome.metrics}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pipeline.eval.reports import plot_overoptimization, write_curve
 from pipeline.methods.ppo import run_ppo
 from pipeline.models.build import save_model
+from pipeline.train.monitor import tripped_gates
 from stages.common import finish, run_main, stage
 
 PATHS = {
@@ -15,6 +16,7 @@ PATHS = {
     "model_dir": "models/ppo",
     "report": "reports/ppo.json",
     "curve": "reports/plots/ppo.csv",
+    "monitor_curve": "reports/plots/ppo_monitor.csv",
     "overoptimization": "reports/ppo_overoptimization.png",
 }
 
@@ -29,7 +31,9 @@ def main() -> None:
             return
         save_model(out.model, out.tokenizer, args.model_dir)
         write_curve(out.history, args.curve)
-        plot_overoptimization(out.history, args.overoptimization)
+        monitor = out.curves.get("monitor", [])
+        write_curve(monitor, args.monitor_curve)
+        plot_overoptimization(out.history, args.overoptimization, monitor, tripped_gates(out.metrics))
         ctx.run.log_artifact(args.overoptimization)
         finish(ctx, out, args.report, [args.model_dir])
 

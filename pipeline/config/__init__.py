@@ -16,8 +16,10 @@ from pipeline.config.sections import (
     DPOConfig,
     EnvConfig,
     EvaluateConfig,
+    GatesConfig,
     JudgeConfig,
     ModelConfig,
+    MonitorConfig,
     PPOConfig,
     PreferencesConfig,
     PrepareConfig,
@@ -33,7 +35,8 @@ from pipeline.config.sections import (
 )
 
 __all__ = [
-    "Config", "ConfigError", "DPOConfig", "EnvConfig", "EvaluateConfig", "JudgeConfig", "ModelConfig", "PPOConfig",
+    "Config", "ConfigError", "DPOConfig", "EnvConfig", "EvaluateConfig", "GatesConfig", "JudgeConfig", "ModelConfig",
+    "MonitorConfig", "PPOConfig",
     "PreferencesConfig", "PrepareConfig", "ReferenceConfig", "RewardConfig", "SFTConfig", "SamplerConfig",
     "TrainerConfig", "TrainingConfig", "bounded", "flatten", "is_runtime", "load_config", "read_params", "runtime",
     "within",

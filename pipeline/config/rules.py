@@ -189,3 +189,27 @@ def _env(config: Config) -> list[str]:
             "budget; lower it or raise env.total_tokens"
         )
     return errors
+
+
+@rule(
+    "monitor.every_n_rollouts",
+    "env.kind",
+    "gates.max_kl",
+    "gates.max_length_ratio",
+    "gates.min_correlation",
+    "gates.gold_drop",
+)
+def _monitor(config: Config) -> list[str]:
+    monitor, errors = config.monitor, []
+    set_gates = [f"gates.{gate}" for gate in config.gates.armed]
+    if monitor.every_n_rollouts and config.env.kind != "none":
+        errors.append(
+            f"monitor.every_n_rollouts: the monitor samples single-turn responses, and env.kind is "
+            f"{config.env.kind!r}; set it to 0 (docs/monitor.md)"
+        )
+    if set_gates and not monitor.every_n_rollouts:
+        errors.append(
+            f"{set_gates[0]}: a gate acts on what the monitor measures, and monitor.every_n_rollouts is 0; set it to "
+            "the cadence to watch at (10 by default), or the gate to null"
+        )
+    return errors

@@ -366,6 +366,43 @@ class EnvConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    every_n_rollouts: int = bounded(">= 0")
+    """Online RL (`ppo`): every this many rollouts, and after the last, the policy samples a fixed batch of validation
+    prompts, scored by the proxy (the RL reward without its KL term) and by the gold judge: `monitor/*` metrics,
+    `reports/plots/ppo_monitor.csv`, and what `gates` watch. 0: off. Single-turn only (not under an `env.kind`)."""
+    prompts: int = bounded(">= 2")
+    """Validation prompts the monitor samples (the first ones of `data/prepared/val.parquet`, never the test
+    prompts `evaluate` uses); with the cadence, what bounds its cost."""
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    on_trip: Literal["warn", "stop", "fail"]
+    """What a tripped gate does: `warn` logs it (metric, MLflow tag, `reports/ppo.json`) and training goes on;
+    `stop` ends training and saves the policy of the best monitored gold score as the stage's model (its step
+    recorded); `fail` fails the stage naming the gate, its threshold, the value and the step, writing nothing."""
+    max_kl: float | None = bounded(">= 0")
+    """Trip when the monitored policy's mean sequence KL to the reference (SFT) exceeds this many nats. null: off."""
+    max_length_ratio: float | None = bounded("> 0")
+    """Trip when the monitored responses' mean length exceeds this times the SFT policy's (the monitor's first
+    measurement, before any update). null: off."""
+    min_correlation: float | None = bounded("in [-1, 1]")
+    """Trip when the Spearman correlation of proxy and gold scores across the monitored samples falls below this.
+    null: off."""
+    gold_drop: float | None = bounded("> 0")
+    """Trip when the monitored gold score falls this far below its best while the proxy is above its value at that
+    best (over-optimisation: Gao et al. 2022). null: off."""
+
+    @property
+    def armed(self) -> tuple[str, ...]:
+        """The gates set (not null), by name."""
+        return tuple(
+            f.name for f in dataclasses.fields(self) if f.name != "on_trip" and getattr(self, f.name) is not None
+        )
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     max_new_tokens: int = bounded(">= 1")
     """Response budget for every policy."""
@@ -446,3 +483,5 @@ class Config:
     generation: SamplerConfig
     judge: JudgeConfig
     env: EnvConfig
+    monitor: MonitorConfig
+    gates: GatesConfig

@@ -82,11 +82,18 @@ def plot_gold_vs_kl(points: dict[str, tuple[float, float]], path: str | Path, ti
     plt.close(fig)
 
 
-def plot_overoptimization(history: Sequence[dict[str, float]], path: str | Path) -> None:
+def plot_overoptimization(
+    history: Sequence[dict[str, float]],
+    path: str | Path,
+    monitor: Sequence[dict[str, float]] = (),
+    trips: Sequence[tuple[str, int]] = (),
+) -> None:
     """Gold score and reward-model score against KL along RL training (Gao et al. 2022), saved as PNG atomically.
 
     Where the reward model's score keeps rising while the gold score stalls or falls, the policy is exploiting the
-    reward model. Both scores are standardised over the run so they share one axis.
+    reward model. Both scores are standardised over the run so they share one axis. With the monitor's
+    measurements (`monitor`), a second panel draws its proxy and gold means by rollout, each tripped gate
+    (`trips`: name, rollout) a vertical line.
     """
     import matplotlib
 
@@ -94,7 +101,8 @@ def plot_overoptimization(history: Sequence[dict[str, float]], path: str | Path)
     import matplotlib.pyplot as plt
 
     frame = pd.DataFrame(list(history))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2 if monitor else 1, figsize=(11 if monitor else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for column, label in (("objective/scores", "reward model (normalised)"), ("objective/gold_scores", "gold judge")):
         values = frame[column]
         ax.plot(frame["objective/kl"], (values - values.mean()) / (values.std() or 1.0), marker=".", label=label)
@@ -103,6 +111,20 @@ def plot_overoptimization(history: Sequence[dict[str, float]], path: str | Path)
     ax.set_title("Over-optimisation: proxy vs gold reward along training")
     ax.legend()
     ax.grid(alpha=0.3)
+    if monitor:
+        ax = axes[0][1]
+        points = pd.DataFrame(list(monitor))
+        for column, label in (("monitor/proxy", "proxy (RL reward)"), ("monitor/gold", "gold judge")):
+            values = points[column]
+            ax.plot(points["step"], (values - values.iloc[0]) / (values.std() or 1.0), marker="o", label=label)
+        for gate, step in trips:
+            ax.axvline(step, color="red", linestyle="--", alpha=0.6)
+            ax.annotate(gate, (step, ax.get_ylim()[1]), color="red", fontsize=8, ha="right", va="top", rotation=90)
+        ax.set_xlabel("rollout")
+        ax.set_ylabel("rise since SFT, standardised")
+        ax.set_title("Monitor: held-out proxy vs gold (gates tripped in red)")
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

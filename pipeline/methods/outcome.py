@@ -20,6 +20,8 @@ class Outcome:
         history: per-step metric rows, the stage's `dvc plots` curve.
         tables: MLflow tables, by artifact file (`samples/sft_val_samples.json`).
         splits: the stage's parquet outputs, by split name.
+        curves: more per-step metric rows, by name (`monitor`: the proxy-versus-gold monitor's measurements).
+        tags: MLflow tags for the stage's run and the pipeline's parent run (a tripped gate).
     """
 
     metrics: dict[str, float]
@@ -29,3 +31,5 @@ class Outcome:
     history: list[dict[str, float]] = field(default_factory=list)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     splits: dict[str, pd.DataFrame] = field(default_factory=dict)
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)

@@ -15,6 +15,7 @@ from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training
 from pipeline.models.lora import merged, parameter_counts
 from pipeline.train.hooks import NO_HOOKS, Hooks
+from pipeline.train.monitor import MonitorSpec
 from pipeline.train.ppo import fit_ppo, summarize_history
 from pipeline.train.reward import RewardStats
 from pipeline.train.sharding import FSDP
@@ -55,6 +56,7 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     rows = episode_starts(train_table) if episodes is not None else []
     if episodes is not None:
         check_resets(episodes.make_env, rows, episodes.kind)  # a broken environment fails before any training
+    monitor = monitor_spec(cfg, data_dir, tokenizer)
     module, is_global_zero = fit_ppo(
         policy,
         value_model,
@@ -72,15 +74,33 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         hooks=hooks,
         episodes=episodes,
         rows=rows,
+        monitor=monitor,
     )
     if not is_global_zero:
         return None
     rollouts = pd.DataFrame(module.last_samples[: ppo.n_logged_samples])
+    watch = module.watch
     return Outcome(
-        {**summarize_history(module.history), **counts},
+        {**summarize_history(module.history), **counts, **(watch.report() if watch else {})},
         len(module.history),
         merged(module.policy),
         tokenizer,
         module.history,
         {"samples/ppo_rollouts.json": rollouts},
+        curves={"monitor": watch.history} if watch else {},
+        tags={"gates.tripped": ", ".join(f"{t.gate}@{t.step}" for t in watch.trips)} if watch and watch.trips else {},
     )
+
+
+def monitor_spec(cfg: Config, data_dir: str, tokenizer) -> MonitorSpec | None:
+    """The monitor's fixed batch: the first `monitor.prompts` distinct validation prompts. None when it is off."""
+    if not cfg.monitor.every_n_rollouts:
+        return None
+    prompts = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
+    if len(prompts) < cfg.monitor.prompts:
+        raise ConfigError(
+            f"monitor.prompts: {cfg.monitor.prompts} exceeds the {len(prompts)} distinct prompts of "
+            f"{data_dir}/val.parquet; lower it or raise prepare.n_val"
+        )
+    ids = encode(tokenizer, prompts[: cfg.monitor.prompts])
+    return MonitorSpec(ids, cfg.monitor.every_n_rollouts, cfg.gates, seed=cfg.seed + 1_000_003)

@@ -388,9 +388,10 @@ class StageRun:
         for start in range(0, len(items), 500):
             self.client.log_batch(run_id or self.run_id, metrics=items[start : start + 500])
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
+        """Set tags on this run, or on `run_id` (the parent, say)."""
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(run_id or self.run_id, key, value)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -44,6 +44,7 @@ from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.models.logprobs import model_token_logps
 from pipeline.models.lora import as_reference, backbone, unwrapped
 from pipeline.train.hooks import NO_HOOKS, Hooks
+from pipeline.train.monitor import MonitorSpec, Watch, monitor_metrics
 from pipeline.train.optim import build_optimizer
 from pipeline.train.resume import checkpointing
 from pipeline.train.trainer import build_trainer
@@ -122,6 +123,7 @@ class PPOModule(pl.LightningModule):
     `reference` None: the policy is a LoRA model and its adapter-disabled self is the reference (one weight copy).
     `value_model` None: a critic-free estimator (`cfg.advantage_estimator` other than gae); no value model exists.
     `compiled_sampling`: rollouts decode with a static KV cache and a compiled step (`generation.compile`).
+    `monitor`: the proxy-versus-gold monitor and its gates (`pipeline.train.monitor`), or None.
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class PPOModule(pl.LightningModule):
         accumulate: int = 1,
         compiled_sampling: bool = False,
         episodes: EpisodeSpec | None = None,
+        monitor: MonitorSpec | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -171,6 +174,7 @@ class PPOModule(pl.LightningModule):
         )
         self.history: list[dict[str, float]] = []
         self.last_samples: list[dict[str, object]] = []
+        self.watch = Watch(monitor) if monitor is not None else None
 
     def _sequences(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, token-aligned response mask) of the rollout, on the device."""
@@ -303,6 +307,53 @@ class PPOModule(pl.LightningModule):
         rollout = Rollout(input_ids, attention_mask, mask, logps, ref_logps, advantages, values, returns)
         return rollout, stats, samples
 
+    @torch.no_grad()
+    def measure(self, step: int) -> dict[str, float]:
+        """The monitor's measurement of the current policy on its fixed prompts and seed (`monitor_metrics`), the
+        global RNG left as it was: training draws the same with the monitor on or off."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            return self._measure(step)
+
+    def _measure(self, step: int) -> dict[str, float]:
+        cfg, spec = self.cfg, self.watch.spec
+        params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, self.compiled_sampling)
+        samples = sample_ids(
+            self.policy, self.tokenizer, spec.prompt_ids, params, batch_size=len(spec.prompt_ids), seed=spec.seed
+        )
+        input_ids, attention_mask, mask = self._sequences(samples)
+        logps, _ = self._logps(self.policy, input_ids, attention_mask)
+        with as_reference(self.policy, self.reference) as reference:
+            ref_logps, _ = self._logps(reference, input_ids, attention_mask)
+        golds = self.judge.score(self.tokenizer.batch_decode(samples.prompt_ids), samples.texts)
+        raw_scores = None
+        if self.reward_model is not None:
+            raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        proxy = shape_rewards(  # the RL reward's score, without its KL term
+            torch.zeros_like(mask),
+            mask,
+            torch.tensor(samples.ended, device=self.device),
+            reward_model_scores=raw_scores,
+            judge_scores=torch.tensor(golds, device=self.device),
+            weights=self.reward_weights,
+            kl_coef=None,
+        ).scores
+        kl = (kl_estimate(logps, ref_logps, "k1") * mask).sum(1)
+        baseline = self.watch.history[0] if self.watch.history else None
+        metrics = monitor_metrics(proxy.tolist(), golds, kl.tolist(), mask.sum(1).tolist(), baseline)
+        return {"step": float(step), **metrics}
+
+    def _watch(self, step: int) -> bool:
+        """Measure, log, and act on the gates the measurement trips: whether training stops here."""
+        point = self.measure(step)
+        new = self.watch.record(point, self.policy.state_dict())
+        if self.logger is not None:
+            trips = {f"gates/{trip.gate}": trip.value for trip in new}
+            self.logger.log_metrics({**{k: v for k, v in point.items() if k != "step"}, **trips}, step=step)
+        stop = self.watch.act(new)
+        if stop:
+            self.trainer.should_stop = True
+        return stop
+
     def _update(self, rollout: Rollout, step: int) -> dict[str, float]:
         cfg = self.cfg
         optimizers = self.optimizers()
@@ -395,6 +446,8 @@ class PPOModule(pl.LightningModule):
         self.judge.to(self.device)
 
     def training_step(self, prompts: list, batch_idx: int) -> None:
+        if self.watch is not None and batch_idx % self.watch.spec.every == 0 and self._watch(batch_idx):
+            return  # a gate stopped training before this rollout
         start = time.perf_counter()
         rollout, stats, samples = self.make_rollout(prompts, batch_idx)
         if stats["val/eos_rate"] < self.cfg.min_eos_rate:
@@ -419,12 +472,26 @@ class PPOModule(pl.LightningModule):
         if self.logger is not None:
             self.logger.log_metrics(stats, step=batch_idx)
 
+    def on_train_end(self) -> None:
+        """The monitor's last measurement, after the last update (unless a gate stopped training)."""
+        if self.watch is not None and self.watch.stopped_at is None and self.history:
+            self._watch(len(self.history))
+
+    def restore_best(self) -> None:
+        """After a gate stopped training: the policy of the best monitored gold score, as the stage's model."""
+        if self.watch is not None and self.watch.stopped_at is not None:
+            self.policy.load_state_dict(self.watch.best_state)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ppo"] = {"kl_coef": float(self.kl_ctl.value), "history": self.history}
+        if self.watch is not None:
+            checkpoint["ppo"]["monitor"] = self.watch.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.kl_ctl.value = checkpoint["ppo"]["kl_coef"]
         self.history = checkpoint["ppo"]["history"]
+        if self.watch is not None:
+            self.watch.load_state_dict(checkpoint["ppo"]["monitor"])
 
     def configure_optimizers(self):
         args = {
@@ -457,10 +524,12 @@ def fit_ppo(
     hooks: Hooks = NO_HOOKS,
     episodes: EpisodeSpec | None = None,
     rows: Sequence[dict] = (),
+    monitor: MonitorSpec | None = None,
 ) -> tuple[PPOModule, bool]:
     """Online RL of `policy` (`cfg.advantage_estimator`: PPO with `value_model`, or a critic-free estimator with
     None) for `cfg.rollouts` rollout batches. `reference` None: the LoRA policy with its adapters off. With
     `episodes`, rollouts are episodes in its environment, one per data row of `rows` drawn (`prompt_ids` unused).
+    With `monitor`, the proxy-versus-gold monitor measures every `monitor.every` rollouts and its gates act.
 
     Returns:
         (the module, whose `history` holds every rollout's metrics; whether this process is rank 0).
@@ -479,6 +548,7 @@ def fit_ppo(
         accumulate=trainer.accumulate_grad_batches,
         compiled_sampling=compiled_sampling,
         episodes=episodes,
+        monitor=monitor,
     )
     prompts = list(rows) if episodes is not None else prompt_ids
     batches = PromptBatches(len(prompts), cfg.prompts_per_rollout, cfg.rollouts, seed + hooks.rank)
@@ -494,4 +564,5 @@ def fit_ppo(
         callbacks=[*([callback] if callback else []), *hooks.callbacks],
     )
     fitter.fit(module, train_dataloaders=loader, ckpt_path=hooks.resume_from, weights_only=True)
+    module.restore_best()
     return module, fitter.is_global_zero

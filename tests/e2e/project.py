@@ -42,6 +42,7 @@ TINY = {
         "warmup_rollouts": 1,
     },
     "evaluate": {"max_new_tokens": 12, "best_of_n": 4, "batch_size": 64, "n_shown_samples": 2},
+    "monitor": {"prompts": 8},  # at the default cadence: measured before the first rollout and after the last
 }
 
 

@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -135,6 +136,28 @@ def test_ppo_keys_rerun_ppo_and_evaluate_only_and_grpo_builds_no_value_model(dag
     grpo = project.report("ppo")
     assert "final/objective/reward_std" in grpo and "final/loss/value_avg" not in grpo
     assert grpo["model/value_parameters"] == 0 < dag.report("ppo")["model/value_parameters"]
+
+
+def test_a_failing_gate_fails_ppo_writing_nothing_and_a_stopping_one_saves_the_best_measured_policy(dag, tmp_path):
+    project = Project.copy_of(dag.path, tmp_path / "repo")
+    monitor = pd.read_csv(project.path / "reports/plots/ppo_monitor.csv")  # the default cadence: before and after
+    assert monitor["step"].tolist() == [0, 2] and dag.report("ppo")["gates/tripped"] == 0.0
+    before = project.lock()["ppo"]
+    project.set_param("gates", "max_kl", 0.0)
+    project.set_param("gates", "on_trip", "fail")
+    out = project.run(sys.executable, "-m", "dvc", "repro", check=False)
+    assert "gates.max_kl: the monitored KL to the reference (nats) exceeds 0 at rollout 2" in out
+    # DVC records nothing, and the stage wrote no model (DVC cleared the old one before running it: in its cache)
+    assert project.lock()["ppo"] == before and not (project.path / "models/ppo").exists()
+    project.set_param("gates", "on_trip", "stop")
+    ran = project.ran(project.dvc("repro"))  # evaluate reruns unless the best policy is the last one (same model)
+    assert "ppo" in ran and ran <= {"ppo", "evaluate"}
+    ppo = project.report("ppo")
+    assert ppo["gates/stopped_at"] == 2.0 and ppo["gates/max_kl_step"] == 2.0
+    assert ppo["gates/model_step"] == ppo["monitor/best_step"] in (0.0, 2.0)
+    run = max(_runs(project, "ppo"), key=lambda r: r.info.start_time)  # the stopped run (the failed one is older)
+    parent = _client(project).get_run(run.data.tags["mlflow.parentRunId"])
+    assert run.data.tags["gates.tripped"] == parent.data.tags["gates.tripped"] == "max_kl@2"
 
 
 def test_a_beta_sweep_reuses_the_reference_runs_queued_points_at_once_and_feeds_the_frontier(dag, tmp_path):

@@ -10,6 +10,7 @@ from pipeline.envs.guess import Guess
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.models.judges import VaderJudge
 from pipeline.track.tracking import StageRun
+from pipeline.train.monitor import GateTripped, MonitorSpec
 from pipeline.train.ppo import PPOHealthError, PPOModule, PromptBatches
 from pipeline.train.trainer import build_trainer
 from tests.defaults import default_section
@@ -40,7 +41,7 @@ def _ppo_cfg(**overrides):
     return dataclasses.replace(base, **{**small, **overrides})
 
 
-def _module(model_cfg, tokenizer, tmp_path, cfg):
+def _module(model_cfg, tokenizer, tmp_path, cfg, **extra):
     sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
     reward = build_reward_model(model_cfg, tokenizer, sft)
     save_model(reward, tokenizer, tmp_path / "reward")
@@ -56,6 +57,7 @@ def _module(model_cfg, tokenizer, tmp_path, cfg):
         reward_mean=0.0,
         reward_std=1.0,
         seed=0,
+        **extra,
     )
 
 
@@ -249,3 +251,61 @@ def test_an_environment_rollout_trains_and_scores_the_policy_tokens_only(
     trainer.fit(module, train_dataloaders=loader)
     assert len(module.history) == 2 and all("env/turns" in row for row in module.history)
     assert len(changed(policy, module.policy)) > len(policy) // 2
+
+
+def _monitor(tokenizer, reviews, every=1, **gates):
+    prompt_ids = encode(tokenizer, [r.prompt for r in reviews[40:48]])  # not among the 40 prompts trained on
+    return MonitorSpec(prompt_ids, every, default_section("gates", **gates), seed=7)
+
+
+def test_the_monitor_measures_logs_and_leaves_training_as_it_was(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
+    plain = _module(model_cfg, tokenizer, tmp_path / "plain", _ppo_cfg())
+    _fit(plain, cpu_trainer_cfg, tokenizer, reviews)
+    watched = _module(model_cfg, tokenizer, tmp_path / "watched", _ppo_cfg(), monitor=_monitor(tokenizer, reviews))
+    with StageRun(tracking, "ppo", {}, {}) as run:
+        _fit(watched, cpu_trainer_cfg, tokenizer, reviews, run.lightning_logger())
+    for (name, a), b in zip(plain.policy.named_parameters(), watched.policy.parameters(), strict=True):
+        assert torch.equal(a, b), name  # the monitor's draws are its own
+    history = watched.watch.history
+    assert [p["step"] for p in history] == [0.0, 1.0, 2.0, 3.0]  # every rollout, and after the last
+    assert history[0]["monitor/kl"] == 0.0 and history[0]["monitor/length_ratio"] == 1.0  # the SFT policy itself
+    assert history[-1]["monitor/kl"] > 0.0
+    client = MlflowClient(tracking.tracking_uri)
+    for key in ("monitor/proxy", "monitor/gold", "monitor/kl", "monitor/length_ratio", "monitor/gap"):
+        assert [m.step for m in client.get_metric_history(run.run_id, key)] == [0, 1, 2, 3], key
+    assert watched.watch.trips == [] and watched.watch.report()["gates/tripped"] == 0.0
+
+
+def test_a_warn_gate_logs_its_trip_and_training_finishes(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(), monitor=_monitor(tokenizer, reviews, max_kl=0.0))
+    _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+    assert len(module.history) == 3  # every rollout ran
+    (trip,) = module.watch.trips  # any update moves the policy off its reference: past a KL of 0 at rollout 1
+    assert (trip.gate, trip.step) == ("max_kl", 1) and trip.value > 0.0
+
+
+def test_a_stop_gate_ends_training_and_the_policy_is_the_best_measured(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
+    monitor = _monitor(tokenizer, reviews, every=2, on_trip="stop", max_kl=0.0)
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(rollouts=6), monitor=monitor)
+    sft = params_snapshot(module.policy)
+    _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+    module.restore_best()  # what fit_ppo does after fitting
+    watch = module.watch
+    assert watch.stopped_at == 2 and len(module.history) == 2  # measured at 0 and 2; no rollout after the trip
+    best = max(watch.history, key=lambda p: p["monitor/gold"])
+    assert watch.best_step == best["step"]
+    moved = changed(sft, module.policy)
+    assert (moved == set()) == (watch.best_step == 0)  # the SFT weights themselves when SFT scored best
+    assert watch.report()["gates/model_step"] == watch.best_step
+
+
+def test_a_fail_gate_names_the_gate_threshold_value_and_step(model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path):
+    monitor = _monitor(tokenizer, reviews, on_trip="fail", max_length_ratio=0.5)  # SFT's own length is 1.0x
+    module = _module(model_cfg, tokenizer, tmp_path, _ppo_cfg(), monitor=monitor)
+    with pytest.raises(GateTripped, match=r"gates.max_length_ratio: .* exceeds 0.5 at rollout 0 \(value 1\)"):
+        _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+    assert module.history == []  # nothing trained

@@ -158,4 +158,5 @@ def test_verifier_config_needs_answers_and_rl_needs_a_reward():
     with pytest.raises(ConfigError, match="ppo.reward_model_weight \\+ ppo.judge_weight .*: all are 0"):
         load_config(params)
     params["env"].update(kind="guess")  # an environment's reward is enough
+    params["monitor"].update(every_n_rollouts=0)  # the monitor is single-turn
     assert load_config(params).env.kind == "guess"
