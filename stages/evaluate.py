@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from pipeline.eval.reports import plot_gold_vs_kl
 from pipeline.files import write_text
 from pipeline.methods.evaluate import run_evaluate
@@ -13,6 +16,7 @@ PATHS = {
     "ppo_dir": "models/ppo",
     "dpo_dir": "models/dpo",
     "reward_dir": "models/reward",
+    "ppo_report": "reports/ppo.json",
     "report": "reports/metrics.json",
     "markdown": "reports/eval.md",
     "plot": "reports/eval_gold_vs_kl.png",
@@ -21,7 +25,9 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("evaluate", PATHS, inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir")) as ctx:
+    with stage(
+        "evaluate", PATHS, inputs=("data_dir", "sft_dir", "ppo_dir", "dpo_dir", "reward_dir", "ppo_report")
+    ) as ctx:
         args = ctx.args
         out = run_evaluate(
             ctx.config,
@@ -30,6 +36,7 @@ def main() -> None:
             ppo_dir=args.ppo_dir,
             dpo_dir=args.dpo_dir,
             reward_dir=args.reward_dir,
+            ppo_report=json.loads(Path(args.ppo_report).read_text()),
         )
         write_text(out.points_table().to_csv(index=False), args.points)
         plot_gold_vs_kl(out.points, args.plot, "Gold score vs KL to SFT (test prompts)")

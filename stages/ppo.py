@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+from pipeline.eval.gates import tripped_gates
 from pipeline.eval.reports import plot_overoptimization, write_curve
 from pipeline.methods.ppo import run_ppo
 from pipeline.models.build import save_model
-from pipeline.train.monitor import tripped_gates
 from stages.common import finish, run_main, stage
 
 PATHS = {

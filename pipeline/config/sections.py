@@ -229,6 +229,10 @@ class RewardConfig(TrainingConfig):
     """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin) (0 disables)."""
     center_coef: float = bounded(">= 0")
     """Reward centering: + coef * (r_chosen + r_rejected)^2 keeps rewards near 0 (Eisenstein et al. 2023)."""
+    ensemble: int = bounded(">= 1")
+    """Score heads on the reward model's shared body, each started from its own random draw and trained on its own
+    bootstrap of the pairs (Poisson(1) weights per pair and head, drawn per step): an ensemble whose spread says
+    where the reward model is unsure; `ppo.ensemble_combine` reads it. 1: one head, as before."""
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,12 @@ class PPOConfig:
     measures (`objective/gold_scores`), as in RLHF against a learned reward model."""
     reward_clip: float = bounded(">= 0")
     """Clip normalised reward-model scores to +-this (0 disables)."""
+    ensemble_combine: Literal["mean", "mean_minus_std", "min"]
+    """With `reward.ensemble` > 1 heads, each normalised by its own saved mean and std (and clipped): their `mean`,
+    the conservative `mean_minus_std` (minus `ensemble_std_coef` x their spread) or their `min` (Coste et al. 2023).
+    With one head every choice is that head."""
+    ensemble_std_coef: float = bounded(">= 0")
+    """`mean_minus_std`: how many spreads (standard deviations across the heads) below their mean."""
     missing_eos_penalty: float = bounded(">= 0")
     """Subtracted from the normalised score of responses that never produced EOS."""
     grad_clip: float = bounded(">= 0")

@@ -5,7 +5,9 @@ points: its online-RL policy at `ppo.kl_coef` (named by `ppo.advantage_estimator
 offline policy at `dpo.beta` (named by `dpo.loss`: dpo, ipo, simpo, ...), and Best-of-N at each N. Runs that differ
 only in seed are averaged (mean, and a 95 % interval over seeds); a policy that two runs of one seed share (the same
 PPO under two DPO betas) counts once. A point is Pareto-optimal when no other point has at most its KL and at least
-its gold score, one of them strictly. `seed_summary` gives the headline table: each policy's metrics over seeds.
+its gold score, one of them strictly. A point whose policy tripped a gate (in ppo's training: the parent run's tag
+`gates.tripped`; on the test prompts: `gates.evaluate`) is marked, with the seeds it tripped in. `seed_summary`
+gives the headline table: each policy's metrics over seeds.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def _shape(policy: str, params: Mapping) -> tuple:
 
 
 def frontier_points(runs: Sequence[Mapping]) -> pd.DataFrame:
-    """One row per (run, method): run_group, method, knob, value, seed, kl, gold_score.
+    """One row per (run, method): run_group, method, knob, value, seed, kl, gold_score, tripped.
 
     Args:
-        runs: dicts with `run_group`, `params` (flattened params.yaml keys) and `metrics` (`<policy>/<metric>`).
+        runs: dicts with `run_group`, `params` (flattened params.yaml keys), `metrics` (`<policy>/<metric>`) and,
+            optionally, the parent run's `tags`.
     """
     rows = []
     for run in runs:
@@ -74,11 +77,18 @@ def frontier_points(runs: Sequence[Mapping]) -> pd.DataFrame:
                     "shape": _shape(policy, params),
                     "kl": metrics[f"{policy}/kl"],
                     "gold_score": metrics[f"{policy}/gold_score"],
+                    "tripped": _tripped(policy, run.get("tags", {})),
                 }
             )
-    columns = ["run_group", "method", "knob", "value", "seed", "shape", "kl", "gold_score"]
+    columns = ["run_group", "method", "knob", "value", "seed", "shape", "kl", "gold_score", "tripped"]
     points = pd.DataFrame(rows, columns=columns).drop_duplicates(["method", "value", "shape", "seed"])
     return points.drop(columns="shape")
+
+
+def _tripped(policy: str, tags: Mapping[str, str]) -> bool:
+    """Whether `policy` tripped a gate in the run whose parent carries `tags`."""
+    evaluated = {entry.split(":")[0] for entry in tags.get("gates.evaluate", "").split(", ") if entry}
+    return policy in evaluated or (policy == "ppo" and bool(tags.get("gates.tripped")))
 
 
 def aggregate(points: pd.DataFrame) -> pd.DataFrame:
@@ -91,6 +101,7 @@ def aggregate(points: pd.DataFrame) -> pd.DataFrame:
         gold_score=("gold_score", "mean"),
         gold_ci95=("gold_score", _ci95),
         seeds=("seed", "nunique"),
+        tripped=("tripped", "sum"),
         runs=("run_group", lambda g: ", ".join(sorted(set(g)))),
     )
     table["pareto"] = pareto_mask(table["kl"].tolist(), table["gold_score"].tolist())
@@ -185,14 +196,15 @@ def frontier_markdown(table: pd.DataFrame) -> str:
         "Mean gold score (VADER, held-out prompts) against sequence KL to SFT, per method and knob value, "
         "averaged over seeds (± 95 % interval over seeds when more than one).",
         "",
-        "| method | knob | value | KL | gold score | seeds | Pareto | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | knob | value | KL | gold score | seeds | Pareto | gate tripped | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table.itertuples():
+        tripped = f"**{row.tripped} of {row.seeds}**" if row.tripped else ""
         lines.append(
             f"| {row.method} | {row.knob} | {row.value:g} | {row.kl:.2f} ± {row.kl_ci95:.2f} "
             f"| {row.gold_score:.3f} ± {row.gold_ci95:.3f} | {row.seeds} | {'**yes**' if row.pareto else ''} "
-            f"| {row.runs} |"
+            f"| {tripped} | {row.runs} |"
         )
     best = table[table["pareto"]]
     lines += [
@@ -227,6 +239,9 @@ def plot_frontier(table: pd.DataFrame, path: str | Path) -> None:
             )
     best = table[table["pareto"]]
     ax.scatter(best["kl"], best["gold_score"], s=160, facecolors="none", edgecolors="black", label="Pareto-optimal")
+    tripped = table[table["tripped"] > 0]
+    if len(tripped):
+        ax.scatter(tripped["kl"], tripped["gold_score"], s=90, marker="x", color="red", label="a gate tripped")
     ax.set_xlabel("KL to SFT (nats per sequence)")
     ax.set_ylabel("mean gold score (VADER)")
     ax.set_title("Reward-KL frontier (offline over beta, online RL over kl_coef, Best-of-N over N)")

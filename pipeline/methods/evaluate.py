@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -10,6 +11,7 @@ from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.eval.environments import evaluate_in_environment, transcripts_markdown, transcripts_table
+from pipeline.eval.gates import act_on, evaluate_gates, gates_markdown, gates_tag
 from pipeline.eval.policies import evaluate_policies, samples_table
 from pipeline.eval.reports import HEADLINE, eval_markdown
 from pipeline.methods.environments import episode_spec, episode_starts
@@ -32,8 +34,17 @@ class Evaluation(Outcome):
 
 
 def run_evaluate(
-    cfg: Config, *, data_dir: str, sft_dir: str, ppo_dir: str, dpo_dir: str, reward_dir: str
+    cfg: Config,
+    *,
+    data_dir: str,
+    sft_dir: str,
+    ppo_dir: str,
+    dpo_dir: str,
+    reward_dir: str,
+    ppo_report: Mapping[str, float] | None = None,
 ) -> Evaluation:
+    """Every policy on the test prompts (and in the environment, with one); the gates on each
+    (`pipeline.eval.gates`), beside those `ppo_report` (reports/ppo.json) says tripped in training."""
     device = inference_device()
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     load = lambda path: frozen(build_causal_lm(cfg.model, tokenizer, path=path), device)  # noqa: E731
@@ -53,6 +64,10 @@ def run_evaluate(
         seed=cfg.seed,
         compiled=cfg.generation.compile,
     )
+    trips = evaluate_gates(metrics, cfg.gates, results)
+    act_on(trips, cfg.gates)  # on_trip fail: nothing is written
+    if cfg.gates.armed:  # only then: with every gate off the metrics are exactly what they were
+        metrics.update({f"{name}/gates_tripped": float(sum(t.policy == name for t in trips)) for name in results})
     tables = {"samples/evaluate.json": samples_table(results, prompts)}
     spec = episode_spec(cfg.env, tokenizer)
     markdown = eval_markdown(results, metrics, prompts, cfg.evaluate.n_shown_samples, first_turn_only=spec is not None)
@@ -69,10 +84,13 @@ def run_evaluate(
         tables["samples/episodes.json"] = transcripts_table(played)
         ceiling = getattr(spec.make_env(), "ceiling", None)
         markdown += "\n\n" + transcripts_markdown(played, played_metrics, cfg.evaluate.n_shown_samples, ceiling)
+    gates = gates_markdown(trips, ppo_report or {}, cfg.gates)
+    markdown += "\n\n" + gates if gates else ""
     return Evaluation(
         metrics,
         tables=tables,
         points={name: (metrics[f"{name}/kl"], metrics[f"{name}/gold_score"]) for name in results},
         markdown=markdown,
         headline={k: v for k, v in metrics.items() if k.split("/")[1] in HEADLINE},
+        tags={"gates.evaluate": gates_tag(trips)} if trips else {},
     )

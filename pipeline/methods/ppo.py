@@ -69,6 +69,7 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
         cfg.trainer,
         reward_mean=stats.mean,
         reward_std=stats.std,
+        reward_heads=stats.heads,
         seed=cfg.seed,
         compiled_sampling=cfg.generation.compile,
         hooks=hooks,

@@ -21,12 +21,13 @@ class RewardOutcome(Outcome):
 
 
 def run_reward(cfg: Config, *, pairs_dir: str, sft_dir: str, hooks: Hooks = NO_HOOKS) -> RewardOutcome | None:
-    """Train on the train pairs, validate on val. None on DDP ranks > 0."""
+    """Train on the train pairs, validate on val (`reward.ensemble` heads: each head's score distribution saved for
+    PPO to normalise it with). None on DDP ranks > 0."""
     rm = cfg.reward
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
     rows = {split: read_pairs(pairs_dir, split, tokenizer, rm.max_length) for split in ("train", "val")}
     model = prepare_for_training(
-        build_reward_model(cfg.model, tokenizer, sft_dir),
+        build_reward_model(cfg.model, tokenizer, sft_dir, heads=rm.ensemble),
         cfg.model,
         cfg.trainer,
         disable_dropout=rm.disable_dropout,
@@ -45,7 +46,13 @@ def run_reward(cfg: Config, *, pairs_dir: str, sft_dir: str, hooks: Hooks = NO_H
     )
     if not result.is_global_zero:
         return None
-    stats = RewardStats(mean=result.metrics["val/reward_mean"], std=result.metrics["val/reward_std"])
+    metrics = result.metrics
+    heads = (
+        tuple((metrics[f"val/head{h}/reward_mean"], metrics[f"val/head{h}/reward_std"]) for h in range(rm.ensemble))
+        if rm.ensemble > 1
+        else ()
+    )
+    stats = RewardStats(mean=metrics["val/reward_mean"], std=metrics["val/reward_std"], heads=heads)
     return RewardOutcome(
         {**result.metrics, **counts}, result.step, merged(module.model), tokenizer, result.history, stats=stats
     )

@@ -67,9 +67,16 @@ def build_causal_lm(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: 
     return _fit_tokenizer(model, tokenizer)
 
 
-def build_reward_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str) -> PreTrainedModel:
-    """A one-logit sequence classifier from a causal-LM (fresh score head) or a saved reward model directory."""
-    config = hub_config(path, cfg, num_labels=1)
+def build_reward_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, path: str, heads: int | None = None
+) -> PreTrainedModel:
+    """A sequence classifier with `heads` score logits (a reward ensemble's heads; 1 by default) from a causal LM
+    (fresh score heads), or a saved reward model directory (its own heads when `heads` is None)."""
+    if heads is None:
+        saved = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        classifier = any(name.endswith("ForSequenceClassification") for name in saved.architectures or [])
+        heads = saved.num_labels if classifier else 1
+    config = hub_config(path, cfg, num_labels=heads)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, config=config, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
     )

@@ -444,7 +444,8 @@ class StageRun:
 
 def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any]]:
     """Every finished pipeline run (parent) that carries evaluation metrics: run_group, params, metrics (its
-    evaluate stage's, which include every policy's length and EOS rate, under the parent's headline ones)."""
+    evaluate stage's, which include every policy's length and EOS rate, under the parent's headline ones), tags
+    (the parent's: a tripped gate's among them)."""
     client = open_store(tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
@@ -463,6 +464,7 @@ def pipeline_runs(tracking_uri: str, experiment_name: str) -> list[dict[str, Any
             "run_group": run.data.tags.get(GROUP_TAG, run.info.run_name),
             "params": dict(run.data.params),
             "metrics": {**evaluated.get(run.data.tags.get(GROUP_TAG), {}), **run.data.metrics},
+            "tags": dict(run.data.tags),
         }
         for run in runs
         if "sft/gold_score" in run.data.metrics

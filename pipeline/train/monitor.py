@@ -1,129 +1,17 @@
-"""Reward hacking seen while it happens: the proxy reward against the gold judge during online RL, and the gates that
-act on it.
+"""The reward-hacking monitor's state over an RL run (`Watch`): its measurements, the gates tripped, the best-gold
+policy's weights. What a measurement is and when a gate trips are pure functions of `pipeline.eval.gates`.
 
 Every `monitor.every_n_rollouts` rollouts (and after the last) the policy samples one fixed batch of validation
-prompts with one fixed seed, so two measurements differ only by the policy. Its samples are scored by the proxy
-(what RL maximises: the reward model's normalised score and the judge's, weighted as in the RL reward, without
-the KL term) and by the gold judge; `monitor_metrics` turns the scores into the `monitor/*` metrics, the first
-measurement (before any update: the SFT policy) being the baseline that lengths and standardised scores are read
-against. `check_gates` reads the measurements so far against `gates.*` (Gao et al. 2022: the gold score peaks and
-falls while the proxy keeps rising). Both are pure, so the thresholds are tested on constructed runs.
+prompts with one fixed seed, so two measurements differ only by the policy (`PPOModule.measure`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-
-import pandas as pd
+from dataclasses import dataclass
 
 from pipeline.config import GatesConfig
-
-MONITOR_KEYS = (
-    "monitor/proxy",
-    "monitor/gold",
-    "monitor/spearman",
-    "monitor/kl",
-    "monitor/length",
-    "monitor/length_ratio",
-    "monitor/gap",
-)
-
-
-def monitor_metrics(
-    proxy: Sequence[float],
-    gold: Sequence[float],
-    kl: Sequence[float],
-    lengths: Sequence[float],
-    baseline: Mapping[str, float] | None,
-) -> dict[str, float]:
-    """One measurement from per-sample scores: the proxy's and the gold judge's means (and spreads), their Spearman
-    rank correlation across the samples (NaN when either is constant), the mean sequence KL to the reference, the
-    mean response length and its ratio to the baseline's, and the gap: the proxy's rise since the baseline minus
-    the gold score's, each in the baseline's standard deviations. `baseline` None: this is the baseline."""
-    frame = pd.DataFrame({"proxy": proxy, "gold": gold, "kl": kl, "length": lengths}, dtype=float)
-    metrics = {
-        "monitor/proxy": float(frame["proxy"].mean()),
-        "monitor/gold": float(frame["gold"].mean()),
-        "monitor/proxy_std": float(frame["proxy"].std()),
-        "monitor/gold_std": float(frame["gold"].std()),
-        "monitor/spearman": _spearman(frame["proxy"], frame["gold"]),
-        "monitor/kl": float(frame["kl"].mean()),
-        "monitor/length": float(frame["length"].mean()),
-    }
-    base = baseline or metrics
-    metrics["monitor/length_ratio"] = metrics["monitor/length"] / base["monitor/length"]
-    metrics["monitor/gap"] = _rise(metrics, base, "proxy") - _rise(metrics, base, "gold")
-    return metrics
-
-
-def _spearman(a: pd.Series, b: pd.Series) -> float:
-    if a.nunique() < 2 or b.nunique() < 2:
-        return float("nan")  # a constant score ranks nothing
-    return float(a.corr(b, method="spearman"))
-
-
-def _rise(metrics: Mapping[str, float], base: Mapping[str, float], name: str) -> float:
-    spread = base[f"monitor/{name}_std"]
-    return (metrics[f"monitor/{name}"] - base[f"monitor/{name}"]) / spread if spread > 0 else 0.0
-
-
-@dataclass(frozen=True)
-class Trip:
-    """A gate that tripped: which, its threshold, the value that crossed it, and the rollout it was measured at."""
-
-    gate: str
-    threshold: float
-    value: float
-    step: int
-
-    def describe(self) -> str:
-        what = {
-            "max_kl": "the monitored KL to the reference (nats) exceeds",
-            "max_length_ratio": "the monitored response length over SFT's exceeds",
-            "min_correlation": "the Spearman correlation of proxy and gold fell below",
-            "gold_drop": "the gold score fell below its best (while the proxy rose) by more than",
-        }[self.gate]
-        return f"gates.{self.gate}: {what} {self.threshold:g} at rollout {self.step} (value {self.value:.4g})"
-
-    def as_dict(self) -> dict[str, float | str | int]:
-        return asdict(self)
-
-
-class GateTripped(RuntimeError):
-    """A gate with `gates.on_trip: fail`: the stage fails and writes nothing."""
-
-
-def check_gates(history: Sequence[Mapping[str, float]], gates: GatesConfig) -> list[Trip]:
-    """The gates the latest measurement of `history` (each with its `step`) trips. A NaN correlation (constant
-    scores) trips nothing: it measures nothing."""
-    if not history:
-        return []
-    latest, trips = history[-1], []
-    step = int(latest["step"])
-    if gates.max_kl is not None and latest["monitor/kl"] > gates.max_kl:
-        trips.append(Trip("max_kl", gates.max_kl, latest["monitor/kl"], step))
-    if gates.max_length_ratio is not None and latest["monitor/length_ratio"] > gates.max_length_ratio:
-        trips.append(Trip("max_length_ratio", gates.max_length_ratio, latest["monitor/length_ratio"], step))
-    if gates.min_correlation is not None and latest["monitor/spearman"] < gates.min_correlation:
-        trips.append(Trip("min_correlation", gates.min_correlation, latest["monitor/spearman"], step))
-    if gates.gold_drop is not None:
-        best = best_point(history)
-        drop = best["monitor/gold"] - latest["monitor/gold"]
-        if drop > gates.gold_drop and latest["monitor/proxy"] > best["monitor/proxy"]:
-            trips.append(Trip("gold_drop", gates.gold_drop, drop, step))
-    return trips
-
-
-def tripped_gates(report: Mapping[str, float]) -> list[tuple[str, int]]:
-    """(gate, rollout) of each gate a stage report (`Watch.report`) says tripped."""
-    names = [f.name for f in fields(GatesConfig) if f.name != "on_trip"]
-    return [(name, int(report[f"gates/{name}_step"])) for name in names if f"gates/{name}_step" in report]
-
-
-def best_point(history: Sequence[Mapping[str, float]]) -> Mapping[str, float]:
-    """The measurement with the highest gold score (the earliest of equals)."""
-    return max(history, key=lambda point: point["monitor/gold"])
+from pipeline.eval.gates import MONITOR_KEYS, GateTripped, Trip, best_point, check_gates
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler
 from pipeline.config import PPOConfig, TrainerConfig
 from pipeline.data.batches import response_batch
 from pipeline.envs.episodes import EpisodeSpec, episode_batch, episode_stats, run_episodes
+from pipeline.eval.gates import monitor_metrics
 from pipeline.losses.rewards import RewardWeights, shape_rewards
 from pipeline.losses.rl import (
     GROUP_ESTIMATORS,
@@ -44,7 +45,7 @@ from pipeline.models.judges import Judge, VerifierJudge
 from pipeline.models.logprobs import model_token_logps
 from pipeline.models.lora import as_reference, backbone, unwrapped
 from pipeline.train.hooks import NO_HOOKS, Hooks
-from pipeline.train.monitor import MonitorSpec, Watch, monitor_metrics
+from pipeline.train.monitor import MonitorSpec, Watch
 from pipeline.train.optim import build_optimizer
 from pipeline.train.resume import checkpointing
 from pipeline.train.trainer import build_trainer
@@ -139,6 +140,7 @@ class PPOModule(pl.LightningModule):
         reward_mean: float,
         reward_std: float,
         seed: int,
+        reward_heads: Sequence[tuple[float, float]] = (),
         accumulate: int = 1,
         compiled_sampling: bool = False,
         episodes: EpisodeSpec | None = None,
@@ -155,6 +157,10 @@ class PPOModule(pl.LightningModule):
             reward_std=reward_std,
             reward_clip=cfg.reward_clip,
             reward_model_weight=cfg.reward_model_weight,
+            head_means=tuple(mean for mean, _ in reward_heads),
+            head_stds=tuple(std for _, std in reward_heads),
+            combine=cfg.ensemble_combine,
+            std_coef=cfg.ensemble_std_coef,
             judge_weight=cfg.judge_weight,
             env_weight=episodes.reward_weight if episodes is not None else 0.0,
             missing_eos_penalty=cfg.missing_eos_penalty,
@@ -194,6 +200,14 @@ class PPOModule(pl.LightningModule):
         return model_token_logps(
             model, input_ids, attention_mask, temperature=self.cfg.temperature, with_entropy=with_entropy
         )
+
+    def _reward_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The reward model's raw scores: (B,), or (B, heads) for an ensemble; None when no reward model is run
+        (`ppo.reward_model_weight` 0)."""
+        if self.reward_model is None:
+            return None
+        logits = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits[:, 0].float() if logits.shape[1] == 1 else logits.float()
 
     def _episodes(
         self, rows: Sequence[dict], params: SamplingParams, seed: int
@@ -253,9 +267,7 @@ class PPOModule(pl.LightningModule):
         prompts = self.tokenizer.batch_decode(samples.prompt_ids)
         golds = self.judge.score(prompts, samples.texts)
         ended = torch.tensor(samples.ended, device=self.device)
-        raw_scores = None  # with ppo.reward_model_weight 0 no reward model is run
-        if self.reward_model is not None:
-            raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        raw_scores = self._reward_scores(input_ids, attention_mask)
         kl = kl_estimate(logps, ref_logps, cfg.kl_estimator) * mask  # (B, T-1)
         shaped = shape_rewards(
             kl,
@@ -286,6 +298,7 @@ class PPOModule(pl.LightningModule):
             "objective/rlhf_reward": float((scores + non_score.sum(1)).mean()),
             "objective/kl_coef": float(self.kl_ctl.value if cfg.kl_in == "reward" else cfg.kl_loss_coef),
             "objective/gold_scores": sum(golds) / len(golds),
+            **({"objective/ensemble_std": float(shaped.spread.mean())} if shaped.spread is not None else {}),
             "val/num_eos_tokens": float(ended.sum()),
             "val/eos_rate": float(ended.float().mean()),
             "val/stopped_by_context": float(sum(samples.stopped_by_context)),
@@ -325,10 +338,8 @@ class PPOModule(pl.LightningModule):
         with as_reference(self.policy, self.reference) as reference:
             ref_logps, _ = self._logps(reference, input_ids, attention_mask)
         golds = self.judge.score(self.tokenizer.batch_decode(samples.prompt_ids), samples.texts)
-        raw_scores = None
-        if self.reward_model is not None:
-            raw_scores = self.reward_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        proxy = shape_rewards(  # the RL reward's score, without its KL term
+        raw_scores = self._reward_scores(input_ids, attention_mask)
+        shaped = shape_rewards(  # the RL reward's score, without its KL term
             torch.zeros_like(mask),
             mask,
             torch.tensor(samples.ended, device=self.device),
@@ -336,10 +347,12 @@ class PPOModule(pl.LightningModule):
             judge_scores=torch.tensor(golds, device=self.device),
             weights=self.reward_weights,
             kl_coef=None,
-        ).scores
+        )
         kl = (kl_estimate(logps, ref_logps, "k1") * mask).sum(1)
         baseline = self.watch.history[0] if self.watch.history else None
-        metrics = monitor_metrics(proxy.tolist(), golds, kl.tolist(), mask.sum(1).tolist(), baseline)
+        metrics = monitor_metrics(shaped.scores.tolist(), golds, kl.tolist(), mask.sum(1).tolist(), baseline)
+        if shaped.spread is not None:  # a reward ensemble's disagreement: where the proxy is unsure
+            metrics["monitor/ensemble_std"] = float(shaped.spread.mean())
         return {"step": float(step), **metrics}
 
     def _watch(self, step: int) -> bool:
@@ -520,6 +533,7 @@ def fit_ppo(
     reward_mean: float,
     reward_std: float,
     seed: int,
+    reward_heads: Sequence[tuple[float, float]] = (),
     compiled_sampling: bool = False,
     hooks: Hooks = NO_HOOKS,
     episodes: EpisodeSpec | None = None,
@@ -545,6 +559,7 @@ def fit_ppo(
         reward_mean=reward_mean,
         reward_std=reward_std,
         seed=seed,
+        reward_heads=reward_heads,
         accumulate=trainer.accumulate_grad_batches,
         compiled_sampling=compiled_sampling,
         episodes=episodes,

@@ -37,18 +37,32 @@ class RewardStats:
 
     mean: float
     std: float
+    heads: tuple[tuple[float, float], ...] = ()
+    """An ensemble's (mean, std) per head, the first head's being `mean`, `std`; empty for one head."""
 
     FILE = "reward_stats.json"
 
     def write(self, model_dir: str | Path) -> None:
-        write_json(asdict(self), Path(model_dir) / self.FILE)
+        stats = asdict(self)
+        if not self.heads:  # one head: the file as it always was
+            del stats["heads"]
+        write_json(stats, Path(model_dir) / self.FILE)
+
+    @property
+    def means(self) -> tuple[float, ...]:
+        return tuple(mean for mean, _ in self.heads) or (self.mean,)
+
+    @property
+    def stds(self) -> tuple[float, ...]:
+        return tuple(std for _, std in self.heads) or (self.std,)
 
     @classmethod
     def read(cls, model_dir: str | Path) -> RewardStats:
         path = Path(model_dir) / cls.FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: the reward model's score statistics are missing; rerun dvc repro reward")
-        return cls(**json.loads(path.read_text()))
+        stats = json.loads(path.read_text())
+        return cls(stats["mean"], stats["std"], tuple(tuple(head) for head in stats.get("heads", ())))
 
 
 def bradley_terry_loss(
@@ -72,9 +86,9 @@ def bradley_terry_loss(
 
 
 def packed_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The one-logit classifier's score of every sequence of a packed batch (`packed_batch`), read at its last
-    token as the classifier's own pooling does on a padded batch: the backbone over the packed rows, then the score
-    head on those N positions only. Shape: (N,)."""
+    """The classifier's scores of every sequence of a packed batch (`packed_batch`), read at its last token as the
+    classifier's own pooling does on a padded batch: the backbone over the packed rows, then the score heads on
+    those N positions only. Shape: (N, heads)."""
     base = unwrapped(model)
     head = getattr(base, "score", None)
     if head is None:
@@ -89,7 +103,14 @@ def _packed_scores(model: torch.nn.Module, head: torch.nn.Module, batch: dict[st
     hidden = backbone(model)(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
     ).last_hidden_state  # (R, L, H)
-    return head(hidden.flatten(0, 1)[batch["last_token"]])[:, 0]
+    return head(hidden.flatten(0, 1)[batch["last_token"]])
+
+
+def bootstrap_weights(shape: torch.Size, seed: int, step: int) -> torch.Tensor:
+    """Poisson(1) weights, one per (pair, head) of a step's batch: each head trains on its own bootstrap resample
+    of the pairs (in expectation each pair once), drawn from `seed` and `step` alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.poisson(torch.ones(shape), generator=generator)
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,7 +119,9 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class RewardModule(pl.LightningModule):
-    """Bradley-Terry training of an injected `AutoModelForSequenceClassification` (num_labels = 1)."""
+    """Bradley-Terry training of an injected `AutoModelForSequenceClassification`: one score head, or `heads` of an
+    ensemble on the shared body, each head's loss over its own bootstrap of the pairs (Poisson(1) weights per pair
+    and head, drawn per step from `seed` and the step, so a resumed run draws the same)."""
 
     def __init__(
         self,
@@ -110,22 +133,31 @@ class RewardModule(pl.LightningModule):
         max_steps: int,
         margin: float,
         center_coef: float,
+        heads: int = 1,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.model = model
         self.optim_args = {"lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_steps": max_steps}
-        self.margin, self.center_coef = margin, center_coef
+        self.margin, self.center_coef, self.heads, self.seed = margin, center_coef, heads, seed
 
     def rewards(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rewards of chosen and rejected, each (B,), from one forward pass over the 2B sequences."""
+        """Rewards of chosen and rejected, each (B, heads), from one forward pass over the 2B sequences."""
         if is_packed(batch):
             return packed_scores(self.model, batch).float().chunk(2)
-        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        scores = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return scores.float().chunk(2)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.rewards(batch)
-        loss = bradley_terry_loss(chosen, rejected, margin=self.margin, center_coef=self.center_coef).mean()
+        if self.heads == 1:
+            chosen, rejected = chosen[:, 0], rejected[:, 0]
+            loss = bradley_terry_loss(chosen, rejected, margin=self.margin, center_coef=self.center_coef).mean()
+        else:
+            losses = bradley_terry_loss(chosen, rejected, margin=self.margin, center_coef=self.center_coef)
+            weights = bootstrap_weights(losses.shape, self.seed, self.global_step).to(losses)
+            loss = (weights * losses).sum() / weights.sum().clamp(min=1.0)
+            chosen, rejected = chosen[:, 0], rejected[:, 0]  # the accuracy below is the first head's
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/accuracy", (chosen > rejected).float().mean())
         return loss
@@ -136,11 +168,18 @@ class RewardModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         chosen, rejected = self.rewards(batch)
         gold_chosen, gold_rejected = batch["gold"].float().chunk(2)
-        self._val.append(torch.stack([chosen, rejected, gold_chosen, gold_rejected], dim=1))
+        self._val.append(torch.cat([chosen, rejected, gold_chosen[:, None], gold_rejected[:, None]], dim=1))
 
     def on_validation_epoch_end(self) -> None:
-        rows = self.all_gather(torch.cat(self._val)).reshape(-1, 4)  # (N, [r_c, r_r, gold_c, gold_r])
-        chosen, rejected, gold_chosen, gold_rejected = rows.unbind(1)
+        n = self.heads
+        rows = self.all_gather(torch.cat(self._val)).reshape(-1, 2 * n + 2)  # (N, [r_c x n, r_r x n, gold_c, gold_r])
+        heads_chosen, heads_rejected, gold_chosen, gold_rejected = (
+            rows[:, :n],
+            rows[:, n : 2 * n],
+            rows[:, -2],
+            rows[:, -1],
+        )
+        chosen, rejected = heads_chosen[:, 0], heads_rejected[:, 0]  # the headline figures: the first head's
         loss = bradley_terry_loss(chosen, rejected, margin=self.margin, center_coef=self.center_coef).mean()
         rewards = torch.cat([chosen, rejected])
         metrics = {
@@ -150,6 +189,16 @@ class RewardModule(pl.LightningModule):
             "val/reward_mean": rewards.mean(),
             "val/reward_std": rewards.std(),
         }
+        if n > 1:  # each head's score distribution (PPO normalises each with its own) and the ensemble's accuracy
+            every = torch.cat([heads_chosen, heads_rejected])
+            for head in range(n):  # as the first head's headline figures are computed: the same numbers for it
+                scores = torch.cat([heads_chosen[:, head], heads_rejected[:, head]])
+                metrics[f"val/head{head}/reward_mean"] = scores.mean()
+                metrics[f"val/head{head}/reward_std"] = scores.std()
+            standard = (every - every.mean(0)) / every.std(0)
+            sc, sr = standard.chunk(2)
+            metrics["val/ensemble_accuracy"] = (sc.mean(1) > sr.mean(1)).float().mean()
+            metrics["val/ensemble_spread"] = standard.std(1).mean()
         known = ~(gold_chosen.isnan() | gold_rejected.isnan())
         if known.any():
             chosen_k, rejected_k = chosen[known], rejected[known]
@@ -179,7 +228,9 @@ def fit_reward(
     hooks: Hooks = NO_HOOKS,
 ) -> tuple[RewardModule, FitResult]:
     """A Bradley-Terry reward model on tokenised pairs (`batches.read_pairs`)."""
-    module = RewardModule(model, margin=cfg.margin, center_coef=cfg.center_coef, **optim_args(cfg))
+    module = RewardModule(
+        model, margin=cfg.margin, center_coef=cfg.center_coef, heads=cfg.ensemble, seed=seed, **optim_args(cfg)
+    )
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
     data = RowsDataModule(train, val, collate, cfg.batch_size, seed, accumulate=trainer.accumulate_grad_batches)
     return module, fit_and_validate(module, data, trainer, cfg, hooks)

@@ -119,9 +119,15 @@ def test_the_plots_page_draws_every_plot_offline(dag, tmp_path):
 def test_a_reward_key_reruns_reward_and_what_reads_the_reward_model(dag, tmp_path):
     project = Project.copy_of(dag.path, tmp_path / "repo")
     project.set_param("reward", "lr", 0.002)
+    project.set_param("reward", "ensemble", 2)  # and a reward ensemble of two heads, which ppo combines
     out = project.dvc("repro")
     assert project.ran(out) == {"reward", "ppo", "evaluate"}  # ppo and evaluate read the reward model
     assert {"prepare", "sft", "preferences", "reference", "dpo"} <= project.skipped(out)
+    stats = json.loads((project.path / "models/reward/reward_stats.json").read_text())
+    assert len(stats["heads"]) == 2 and stats["heads"][0] == [stats["mean"], stats["std"]]
+    assert project.report("ppo")["final/objective/ensemble_std"] > 0.0 and "val/ensemble_accuracy" in project.report(
+        "reward"
+    )
 
 
 def test_ppo_keys_rerun_ppo_and_evaluate_only_and_grpo_builds_no_value_model(dag, tmp_path):
@@ -150,14 +156,17 @@ def test_a_failing_gate_fails_ppo_writing_nothing_and_a_stopping_one_saves_the_b
     # DVC records nothing, and the stage wrote no model (DVC cleared the old one before running it: in its cache)
     assert project.lock()["ppo"] == before and not (project.path / "models/ppo").exists()
     project.set_param("gates", "on_trip", "stop")
-    ran = project.ran(project.dvc("repro"))  # evaluate reruns unless the best policy is the last one (same model)
-    assert "ppo" in ran and ran <= {"ppo", "evaluate"}
+    assert project.ran(project.dvc("repro")) == {"ppo", "evaluate"}  # gates feed both
     ppo = project.report("ppo")
     assert ppo["gates/stopped_at"] == 2.0 and ppo["gates/max_kl_step"] == 2.0
     assert ppo["gates/model_step"] == ppo["monitor/best_step"] in (0.0, 2.0)
     run = max(_runs(project, "ppo"), key=lambda r: r.info.start_time)  # the stopped run (the failed one is older)
     parent = _client(project).get_run(run.data.tags["mlflow.parentRunId"])
     assert run.data.tags["gates.tripped"] == parent.data.tags["gates.tripped"] == "max_kl@2"
+    metrics = project.report("metrics")  # evaluate applies the KL gate to every policy on the test prompts
+    assert metrics["dpo/gates_tripped"] == 1.0 and "dpo:max_kl" in parent.data.tags["gates.evaluate"]
+    report = (project.path / "reports/eval.md").read_text()
+    assert "## Gates" in report and "- **tripped** in ppo's training: `max_kl` at rollout 2; training stopped" in report
 
 
 def test_a_beta_sweep_reuses_the_reference_runs_queued_points_at_once_and_feeds_the_frontier(dag, tmp_path):

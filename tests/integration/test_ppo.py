@@ -7,10 +7,12 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.tokenization import encode
 from pipeline.envs.guess import Guess
+from pipeline.eval.gates import GateTripped
+from pipeline.losses.rewards import shape_rewards
 from pipeline.models.build import build_causal_lm, build_reward_model, prepare_for_training, save_model
 from pipeline.models.judges import VaderJudge
 from pipeline.track.tracking import StageRun
-from pipeline.train.monitor import GateTripped, MonitorSpec
+from pipeline.train.monitor import MonitorSpec
 from pipeline.train.ppo import PPOHealthError, PPOModule, PromptBatches
 from pipeline.train.trainer import build_trainer
 from tests.defaults import default_section
@@ -309,3 +311,43 @@ def test_a_fail_gate_names_the_gate_threshold_value_and_step(model_cfg, cpu_trai
     with pytest.raises(GateTripped, match=r"gates.max_length_ratio: .* exceeds 0.5 at rollout 0 \(value 1\)"):
         _fit(module, cpu_trainer_cfg, tokenizer, reviews)
     assert module.history == []  # nothing trained
+
+
+def test_an_ensemble_reward_is_combined_conservatively_and_its_spread_logged(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
+    sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    save_model(build_reward_model(model_cfg, tokenizer, sft, heads=3), tokenizer, tmp_path / "reward")
+    cfg = _ppo_cfg(advantage_estimator="grpo", num_generations=2, prompts_per_rollout=4, ensemble_combine="min")
+    module = PPOModule(
+        policy=build_causal_lm(model_cfg, tokenizer, path=sft),
+        value_model=None,
+        reference=build_causal_lm(model_cfg, tokenizer, path=sft),
+        reward_model=build_reward_model(model_cfg, tokenizer, str(tmp_path / "reward")),  # its three heads
+        judge=VaderJudge(),
+        tokenizer=tokenizer,
+        cfg=cfg,
+        reward_mean=0.0,
+        reward_std=1.0,
+        reward_heads=((0.0, 1.0), (0.1, 2.0), (-0.1, 0.5)),
+        seed=0,
+        monitor=_monitor(tokenizer, reviews, every=2),
+    )
+    _fit(module, cpu_trainer_cfg, tokenizer, reviews)
+    assert all(row["objective/ensemble_std"] > 0.0 for row in module.history)  # three heads never agree exactly
+    assert all(point["monitor/ensemble_std"] > 0.0 for point in module.watch.history)
+    ids = encode(tokenizer, [r.prompt + r.completion for r in reviews[:4]])
+    batch = torch.tensor([row[:8] for row in ids])
+    raw = module._reward_scores(batch, torch.ones_like(batch))
+    assert raw.shape == (4, 3)
+    heads = (raw - torch.tensor([0.0, 0.1, -0.1])) / torch.tensor([1.0, 2.0, 0.5])  # each head's own stats
+    shaped = shape_rewards(
+        torch.zeros(4, 7),
+        torch.ones(4, 7),
+        torch.ones(4, dtype=torch.bool),
+        reward_model_scores=raw,
+        judge_scores=torch.zeros(4),
+        weights=module.reward_weights,
+        kl_coef=None,
+    )
+    torch.testing.assert_close(shaped.scores, heads.clamp(-10.0, 10.0).amin(1))  # ppo.ensemble_combine: min

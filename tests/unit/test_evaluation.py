@@ -4,7 +4,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.eval.frontier import aggregate, frontier_points, pareto_mask, seed_summary, seeds_markdown
+from pipeline.eval.frontier import (
+    aggregate,
+    frontier_markdown,
+    frontier_points,
+    pareto_mask,
+    plot_frontier,
+    seed_summary,
+    seeds_markdown,
+)
 from pipeline.eval.policies import best_of_n_index, best_of_n_kl, distinct_n, mean_ci95, select, win_rate
 from pipeline.models.generation import Samples
 from pipeline.models.logprobs import sequence_kl
@@ -154,6 +162,20 @@ def test_seed_summary_names_policies_and_averages_each_over_its_seeds():
     # SFT and Best-of-N of seed 1 are shared by runs a and d: counted once per seed
     assert table.loc["sft", "seeds"] == 3 and table.loc["grpo kl_coef=0.05", "seeds"] == 1
     assert "| ppo kl_coef=0.05 | 3 | 0.700 ± 0.113 | 1.40 ± 0.23 |" in seeds_markdown(seed_summary(runs))
+
+
+def test_a_point_whose_policy_tripped_a_gate_is_marked_with_the_seeds_it_tripped_in(tmp_path):
+    runs = [
+        _run("a", 1, 0.1, 0.05, dpo=(8.0, 0.90), ppo=(4.0, 0.80), bon=(0.6, 0.50)),
+        _run("b", 2, 0.1, 0.05, dpo=(8.0, 0.80), ppo=(4.0, 0.80), bon=(0.6, 0.50)),
+    ]
+    runs[0]["tags"] = {"gates.tripped": "gold_drop@30"}  # ppo's training, seed 1
+    runs[1]["tags"] = {"gates.evaluate": "dpo:max_kl, sft:max_kl"}  # on the test prompts, seed 2
+    table = aggregate(frontier_points(runs)).set_index("method")
+    assert (table.loc["ppo", "tripped"], table.loc["dpo", "tripped"], table.loc["best-of-n", "tripped"]) == (1, 1, 0)
+    markdown = frontier_markdown(table.reset_index())
+    assert "| ppo | ppo.kl_coef | 0.05 | 4.00 ± 0.00 | 0.800 ± 0.000 | 2 | **yes** | **1 of 2** |" in markdown
+    plot_frontier(table.reset_index(), tmp_path / "frontier.png")  # the tripped points drawn as red crosses
 
 
 def test_frontier_names_the_estimator_and_counts_a_shared_policy_once():

@@ -27,7 +27,7 @@ ALLOWED = {
     "models": FOUNDATION | {"data"},
     "tasks": FOUNDATION | {"data", "models", "envs"},
     "losses": set(),
-    "train": FOUNDATION | {"data", "models", "losses", "envs"},
+    "train": FOUNDATION | {"data", "models", "losses", "envs", "eval"},
     "envs": FOUNDATION | {"data", "models"},
     "eval": FOUNDATION | {"data", "models", "envs"},
     "track": FOUNDATION,

@@ -5,7 +5,17 @@ import math
 import pytest
 import torch
 
-from pipeline.train.monitor import GateTripped, MonitorSpec, Trip, Watch, check_gates, monitor_metrics, tripped_gates
+from pipeline.eval.gates import (
+    GateTripped,
+    Trip,
+    act_on,
+    check_gates,
+    evaluate_gates,
+    gates_markdown,
+    monitor_metrics,
+    tripped_gates,
+)
+from pipeline.train.monitor import MonitorSpec, Watch
 from tests.defaults import default_section
 
 OFF = default_section("gates")
@@ -113,3 +123,22 @@ def test_weights_are_copied_only_when_a_gate_may_stop_the_run():
     for watch in (Watch(spec("warn", max_kl=1.0)), Watch(spec("stop"))):
         watch.record(point(0, gold=1.0), {"w": torch.zeros(2)})
         assert watch.best_state is None
+
+
+def test_evaluate_gates_every_policy_but_sft_on_kl_and_length_and_reports_them():
+    metrics = {"sft/kl": 0.0, "sft/length": 10.0, "ppo/kl": 5.0, "ppo/length": 12.0, "dpo/kl": 2.0, "dpo/length": 20.0}
+    set_gates = gates(max_kl=4.0, max_length_ratio=1.5)
+    trips = evaluate_gates(metrics, set_gates, ["sft", "ppo", "dpo"])
+    assert [(t.policy, t.gate, t.value) for t in trips] == [("ppo", "max_kl", 5.0), ("dpo", "max_length_ratio", 2.0)]
+    act_on(trips, set_gates)  # warn: marked, nothing raised
+    with pytest.raises(GateTripped, match=r"gates.max_kl: ppo's KL to SFT \(nats\) is 5, past 4; .*dpo's length"):
+        act_on(trips, gates(on_trip="fail", max_kl=4.0, max_length_ratio=1.5))
+    training = {"gates/gold_drop_step": 30.0, "gates/stopped_at": 30.0, "gates/model_step": 20.0}
+    markdown = gates_markdown(trips, training, set_gates)
+    assert "Set: `max_kl: 4`, `max_length_ratio: 1.5` (`on_trip: warn`" in markdown
+    assert "- **tripped** on the test prompts: gates.max_kl: ppo's KL to SFT (nats) is 5, past 4" in markdown
+    assert (
+        "in ppo's training: `gold_drop` at rollout 30; training stopped there, the saved policy is rollout 20's"
+        in markdown
+    )
+    assert gates_markdown([], {}, OFF) == ""  # nothing set, nothing tripped: eval.md as it was

@@ -74,3 +74,27 @@ def test_an_environment_span_gets_neither_kl_nor_the_score_and_the_episode_rewar
     torch.testing.assert_close(shaped.rewards, expected)
     assert last_policy_token(mask).tolist() == [6]
     assert last_policy_token(torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])).tolist() == [1, 0]
+
+
+def test_an_ensembles_heads_are_normalised_clipped_and_combined_by_hand():
+    weights = RewardWeights(head_means=(0.0, 1.0, -1.0), head_stds=(1.0, 2.0, 1.0), reward_clip=3.0)
+    raw = torch.tensor([[1.0, 3.0, 0.0], [2.0, -9.0, -1.0]])  # normalised: (1, 1, 1) and (2, -5 -> clip -3, 0)
+    mask, ended = MASK, torch.tensor([True, True])
+    expected = {
+        "mean": [1.0, -1.0 / 3.0],
+        "min": [1.0, -3.0],
+        "mean_minus_std": [1.0, -1.0 / 3.0 - 2.0 * torch.tensor([2.0, -3.0, 0.0]).std().item()],
+    }
+    for combine, scores in expected.items():
+        shaped = shape_rewards(
+            KL,
+            mask,
+            ended,
+            reward_model_scores=raw,
+            judge_scores=torch.zeros(2),
+            weights=RewardWeights(**{**weights.__dict__, "combine": combine, "std_coef": 2.0}),
+            kl_coef=None,
+        )
+        torch.testing.assert_close(shaped.scores, torch.tensor(scores), msg=combine)
+        torch.testing.assert_close(shaped.spread, torch.tensor([0.0, torch.tensor([2.0, -3.0, 0.0]).std().item()]))
+    assert _shape().spread is None  # one head: no spread to speak of
