@@ -51,12 +51,14 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     reward_model, stats = None, RewardStats(mean=0.0, std=1.0)
     if ppo.reward_model_weight:
         reward_model, stats = build_reward_model(cfg.model, tokenizer, reward_dir), RewardStats.read(reward_dir)
-    judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train_table)], tokenizer).to("cpu")
+    monitor, val_table = monitor_spec(cfg, data_dir, tokenizer)
+    judged = [(f"{data_dir}/train.parquet", train_table)]
+    judged += [(f"{data_dir}/val.parquet", val_table)] if monitor is not None else []  # the monitor's prompts' answers
+    judge = gold_judge(cfg, judged, tokenizer).to("cpu")
     episodes = episode_spec(cfg.env, tokenizer)
     rows = episode_starts(train_table) if episodes is not None else []
     if episodes is not None:
         check_resets(episodes.make_env, rows, episodes.kind)  # a broken environment fails before any training
-    monitor = monitor_spec(cfg, data_dir, tokenizer)
     module, is_global_zero = fit_ppo(
         policy,
         value_model,
@@ -93,15 +95,17 @@ def run_ppo(cfg: Config, *, data_dir: str, sft_dir: str, reward_dir: str, hooks:
     )
 
 
-def monitor_spec(cfg: Config, data_dir: str, tokenizer) -> MonitorSpec | None:
-    """The monitor's fixed batch: the first `monitor.prompts` distinct validation prompts. None when it is off."""
+def monitor_spec(cfg: Config, data_dir: str, tokenizer) -> tuple[MonitorSpec | None, pd.DataFrame | None]:
+    """The monitor's fixed batch (the first `monitor.prompts` distinct validation prompts) and the validation table
+    (a verifier judge needs its answers); (None, None) when the monitor is off."""
     if not cfg.monitor.every_n_rollouts:
-        return None
-    prompts = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION)["prompt"].unique().tolist()
+        return None, None
+    val = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION)
+    prompts = val["prompt"].unique().tolist()
     if len(prompts) < cfg.monitor.prompts:
         raise ConfigError(
             f"monitor.prompts: {cfg.monitor.prompts} exceeds the {len(prompts)} distinct prompts of "
             f"{data_dir}/val.parquet; lower it or raise prepare.n_val"
         )
     ids = encode(tokenizer, prompts[: cfg.monitor.prompts])
-    return MonitorSpec(ids, cfg.monitor.every_n_rollouts, cfg.gates, seed=cfg.seed + 1_000_003)
+    return MonitorSpec(ids, cfg.monitor.every_n_rollouts, cfg.gates, seed=cfg.seed + 1_000_003), val
