@@ -89,9 +89,10 @@ class Watch:
             "trips": [trip.as_dict() for trip in self.trips],
             "best_step": self.best_step,
             "best_state": self.best_state,
+            "stopped_at": self.stopped_at,  # a run killed after a stop, before its outputs, still saves the best
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         self.history = list(state["history"])
         self.trips = [Trip(**trip) for trip in state["trips"]]
-        self.best_step, self.best_state = state["best_step"], state["best_state"]
+        self.best_step, self.best_state, self.stopped_at = state["best_step"], state["best_state"], state["stopped_at"]

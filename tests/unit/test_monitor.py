@@ -108,6 +108,7 @@ def test_stop_keeps_the_weights_of_the_best_gold_measurement_and_records_both_st
     restored = Watch(watch.spec)
     restored.load_state_dict(watch.state_dict())  # what a checkpoint carries over a resume
     assert restored.trips == watch.trips and restored.history == watch.history and restored.best_step == 10
+    assert restored.stopped_at == 20 and torch.equal(restored.best_state["w"], torch.ones(2))
 
 
 def test_fail_names_the_gate_its_threshold_the_value_and_the_step():
