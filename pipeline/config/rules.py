@@ -3,6 +3,7 @@ passed their own checks, so no rule ever sees a bad value."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,6 +94,30 @@ def _judge(config: Config) -> list[str]:
         errors.append(f"judge.path: required for judge.kind {judge.kind!r} (a hub id or a save_pretrained directory)")
     if judge.kind == "classifier" and not judge.label:
         errors.append("judge.label: required for judge.kind 'classifier' (the label to score, e.g. POSITIVE)")
+    return errors
+
+
+@rule("preferences.bias_pattern", "preferences.bias_weight", "preferences.mode", "judge.format_pattern")
+def _patterns(config: Config) -> list[str]:
+    prefs, errors = config.preferences, []
+    for key, pattern in (
+        ("preferences.bias_pattern", prefs.bias_pattern),
+        ("judge.format_pattern", config.judge.format_pattern),
+    ):
+        try:
+            re.compile(pattern or "")
+        except re.error as error:
+            errors.append(f"{key}: {pattern!r} is not a regular expression ({error}); fix it or set it to null")
+    if prefs.bias_weight and prefs.bias_pattern is None:
+        errors.append(
+            f"preferences.bias_weight: {prefs.bias_weight} with no preferences.bias_pattern to weigh; set the pattern "
+            "the annotator favours, or the weight to 0"
+        )
+    if prefs.bias_pattern is not None and prefs.mode != "generate":
+        errors.append(
+            "preferences.bias_pattern: a biased annotator labels generated pairs, and preferences.mode is "
+            f"{prefs.mode!r}; set it to null"
+        )
     return errors
 
 

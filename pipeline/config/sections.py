@@ -200,6 +200,12 @@ class PreferencesConfig:
     """Bradley-Terry annotator temperature: P(a > b) = sigmoid((gold_a - gold_b) / tau); 0 is deterministic."""
     min_gold_gap: float = bounded(">= 0")
     """Generate: pairs whose gold scores differ by at most this are dropped (0 drops exact ties)."""
+    bias_pattern: str | None
+    """Generate: a biased annotator (null: none). Each match of this regex in a response adds `bias_weight` to the
+    score the annotator compares, something the gold judge ignores: a proxy to study reward hacking with
+    (docs/monitor.md)."""
+    bias_weight: float = bounded("in [-1, 1]")
+    """Generate: what each match of `bias_pattern` adds to the annotator's score (gold-judge units)."""
     max_length: int = bounded(">= 2")
     """Prompt + response + EOS tokens; longer pairs are invalid."""
     on_invalid: Literal["drop", "fail"]
@@ -404,12 +410,15 @@ class GatesConfig:
     """Trip when the monitored gold score falls this far below its best while the proxy is above its value at that
     best (over-optimisation: Gao et al. 2022). null: off."""
 
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every gate, by name (each field but `on_trip`)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "on_trip")
+
     @property
     def armed(self) -> tuple[str, ...]:
         """The gates set (not null), by name."""
-        return tuple(
-            f.name for f in dataclasses.fields(self) if f.name != "on_trip" and getattr(self, f.name) is not None
-        )
+        return tuple(name for name in self.names() if getattr(self, name) is not None)
 
 
 @dataclass(frozen=True)

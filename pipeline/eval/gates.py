@@ -12,11 +12,12 @@ lengths and standardised scores are read against.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from pipeline.config import GatesConfig
+from pipeline.eval.policies import spearman
 
 MONITOR_KEYS = (
     "monitor/proxy",
@@ -46,7 +47,7 @@ def monitor_metrics(
         "monitor/gold": float(frame["gold"].mean()),
         "monitor/proxy_std": float(frame["proxy"].std()),
         "monitor/gold_std": float(frame["gold"].std()),
-        "monitor/spearman": _spearman(frame["proxy"], frame["gold"]),
+        "monitor/spearman": spearman(frame["proxy"], frame["gold"]),
         "monitor/kl": float(frame["kl"].mean()),
         "monitor/length": float(frame["length"].mean()),
     }
@@ -56,15 +57,19 @@ def monitor_metrics(
     return metrics
 
 
-def _spearman(a: pd.Series, b: pd.Series) -> float:
-    if a.nunique() < 2 or b.nunique() < 2:
-        return float("nan")  # a constant score ranks nothing
-    return float(a.corr(b, method="spearman"))
-
-
 def _rise(metrics: Mapping[str, float], base: Mapping[str, float], name: str) -> float:
     spread = base[f"monitor/{name}_std"]
     return (metrics[f"monitor/{name}"] - base[f"monitor/{name}"]) / spread if spread > 0 else 0.0
+
+
+WATCHES = {
+    "max_kl": "the KL to the reference (nats)",
+    "max_length_ratio": "the response length over SFT's",
+    "min_correlation": "the Spearman correlation of proxy and gold",
+    "gold_drop": "the gold score's fall below its best (while the proxy rose)",
+}
+"""What each gate watches, in the words its trips are reported in."""
+CROSSES = {"max_kl": "exceeds", "max_length_ratio": "exceeds", "min_correlation": "fell below", "gold_drop": "exceeds"}
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,10 @@ class Trip:
     step: int
 
     def describe(self) -> str:
-        what = {
-            "max_kl": "the monitored KL to the reference (nats) exceeds",
-            "max_length_ratio": "the monitored response length over SFT's exceeds",
-            "min_correlation": "the Spearman correlation of proxy and gold fell below",
-            "gold_drop": "the gold score fell below its best (while the proxy rose) by more than",
-        }[self.gate]
-        return f"gates.{self.gate}: {what} {self.threshold:g} at rollout {self.step} (value {self.value:.4g})"
+        return (
+            f"gates.{self.gate}: {WATCHES[self.gate]} {CROSSES[self.gate]} {self.threshold:g} at rollout {self.step} "
+            f"(value {self.value:.4g})"
+        )
 
     def as_dict(self) -> dict[str, float | str | int]:
         return asdict(self)
@@ -116,8 +118,7 @@ def check_gates(history: Sequence[Mapping[str, float]], gates: GatesConfig) -> l
 
 def tripped_gates(report: Mapping[str, float]) -> list[tuple[str, int]]:
     """(gate, rollout) of each gate a stage report (`Watch.report`) says tripped."""
-    names = [f.name for f in fields(GatesConfig) if f.name != "on_trip"]
-    return [(name, int(report[f"gates/{name}_step"])) for name in names if f"gates/{name}_step" in report]
+    return [(name, int(report[f"gates/{name}_step"])) for name in GatesConfig.names() if f"gates/{name}_step" in report]
 
 
 def best_point(history: Sequence[Mapping[str, float]]) -> Mapping[str, float]:
@@ -133,8 +134,7 @@ class PolicyTrip:
     value: float
 
     def describe(self) -> str:
-        what = {"max_kl": "KL to SFT (nats)", "max_length_ratio": "length over SFT's"}[self.gate]
-        return f"gates.{self.gate}: {self.policy}'s {what} is {self.value:.4g}, past {self.threshold:g}"
+        return f"gates.{self.gate}: {WATCHES[self.gate]} of {self.policy} is {self.value:.4g}, past {self.threshold:g}"
 
 
 def evaluate_gates(metrics: Mapping[str, float], gates: GatesConfig, policies: Iterable[str]) -> list[PolicyTrip]:

@@ -35,6 +35,14 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(values) / math.sqrt(n)
 
 
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN when either side is constant (it ranks nothing)."""
+    a, b = pd.Series(np.asarray(x, dtype=float)), pd.Series(np.asarray(y, dtype=float))
+    if a.nunique() < 2 or b.nunique() < 2:
+        return math.nan
+    return float(a.corr(b, method="spearman"))
+
+
 def win_rate(scores: Sequence[float], baseline: Sequence[float]) -> float:
     """Share of prompts where `scores` beats `baseline` (paired by position); ties count half."""
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline, strict=True))

@@ -2,7 +2,10 @@
 
 On the embedded task the "human" is a Bradley-Terry annotator over the gold judge: it prefers response a over b
 with probability sigmoid((gold_a - gold_b) / tau), so small gold gaps give noisy labels and tau = 0 gives the
-gold order exactly (the DPO paper's controlled setting uses a sentiment classifier the same way). On a dataset,
+gold order exactly (the DPO paper's controlled setting uses a sentiment classifier the same way). A biased
+annotator (`bias_pattern`, `bias_weight`) adds a fixed amount to the score it compares for each match of a pattern
+the gold judge ignores: a proxy that pays for something besides quality, which PPO can learn to exploit
+(docs/monitor.md). On a dataset,
 human pairs are read through a column mapping, in any of the formats `read_dataset_pairs` detects: plain
 prompt/chosen/rejected strings, Anthropic-HH whole dialogues, and TRL's conversational format (turn lists, with the
 prompt in its own column or implicit in chosen/rejected). Conversational prompts are rendered with the tokenizer's
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -64,6 +68,14 @@ def expected_flip_rate(gold_gaps: np.ndarray, tau: float) -> float:
     return float(np.mean(1.0 / (1.0 + np.exp(gaps / tau))))
 
 
+def annotator_bias(texts: Sequence[str], pattern: str | None, weight: float) -> list[float]:
+    """What a biased annotator adds to each response's score: `weight` per match of `pattern` (0 without one)."""
+    if pattern is None or weight == 0:
+        return [0.0] * len(texts)
+    compiled = re.compile(pattern)
+    return [weight * len(compiled.findall(text)) for text in texts]
+
+
 def pairs_from_samples(
     prompts: Sequence[str],
     responses: Sequence[Sequence[str]],
@@ -72,26 +84,35 @@ def pairs_from_samples(
     tau: float,
     min_gold_gap: float,
     rng: np.random.Generator,
+    biases: Sequence[Sequence[float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Label every pair of each prompt's K responses with the annotator.
+
+    The annotator compares gold + bias (the bias 0 unless given); ties and `min_gold_gap` are judged on that score,
+    `flip_rate` counts the labels that disagree with the gold order (a bias shows in it) and `flip_rate_expected`
+    the annotator's own noise (tau) against the score it compares.
 
     Args:
         prompts: N prompts.
         responses: N lists of up to K responses.
         golds: gold scores aligned with `responses`.
+        biases: what a biased annotator adds to each score (`annotator_bias`), aligned with `responses`.
 
     Returns:
         The pairs (`prompt`, `chosen`, `rejected`, `chosen_gold`, `rejected_gold`) and label statistics.
     """
     rows, gaps = [], []
     dropped_ties = 0
-    for prompt, texts, scores in zip(prompts, responses, golds, strict=True):
+    if biases is None:
+        biases = [[0.0] * len(texts) for texts in responses]
+    for prompt, texts, scores, bias in zip(prompts, responses, golds, biases, strict=True):
+        seen = [score + extra for score, extra in zip(scores, bias, strict=True)]
         for i, j in itertools.combinations(range(len(texts)), 2):
-            if abs(scores[i] - scores[j]) <= min_gold_gap or texts[i] == texts[j]:
+            if abs(seen[i] - seen[j]) <= min_gold_gap or texts[i] == texts[j]:
                 dropped_ties += 1
                 continue
             rows.append((prompt, texts[i], texts[j], scores[i], scores[j]))
-            gaps.append(scores[i] - scores[j])
+            gaps.append(seen[i] - seen[j])
     gaps_arr = np.asarray(gaps, dtype=float)
     prefer_first = rng.random(len(rows)) < preference_probability(gaps_arr, np.zeros_like(gaps_arr), tau)
     table = pd.DataFrame(
@@ -102,15 +123,16 @@ def pairs_from_samples(
         columns=["prompt", "chosen", "rejected", "chosen_gold", "rejected_gold"],
     )
     flipped = (table["chosen_gold"] < table["rejected_gold"]).to_numpy() if len(table) else np.zeros(0, bool)
+    gold_gaps = np.asarray([ga - gb for _, _, _, ga, gb in rows], dtype=float)
     stats = {
         "pairs": float(len(table)),
         "dropped_ties": float(dropped_ties),
         "flip_rate": float(flipped.mean()) if len(table) else math.nan,
         "flip_rate_expected": expected_flip_rate(gaps_arr, tau) if len(table) else math.nan,
-        "gold_gap_mean": float(np.abs(gaps_arr).mean()) if len(table) else math.nan,
-        "gold_gap_p10": float(np.quantile(np.abs(gaps_arr), 0.1)) if len(table) else math.nan,
-        "gold_gap_p50": float(np.quantile(np.abs(gaps_arr), 0.5)) if len(table) else math.nan,
-        "gold_gap_p90": float(np.quantile(np.abs(gaps_arr), 0.9)) if len(table) else math.nan,
+        "gold_gap_mean": float(np.abs(gold_gaps).mean()) if len(table) else math.nan,
+        "gold_gap_p10": float(np.quantile(np.abs(gold_gaps), 0.1)) if len(table) else math.nan,
+        "gold_gap_p50": float(np.quantile(np.abs(gold_gaps), 0.5)) if len(table) else math.nan,
+        "gold_gap_p90": float(np.quantile(np.abs(gold_gaps), 0.9)) if len(table) else math.nan,
     }
     return table, stats
 
@@ -255,11 +277,14 @@ def generate_pairs(
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
     golds = judge.score(repeated, samples.texts)
+    extras = annotator_bias(samples.texts, cfg.bias_pattern, cfg.bias_weight)
     responses: dict[str, list[str]] = {p: [] for p in prompts}
     scores: dict[str, list[float]] = {p: [] for p in prompts}
-    for prompt, text, gold in zip(repeated, samples.texts, golds, strict=True):
+    biases: dict[str, list[float]] = {p: [] for p in prompts}
+    for prompt, text, gold, extra in zip(repeated, samples.texts, golds, extras, strict=True):
         responses[prompt].append(text)
         scores[prompt].append(gold)
+        biases[prompt].append(extra)
     rng = np.random.default_rng(seed)
     table, stats = pairs_from_samples(
         list(prompts),
@@ -268,7 +293,10 @@ def generate_pairs(
         tau=cfg.tau,
         min_gold_gap=cfg.min_gold_gap,
         rng=rng,
+        biases=list(biases.values()),
     )
+    if cfg.bias_pattern is not None and cfg.bias_weight != 0:
+        stats["samples/bias_mean"] = float(np.mean(extras))
     stats["samples/gold_mean"] = float(np.mean(golds))
     stats["samples/eos_rate"] = float(np.mean(samples.ended))
     stats["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))

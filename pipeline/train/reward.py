@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pandas as pd
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import RewardConfig, TrainerConfig
 from pipeline.data.batches import PairCollator, is_packed
+from pipeline.eval.policies import spearman
 from pipeline.files import write_json
 from pipeline.models.lora import backbone, root_call, unwrapped
 from pipeline.train.datamodule import RowsDataModule
@@ -113,11 +113,6 @@ def bootstrap_weights(shape: torch.Size, seed: int, step: int) -> torch.Tensor:
     return torch.poisson(torch.ones(shape), generator=generator)
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties) of two 1-D tensors."""
-    return float(pd.Series(x.double().cpu().numpy()).corr(pd.Series(y.double().cpu().numpy()), method="spearman"))
-
-
 class RewardModule(pl.LightningModule):
     """Bradley-Terry training of an injected `AutoModelForSequenceClassification`: one score head, or `heads` of an
     ensemble on the shared body, each head's loss over its own bootstrap of the pairs (Poisson(1) weights per pair
@@ -205,7 +200,10 @@ class RewardModule(pl.LightningModule):
             gold_c, gold_r = gold_chosen[known], gold_rejected[known]
             metrics["val/gold_accuracy"] = ((chosen_k > rejected_k) == (gold_c > gold_r)).float().mean()
             metrics["val/gold_spearman"] = torch.tensor(
-                spearman(torch.cat([chosen_k, rejected_k]), torch.cat([gold_c, gold_r]))
+                spearman(
+                    torch.cat([chosen_k, rejected_k]).double().cpu().numpy(),
+                    torch.cat([gold_c, gold_r]).double().cpu().numpy(),
+                )
             )
         self.log_dict(metrics)
 

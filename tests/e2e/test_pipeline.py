@@ -152,7 +152,7 @@ def test_a_failing_gate_fails_ppo_writing_nothing_and_a_stopping_one_saves_the_b
     project.set_param("gates", "max_kl", 0.0)
     project.set_param("gates", "on_trip", "fail")
     out = project.run(sys.executable, "-m", "dvc", "repro", check=False)
-    assert "gates.max_kl: the monitored KL to the reference (nats) exceeds 0 at rollout 2" in out
+    assert "gates.max_kl: the KL to the reference (nats) exceeds 0 at rollout 2" in out
     # DVC records nothing, and the stage wrote no model (DVC cleared the old one before running it: in its cache)
     assert project.lock()["ppo"] == before and not (project.path / "models/ppo").exists()
     project.set_param("gates", "on_trip", "stop")

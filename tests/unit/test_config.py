@@ -186,3 +186,21 @@ def test_the_params_reference_is_generated_from_the_fields_and_committed_fresh(r
     assert "| `trainer.accumulate_grad_batches` | int | >= 1 | `1` | Micro-batches per optimizer step" in page
     assert "| `dpo.loss` | `sigmoid` \\| `ipo`" in page
     assert (ROOT / "docs/params.md").read_text() == page, "docs/params.md is stale: run `make docs`"
+
+
+def test_biased_annotator_keys_are_checked(raw):
+    raw["preferences"]["bias_pattern"] = "minutes("
+    raw["judge"]["format_pattern"] = "[0-9"
+    with pytest.raises(ConfigError) as info:
+        load_config(raw)
+    assert "preferences.bias_pattern: 'minutes(' is not a regular expression" in str(info.value)
+    assert "judge.format_pattern: '[0-9' is not a regular expression" in str(info.value)
+    raw = read_params(ROOT / "params.yaml")
+    raw["preferences"]["bias_weight"] = 0.3
+    with pytest.raises(ConfigError, match=r"preferences\.bias_weight: 0\.3 with no preferences\.bias_pattern"):
+        load_config(raw)
+    raw["preferences"].update(bias_pattern="minutes", mode="dataset")
+    with pytest.raises(ConfigError, match=r"preferences\.bias_pattern: a biased annotator labels generated pairs"):
+        load_config(raw)
+    raw["preferences"]["mode"] = "generate"
+    assert load_config(raw).preferences.bias_pattern == "minutes"

@@ -132,12 +132,18 @@ def test_evaluate_gates_every_policy_but_sft_on_kl_and_length_and_reports_them()
     trips = evaluate_gates(metrics, set_gates, ["sft", "ppo", "dpo"])
     assert [(t.policy, t.gate, t.value) for t in trips] == [("ppo", "max_kl", 5.0), ("dpo", "max_length_ratio", 2.0)]
     act_on(trips, set_gates)  # warn: marked, nothing raised
-    with pytest.raises(GateTripped, match=r"gates.max_kl: ppo's KL to SFT \(nats\) is 5, past 4; .*dpo's length"):
+    with pytest.raises(
+        GateTripped,
+        match=r"gates.max_kl: the KL to the reference \(nats\) of ppo is 5, past 4; .*length over SFT's of dpo",
+    ):
         act_on(trips, gates(on_trip="fail", max_kl=4.0, max_length_ratio=1.5))
     training = {"gates/gold_drop_step": 30.0, "gates/stopped_at": 30.0, "gates/model_step": 20.0}
     markdown = gates_markdown(trips, training, set_gates)
     assert "Set: `max_kl: 4`, `max_length_ratio: 1.5` (`on_trip: warn`" in markdown
-    assert "- **tripped** on the test prompts: gates.max_kl: ppo's KL to SFT (nats) is 5, past 4" in markdown
+    assert (
+        "- **tripped** on the test prompts: gates.max_kl: the KL to the reference (nats) of ppo is 5, past 4"
+        in markdown
+    )
     assert (
         "in ppo's training: `gold_drop` at rollout 30; training stopped there, the saved policy is rollout 20's"
         in markdown

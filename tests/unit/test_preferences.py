@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pipeline.data.schemas import PREFERENCE_PAIRS, DataContractError, validate_frame
+from pipeline.eval.policies import spearman
 from pipeline.tasks.preferences import (
+    annotator_bias,
     dataset_pairs,
     expected_flip_rate,
     pairs_from_samples,
@@ -16,7 +18,7 @@ from pipeline.tasks.preferences import (
     screen_pairs,
     split_dialogues,
 )
-from pipeline.train.reward import bradley_terry_loss, spearman
+from pipeline.train.reward import bradley_terry_loss
 from tests.defaults import default_section
 
 
@@ -33,10 +35,11 @@ def test_bradley_terry_loss_hand_values():
 
 
 def test_spearman_is_rank_correlation():
-    x = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    x = np.array([1.0, 2.0, 3.0, 4.0])
     assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
-    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 3.0, 2.0])) == pytest.approx(0.5)
+    assert spearman([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]) == pytest.approx(0.5)
+    assert math.isnan(spearman([1.0, 2.0, 3.0], [0.5, 0.5, 0.5]))  # a constant side ranks nothing
 
 
 def test_annotator_probability_and_tau_zero():
@@ -67,6 +70,29 @@ def test_ties_are_dropped_and_tau_zero_follows_gold():
     )
     assert stats["dropped_ties"] == 1 and stats["flip_rate"] == 0.0
     assert sorted(zip(table["chosen"], table["rejected"], strict=True)) == [("a", "c"), ("b", "c")]
+
+
+def test_biased_annotator_prefers_the_pattern_over_gold():
+    texts = ["Runs 90 minutes. It runs 95 minutes.", "Great acting.", "Runs 90 minutes."]
+    assert annotator_bias(texts, r"minutes", 0.3) == [0.6, 0.0, 0.3]
+    assert annotator_bias(texts, None, 0.3) == annotator_bias(texts, r"minutes", 0.0) == [0.0, 0.0, 0.0]
+    # gold + bias: 0.0 + 0.6, 0.2 + 0.0, 0.0 + 0.3 -> both filler texts beat the gold-best one
+    table, stats = pairs_from_samples(
+        ["p"], [texts], [[0.0, 0.2, 0.0]], tau=0.0, min_gold_gap=0.0, rng=np.random.default_rng(0),
+        biases=[annotator_bias(texts, r"minutes", 0.3)],
+    )  # fmt: skip
+    assert sorted(zip(table["chosen"], table["rejected"], strict=True)) == sorted(
+        [(texts[0], texts[1]), (texts[0], texts[2]), (texts[2], texts[1])]
+    )
+    # the gold columns stay gold: the two labels against the gold order are the bias's flips
+    assert stats["flip_rate"] == pytest.approx(2 / 3) and stats["flip_rate_expected"] == 0.0
+    assert stats["gold_gap_mean"] == pytest.approx((0.2 + 0.0 + 0.2) / 3)
+    # a tie in gold that the bias breaks is a pair, not a dropped tie; one the bias makes is dropped
+    _, stats = pairs_from_samples(
+        ["p"], [["a", "b"]], [[0.2, 0.5]], tau=0.0, min_gold_gap=0.0, rng=np.random.default_rng(0),
+        biases=[[0.3, 0.0]],
+    )  # fmt: skip
+    assert stats["dropped_ties"] == 1 and stats["pairs"] == 0
 
 
 def test_hh_dialogues_split_at_last_assistant_turn():
