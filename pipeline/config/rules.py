@@ -87,9 +87,11 @@ def _scratch_context(config: Config) -> list[str]:
     return errors
 
 
-@rule("judge.kind", "judge.path", "judge.label")
+@rule("judge.kind", "judge.path", "judge.label", "judge.penalize_repetition")
 def _judge(config: Config) -> list[str]:
     judge, errors = config.judge, []
+    if judge.penalize_repetition and judge.kind != "vader":
+        errors.append(f"judge.penalize_repetition: applies to judge.kind vader, and it is {judge.kind!r}; set it false")
     if judge.kind not in ("vader", "verifier") and not judge.path:
         errors.append(f"judge.path: required for judge.kind {judge.kind!r} (a hub id or a save_pretrained directory)")
     if judge.kind == "classifier" and not judge.label:

@@ -465,6 +465,10 @@ class JudgeConfig:
     """classifier: `log_odds` (logit of `label` minus the log-sum-exp of the others) or its `probability`."""
     include_prompt: bool
     """classifier: score prompt + response as one text (false: the response alone, as VADER does)."""
+    penalize_repetition: bool
+    """vader: multiply the score by the response's share of distinct word bigrams: repeating a positive word, the
+    cheapest way to please a lexicon, earns nothing, as with a reader. A stricter gold for studying reward hacking
+    (docs/monitor.md); false: VADER alone."""
     batch_size: int = bounded(">= 1")
     """Texts per judge forward pass."""
     max_length: int = bounded(">= 8")

@@ -6,7 +6,7 @@ small interface, `Judge.score(prompts, responses) -> list[float]`, chosen by the
 
 - `vader`: VADER's compound sentiment of the response, in [-1, 1] (a lexicon and rule model, so offline and
   deterministic). The embedded task plays the DPO paper's controlled-sentiment experiment with it; text with no
-  sentiment words scores exactly 0.
+  sentiment words scores exactly 0. `judge.penalize_repetition` scales it by the share of distinct word bigrams.
 - `classifier`: any Hugging Face sequence classifier (`lvwerra/distilbert-imdb`, as in TRL's sentiment example and
   the DPO paper's IMDb setting); the score is the log-odds or the probability of `judge.label`.
 - `reward_model`: a one-logit sequence classifier, e.g. a reward model this pipeline trained or
@@ -20,6 +20,7 @@ gradients on the device they are moved to, and take one forward pass per batch o
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Protocol
@@ -62,11 +63,26 @@ def lexicon_valence(word: str) -> float | None:
     return _analyzer().lexicon.get(word)
 
 
+def distinct_bigram_share(text: str) -> float:
+    """The share of distinct word bigrams among a text's bigrams (lower-cased words, punctuation dropped); 1 for a
+    text of fewer than two words."""
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    bigrams = list(zip(words, words[1:], strict=False))
+    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+
+
 class VaderJudge:
-    """VADER's compound score of the response (the prompt is context, not judged)."""
+    """VADER's compound score of the response (the prompt is context, not judged); with `penalize_repetition`, times
+    the response's share of distinct word bigrams, so repeating a word (a lexicon's cheapest praise) earns nothing."""
+
+    def __init__(self, penalize_repetition: bool = False) -> None:
+        self.penalize_repetition = penalize_repetition
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return gold_scores(responses)
+        scores = gold_scores(responses)
+        if not self.penalize_repetition:
+            return scores
+        return [score * distinct_bigram_share(text) for score, text in zip(scores, responses, strict=True)]
 
     def to(self, device: torch.device | str) -> VaderJudge:
         return self
@@ -205,7 +221,7 @@ def build_judge(cfg: JudgeConfig) -> Judge:
     """The judge `cfg` names, on the CPU (move it with `.to(device)`). A verifier's worker runs in this process's
     directory (the project root, from where `python:` verifiers are imported)."""
     if cfg.kind == "vader":
-        return VaderJudge()
+        return VaderJudge(cfg.penalize_repetition)
     if cfg.kind == "verifier":
         return VerifierJudge(Verifier(cfg.verifier, cfg.timeout_s, cfg.format_pattern, cfg.format_weight))
     try:

@@ -33,6 +33,19 @@ def test_vader_judge_scores_the_response_alone():
     assert VaderJudge().score(["Terrible awful prompt."] * 3, RESPONSES) == gold_scores(RESPONSES)
 
 
+def test_vader_judge_penalizing_repetition_scales_by_distinct_bigrams():
+    texts = [" truly truly truly truly.", " The acting was great. The plot was good.", " Great."]
+    judge = build_judge(_judge_cfg(penalize_repetition=True))
+    # 3 bigrams, all (truly, truly): 1 distinct of 3; the review's 7 bigrams are all distinct; one word has none
+    expected = [gold_scores(texts)[0] / 3, gold_scores(texts)[1], gold_scores(texts)[2]]
+    assert judge.score(PROMPTS, texts) == pytest.approx(expected)
+    assert expected[0] < 0.3 < gold_scores(texts)[0]  # the repeated praise VADER loves is worth little
+    raw = read_params(ROOT / "params.yaml")
+    raw["judge"].update(kind="verifier", penalize_repetition=True)
+    with pytest.raises(ConfigError, match=r"judge\.penalize_repetition: applies to judge\.kind vader"):
+        load_config(raw)
+
+
 def test_classifier_judge_is_the_label_log_odds_or_probability(tmp_path):
     path = sentiment_classifier(tmp_path / "distilbert-imdb")
     judge = build_judge(_judge_cfg(kind="classifier", path=path, label="POSITIVE"))
