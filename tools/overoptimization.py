@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -110,12 +111,12 @@ def read_runs(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell(values: pd.Series) -> str:
+def _cell(values: pd.Series, digits: int = 3) -> str:
     values = values.dropna()
     if values.empty:
         return "-"
     mean, ci = mean_ci95(values.tolist())
-    return f"{mean:.3f}" if len(values) < 2 else f"{mean:.3f} ± {ci:.3f}"
+    return f"{mean:.{digits}f}" if len(values) < 2 else f"{mean:.{digits}f} ± {ci:.{digits}f}"
 
 
 def checks(runs: pd.DataFrame) -> list[tuple[str, bool, str]]:
@@ -175,18 +176,32 @@ def report_markdown(runs: pd.DataFrame, setting: str) -> str:
     for way in [w for w in WAYS if w in set(runs["way"])]:
         frame = runs[runs["way"] == way]
         lines.append(
-            f"| {way} | {_cell(frame['peak_gold'])} | {_cell(frame['peak_step'])} | {_cell(frame['model_gold'])} | "
-            f"{_cell(frame['model_kl'])} | {_cell(frame['model_step'])} | {_cell(frame['trip_step'])} |"
+            f"| {way} | {_cell(frame['peak_gold'])} | {_cell(frame['peak_step'], 1)} | {_cell(frame['model_gold'])} | "
+            f"{_cell(frame['model_kl'], 1)} | {_cell(frame['model_step'], 1)} | {_cell(frame['trip_step'], 1)} |"
         )
+    lines += [
+        "",
+        "A stopped run trains exactly as the ungated run of its seed until its trip (the monitor draws from its own "
+        "random state), so the model it keeps is that run's own best measurement, not a rerun of it.",
+        "",
+        "![the monitor's gold and proxy by rollout](overoptimization.png)",
+    ]
     lines += ["", "## The claims", ""]
     for claim, holds, figures in checks(runs):
         lines.append(f"- **{'holds' if holds else 'does not hold'}**: {claim} ({figures})")
-    lines += ["", "## Per seed", "", "| seed | way | gold peak (rollout) | model gold | model KL | model rollout |"]
-    lines.append("|---|---|---|---|---|---|")
-    for row in runs.sort_values(["seed", "way"]).itertuples():
+    lines += [
+        "",
+        "## Per seed",
+        "",
+        "| seed | way | gold peak (rollout) | model gold | model KL | model rollout | trip |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|")
+    order = {way: i for i, way in enumerate(WAYS)}
+    for row in runs.sort_values(["seed", "way"], key=lambda c: c.map(order) if c.name == "way" else c).itertuples():
+        trip = "-" if math.isnan(row.trip_step) else f"{row.trip_step:.0f}"
         lines.append(
             f"| {row.seed} | {row.way} | {row.peak_gold:.3f} ({row.peak_step:.0f}) | {row.model_gold:.3f} | "
-            f"{row.model_kl:.1f} | {row.model_step:.0f} |"
+            f"{row.model_kl:.1f} | {row.model_step:.0f} | {trip} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -199,12 +214,18 @@ def plot(root: Path, runs: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for way in [w for w in WAYS if w in set(runs["way"])]:
+    for way in [w for w in WAYS if w in set(runs["way"]) and w != "stop"]:
         curves = [pd.read_csv(folder / "ppo_monitor.csv") for folder in sorted(root.glob(f"s*-{way}"))]
         joined = pd.concat(curves).groupby("step")
         for ax, column in zip(axes, ("monitor_gold", "monitor_proxy"), strict=True):
             ax.plot(joined[column].mean().index, joined[column].mean().values, marker=".", label=way)
-    for ax, title in zip(axes, ("gold judge (VADER)", "proxy (the RL reward's score)"), strict=True):
+    stopped = runs[runs["way"] == "stop"]
+    if len(stopped):  # a stopped run is the ungated one up to its trip: its kept model is what it adds
+        axes[0].scatter(
+            stopped["model_step"], stopped["model_gold"], marker="*", s=120, color="red", zorder=3,
+            label="stop: the model kept (each seed)",
+        )  # fmt: skip
+    for ax, title in zip(axes, ("the gold judge", "the proxy (the RL reward's score)"), strict=True):
         ax.set_xlabel("rollout")
         ax.set_title(f"Monitor: {title}, mean over seeds")
         ax.grid(alpha=0.3)
