@@ -71,5 +71,8 @@ def dpo_memory_step(lean: bool, cfg: DPOConfig, seed: int = 0) -> dict[str, floa
         loss = module.training_step(batch, 0)
         loss.backward()
     wall = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_mb() * 2**20
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # the kernel's high-water mark lags the current RSS (updated lazily): the peak is at least both
+        peak = max(peak_rss_mb() * 2**20, psutil.Process().memory_info().rss, before)
     return {"peak_mb": (peak - before) / 2**20, "wall_s": wall, "parameters": float(count_parameters(model))}
