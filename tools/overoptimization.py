@@ -26,6 +26,7 @@ from pathlib import Path
 import pandas as pd
 from ruamel.yaml import YAML
 
+from pipeline.eval.figures import save_png
 from pipeline.eval.policies import mean_ci95
 from pipeline.files import atomic_path, write_text
 
@@ -230,10 +231,7 @@ def plot(root: Path, runs: pd.DataFrame, path: Path) -> None:
         ax.set_title(f"Monitor: {title}, mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 SETTING = (

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.files import atomic_path
+from pipeline.eval.figures import save_png
 
 METHODS = {"ppo": "ppo.kl_coef", "dpo": "dpo.beta"}
 HEADLINE = ("gold_score", "kl", "win_rate", "lc_win_rate", "length")
@@ -247,7 +247,4 @@ def plot_frontier(table: pd.DataFrame, path: str | Path) -> None:
     ax.set_title("Reward-KL frontier (offline over beta, online RL over kl_coef, Best-of-N over N)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
