@@ -1,5 +1,6 @@
 """`preferences`: preference pairs from SFT samples labelled by the simulated annotator, or from a dataset; screened
-(lengths, held-out prompts) before any stage trains on them."""
+(lengths, held-out prompts) before any stage trains on them. With an environment (`env.kind`), the samples are
+first turns, each judged by the episode it starts (`episode_pairs`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import time
 from pipeline.config import Config
 from pipeline.data.schemas import PROMPT_COMPLETION, read_table
 from pipeline.data.tokenization import load_tokenizer
+from pipeline.methods.environments import episode_spec, episode_starts
 from pipeline.methods.judging import gold_judge
 from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, inference_device
 from pipeline.models.judges import VerifierJudge
-from pipeline.tasks.preferences import checked_pairs, dataset_pairs, generate_pairs
+from pipeline.tasks.preferences import checked_pairs, dataset_pairs, episode_pairs, generate_pairs
 
 
 def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
@@ -25,18 +27,19 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
         model = build_causal_lm(cfg.model, tokenizer, path=sft_dir).to(inference_device())
         frames = {name: read_table(f"{data_dir}/{name}.parquet", PROMPT_COMPLETION) for name in ("train", "val")}
         judge = gold_judge(cfg, [(f"{data_dir}/{name}.parquet", frame) for name, frame in frames.items()])
+        spec = episode_spec(cfg.env, tokenizer)
         splits = {}
         for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
-            prompts = frames[name]["prompt"].unique()
-            splits[name], stats = generate_pairs(
-                model,
-                tokenizer,
-                list(prompts[:count]),
-                prefs,
-                judge,
-                seed=cfg.seed + offset,
-                compiled=cfg.generation.compile,
-            )
+            seed = cfg.seed + offset
+            if spec is not None:  # first turns, each judged by the episode it starts in the environment
+                rows = episode_starts(frames[name])[:count]
+                splits[name], stats = episode_pairs(model, tokenizer, rows, prefs, judge, spec, seed=seed)
+            else:
+                prompts = list(frames[name]["prompt"].unique()[:count])
+                compiled = cfg.generation.compile
+                splits[name], stats = generate_pairs(
+                    model, tokenizer, prompts, prefs, judge, seed=seed, compiled=compiled
+                )
             metrics.update({f"{name}/{key}": value for key, value in stats.items()})
     else:
         splits = dataset_pairs(prefs, cfg.seed, tokenizer)

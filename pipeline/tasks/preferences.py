@@ -21,7 +21,8 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -41,6 +42,7 @@ from pipeline.data.chat import (
 from pipeline.data.loading import load_table, require_columns
 from pipeline.data.schemas import PREFERENCE_PAIRS, validate_frame
 from pipeline.data.tokenization import encode
+from pipeline.envs.episodes import EpisodeSpec, episode_stats, run_episodes
 from pipeline.models.generation import SamplingParams, sample
 from pipeline.models.judges import Judge
 
@@ -277,17 +279,75 @@ def generate_pairs(
     repeated = [p for p in prompts for _ in range(cfg.k)]
     samples = sample(model, tokenizer, repeated, params, batch_size=cfg.batch_size, seed=seed)
     golds = judge.score(repeated, samples.texts)
-    extras = annotator_bias(samples.texts, cfg.bias_pattern, cfg.bias_weight)
+    table, stats = _labelled(list(prompts), repeated, samples.texts, golds, cfg, seed)
+    stats["samples/eos_rate"] = float(np.mean(samples.ended))
+    stats["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))
+    stats["samples/tokens_mean"] = float(np.mean([len(c) for c in samples.completion_ids]))
+    return table, stats
+
+
+def episode_pairs(
+    model,
+    tokenizer,
+    rows: Sequence[Mapping[str, Any]],
+    cfg: PreferencesConfig,
+    judge: Judge,
+    spec: EpisodeSpec,
+    *,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Pairs of first turns, each judged by the episode it starts: `cfg.k` episodes per row in the environment
+    (`spec`), the policy playing on after its first turn; an episode scores `env.reward_weight` x the environment's
+    reward + the gold judge's score of its final policy turn. The pair's prompt is the
+    first observation and its responses the first turns' text, so DPO and the reward model train on the policy's own
+    tokens only, never on a tool's result; a first turn that calls a tool is worth what the episode after it earned.
+    `cfg.max_new_tokens` does not apply: a turn's budget is `env.turn_tokens`."""
+    params = SamplingParams(spec.budgets.turn_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+    repeated_rows = [row for row in rows for _ in range(cfg.k)]
+    episodes = run_episodes(
+        model,
+        tokenizer,
+        spec.make_env,
+        repeated_rows,
+        spec.budgets,
+        params,
+        seed=seed,
+        batch_size=cfg.batch_size,
+        tool_stops=spec.tool_stops,
+        timeout_s=spec.timeout_s,
+        kind=spec.kind,
+    )
+    repeated = [e.transcript[0][1] for e in episodes]
+    firsts = [e.transcript[1][1] for e in episodes]
+    finals = [next(text for role, text in reversed(e.transcript) if role == "policy") for e in episodes]
+    judged = judge.score(repeated, finals)
+    golds = [spec.reward_weight * e.reward + score for e, score in zip(episodes, judged, strict=True)]
+    table, stats = _labelled(list(dict.fromkeys(repeated)), repeated, firsts, golds, cfg, seed)
+    stats.update({f"samples/{key}": value for key, value in episode_stats(episodes).items()})
+    stats["samples/tokens_mean"] = float(np.mean([len(encode(tokenizer, [text])[0]) for text in firsts]))
+    return table, stats
+
+
+def _labelled(
+    prompts: list[str],
+    repeated: Sequence[str],
+    texts: Sequence[str],
+    golds: Sequence[float],
+    cfg: PreferencesConfig,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The annotator's pairs among each prompt's responses (`repeated[i]` is `texts[i]`'s prompt)."""
+    extras = annotator_bias(texts, cfg.bias_pattern, cfg.bias_weight)
     responses: dict[str, list[str]] = {p: [] for p in prompts}
     scores: dict[str, list[float]] = {p: [] for p in prompts}
     biases: dict[str, list[float]] = {p: [] for p in prompts}
-    for prompt, text, gold, extra in zip(repeated, samples.texts, golds, extras, strict=True):
+    for prompt, text, gold, extra in zip(repeated, texts, golds, extras, strict=True):
         responses[prompt].append(text)
         scores[prompt].append(gold)
         biases[prompt].append(extra)
     rng = np.random.default_rng(seed)
     table, stats = pairs_from_samples(
-        list(prompts),
+        prompts,
         list(responses.values()),
         list(scores.values()),
         tau=cfg.tau,
@@ -298,9 +358,6 @@ def generate_pairs(
     if cfg.bias_pattern is not None and cfg.bias_weight != 0:
         stats["samples/bias_mean"] = float(np.mean(extras))
     stats["samples/gold_mean"] = float(np.mean(golds))
-    stats["samples/eos_rate"] = float(np.mean(samples.ended))
-    stats["samples/stopped_by_context"] = float(sum(samples.stopped_by_context))
-    stats["samples/tokens_mean"] = float(np.mean([len(c) for c in samples.completion_ids]))
     return table, stats
 
 

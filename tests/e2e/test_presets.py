@@ -213,14 +213,16 @@ def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_p
         preset=preset,
         overrides={
             "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4},
-            # an SFT of 8 steps is never right, so every sample would tie at 0 and leave no preference pairs: a format
-            # reward that random text meets now and then separates them (as in the gsm8k preset's test)
+            # an SFT of 8 steps never wins an episode, so every first turn would tie at 0 and leave no preference
+            # pairs: a format reward on the final turn that random text meets now and then separates them
             "judge": {"format_pattern": "[a-z]{2}", "format_weight": 0.5},
         },
     )
     assert project.ran(project.dvc("repro")) == STAGES
     prepared = pd.read_parquet(project.path / "data/prepared/train.parquet")
     assert prepared["turn"].max() >= 1 and prepared["answer"].notna().all()  # later turns carry their history
+    preferences = project.report("preferences")  # first turns, each judged by the episode it starts
+    assert preferences["train/samples/env/turns"] >= 1.0 and preferences["train/pairs_written"] > 0
     tokenizer = load_tokenizer(str(project.path / "models/sft"))
     if preset == "calculator":
         assert tokenizer.tokenize("<calc> 12 + 7</calc>") == ["<calc>", "Ġ12", "Ġ+", "Ġ7", "</calc>"]  # tags whole
@@ -266,7 +268,7 @@ def test_calculator_chat_preset_runs_the_dag_through_the_chat_templates_tool_cal
             "ppo": {"num_generations": 2, "prompts_per_rollout": 4, "minibatch_size": 4, "max_new_tokens": 16},
             "evaluate": {"pass_k": 2, "max_new_tokens": 16},
             "env": {"turn_tokens": 24, "total_tokens": 120},
-            "judge": {"format_pattern": "[0-9]{2}", "format_weight": 0.5},  # as above: pairs from an untrained SFT
+            "judge": {"format_pattern": "tool", "format_weight": 0.5},  # as above: pairs from an untrained SFT
         },
     )
     assert project.ran(project.dvc("repro")) == STAGES

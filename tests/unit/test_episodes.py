@@ -1,6 +1,7 @@
 """Multi-turn rollouts (`pipeline.envs.episodes`) with scripted policies: sampling patched to fixed token ids, as
 TRL's tests do; then a real model, whose sampler log-probs the trainer's must reproduce on the policy tokens."""
 
+import dataclasses
 import random
 import re
 import threading
@@ -10,18 +11,31 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from pipeline.config import load_config, read_params
 from pipeline.data.chat import use_chat_template
 from pipeline.data.tokenization import encode, train_bpe_tokenizer
 from pipeline.envs import episodes as episodes_module
 from pipeline.envs.base import EnvironmentBug, Step
 from pipeline.envs.calculator import Calculator
 from pipeline.envs.dialogue import ChatTemplate, closing, tag_tokens
-from pipeline.envs.episodes import Budgets, Episode, check_resets, episode_batch, episode_stats, run_episodes
+from pipeline.envs.episodes import (
+    Budgets,
+    Episode,
+    EpisodeSpec,
+    check_resets,
+    episode_batch,
+    episode_stats,
+    run_episodes,
+)
 from pipeline.envs.guess import CEILING, HIGH, LOW, Guess, intro
 from pipeline.envs.tools import CALC
 from pipeline.models.generation import SamplingParams
+from pipeline.models.judges import VerifierJudge
 from pipeline.models.logprobs import model_token_logps
+from pipeline.models.verifiers import Verifier
+from pipeline.tasks.preferences import episode_pairs
 from pipeline.tasks.tools import calculator_problem
+from tests.defaults import ROOT
 from tests.standins import QWEN_TOOLS, chat_tokenizer
 
 PARAMS = SamplingParams(16, temperature=1.0, top_k=0, top_p=1.0)
@@ -333,3 +347,31 @@ def test_environment_pass_at_k_and_rates_by_hand():
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[-1] == "| optimal (binary search) | 1.000 | - | - | 4.22 | - | - | - | - |"
     assert {line.count("|") for line in table} == {10}  # the ceiling's row has the table's columns
+
+
+def test_preference_pairs_in_an_environment_are_first_turns_judged_by_the_episodes_they_start(
+    monkeypatch, model, tokenizer
+):
+    """The `preferences` stage under `env.kind`: k episodes per row, each first turn scored by its whole episode
+    (env.reward_weight x the environment's reward + the judge on the final turn), pairs of first turns only."""
+    question, numbers = (
+        "Q: Ann has 12 apples, Bo has 31 apples, Cy has 7 apples. How many apples in all?\nA:",
+        [12, 31, 7],
+    )
+    calls = iter([" <calc> 12 + 31 + 7</calc>", " <calc> 12 + 31</calc>"] * 4)
+
+    def script(context: str) -> str:  # first turns alternate a right call and one leaving 7 out; then copy the result
+        return next(calls) if context == question else " " + re.findall(r"-?\d+", context)[-1]
+
+    scripted(monkeypatch, tokenizer, script)
+    spec = EpisodeSpec(Calculator, "calculator", BUDGETS, 5.0, (tokenizer.convert_tokens_to_ids(closing("calc")),), 2.0)
+    judge = VerifierJudge(Verifier("exact", timeout_s=10)).with_answers({question: str(sum(numbers))})
+    cfg = load_config(read_params(ROOT / "params.yaml")).preferences
+    cfg = dataclasses.replace(cfg, k=4, tau=0.0, min_gold_gap=0.0)
+    table, stats = episode_pairs(model, tokenizer, [{"prompt": question, "answer": "50"}], cfg, judge, spec, seed=0)
+    # 4 episodes: two right calls (each scored 2 x 1 + 1), two wrong (0); the 2 tied pairs of identical texts dropped
+    assert len(table) == 4 and stats["dropped_ties"] == 2 and stats["samples/env/turns"] == 2.0
+    assert (table["prompt"] == question).all() and (table["chosen"] == " <calc> 12 + 31 + 7</calc>").all()
+    assert (table["rejected"] == " <calc> 12 + 31</calc>").all()  # the tool's result is in no response
+    assert (table["chosen_gold"] == 3.0).all() and (table["rejected_gold"] == 0.0).all()
+    assert stats["samples/gold_mean"] == 1.5 and stats["samples/env/success"] == 0.5
