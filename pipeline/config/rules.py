@@ -190,11 +190,16 @@ def _ppo_estimator(config: Config) -> list[str]:
     return errors
 
 
-@rule("dpo.loss", "dpo.label_smoothing", "reference.max_length", "dpo.max_length")
+@rule("dpo.loss", "dpo.label_smoothing", "reference.max_length", "dpo.max_length", "dpo.kto_dataset")
 def _dpo(config: Config) -> list[str]:
     dpo, errors = config.dpo, []
     if dpo.loss == "robust" and not dpo.label_smoothing < 0.5:
         errors.append(f"dpo.label_smoothing: {dpo.label_smoothing} must lie in [0, 0.5) for loss 'robust'")
+    if dpo.kto_dataset is not None and dpo.loss != "kto":
+        errors.append(
+            f"dpo.kto_dataset: {dpo.kto_dataset!r} is unpaired feedback, which only dpo.loss: kto learns from (the "
+            f"loss is {dpo.loss!r}); set dpo.loss: kto, or dpo.kto_dataset: null"
+        )
     if config.reference.max_length != dpo.max_length:
         errors.append(
             f"reference.max_length: {config.reference.max_length} differs from dpo.max_length = {dpo.max_length}; "

@@ -254,10 +254,12 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class DPOConfig(TrainingConfig):
-    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo"]
+    loss: Literal["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"]
     """Loss variant: sigmoid (DPO), ipo (Azar et al., on log-probs averaged per token as the authors' and TRL's code,
-    so a paper's beta carries over), hinge (SLiC), robust (Chowdhury et al.), or the reference-free simpo (Meng et al.
-    2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no cached reference log-probs."""
+    so a paper's beta carries over), hinge (SLiC), robust (Chowdhury et al.), the reference-free simpo (Meng et al.
+    2024; beta is its reward scale, ~2) and orpo (Hong et al. 2024), which read no cached reference log-probs, or kto
+    (Ethayarajh et al. 2024), which learns from the pairs made unpaired: each chosen response a desirable row, each
+    rejected one an undesirable row (docs/kto.md)."""
     beta: float = bounded("> 0")
     """KL-constraint strength: higher keeps the policy closer to the reference."""
     label_smoothing: float = bounded("in [0, 1)")
@@ -266,6 +268,24 @@ class DPOConfig(TrainingConfig):
     """SimPO's target reward margin gamma."""
     orpo_lambda: float = bounded("> 0")
     """ORPO's weight of the odds-ratio term (beside the chosen response's NLL)."""
+    kto_lambda_d: float = bounded("> 0")
+    """KTO's weight of a desirable row's loss (lambda_D). The paper advises lambda_D n_D / (lambda_U n_U) in
+    [1, 4/3]: with a 1:10 imbalance, lambda_D 10 to 13.3 at lambda_U 1."""
+    kto_lambda_u: float = bounded("> 0")
+    """KTO's weight of an undesirable row's loss (lambda_U)."""
+    kto_desirable_fraction: float = bounded("in (0, 1]")
+    """KTO: the share of pairs whose chosen response is kept as a desirable row (every rejected response is an
+    undesirable row): 1.0 is one of each per pair, 0.1 a 1:10 desirable-to-undesirable imbalance."""
+    kto_dataset: str | None
+    """KTO: unpaired feedback to learn from instead of the preference pairs, in TRL's unpaired format (prompt,
+    completion, boolean label, as `trl-lib/kto-mix-14k`): a hub id or a builder (`json`, `parquet`); null: the pairs
+    made unpaired. Its rows' reference log-probs are scored by the stage (from the SFT weights) before training."""
+    kto_data_files: str | None
+    """KTO dataset: local files for the json/parquet builders."""
+    kto_dataset_split: str
+    """KTO dataset: split read; train/val are carved from it by prompt."""
+    kto_val_fraction: float = bounded("in (0, 1)")
+    """KTO dataset: share of prompts held out for validation."""
     kl_prompts: int = bounded(">= 1")
     """Validation prompts sampled at the end to measure objective/kl against the reference."""
     max_new_tokens: int = bounded(">= 1")

@@ -1,11 +1,13 @@
 """The DPO family as one table of pure functions, `DPO_LOSSES`, keyed by `dpo.loss`.
 
-Each entry says whether its loss reads the reference's log-probs (the `reference` stage's cache) and which `dpo.*`
-hyperparameters it takes; `preference_loss` hands each function exactly those. Every function takes a batch of
-`PairLogps` (summed log-probs of the chosen and rejected responses, and their scored lengths) and returns per-pair
-losses and the implicit rewards of the chosen and rejected responses, which `preference_loss` detaches (they are
-diagnostics). `_margin` below is the policy's log-ratio margin minus the reference's:
-(log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)).
+Each entry says whether its loss reads the reference's log-probs (the `reference` stage's cache), which `dpo.*`
+hyperparameters it takes, and whether it learns from pairs or from unpaired rows; `preference_loss` hands each
+function exactly those. A pair loss takes a batch of `PairLogps` (summed log-probs of the chosen and rejected
+responses, and their scored lengths) and returns per-pair losses and the implicit rewards of the chosen and rejected
+responses; KTO, the unpaired loss, takes `UnpairedLogps` (each row's response, desirable or not, and a mismatched
+response for its KL estimate) and returns per-row losses, the rows' implicit rewards and the KL estimate.
+`preference_loss` detaches all but the losses (they are diagnostics). `_margin` below is the policy's log-ratio
+margin minus the reference's: (log pi(y_w) - log pi(y_l)) - (log ref(y_w) - log ref(y_l)).
 """
 
 from __future__ import annotations
@@ -34,6 +36,22 @@ class PairLogps:
     rejected_lengths: torch.Tensor
     reference_chosen_logps: torch.Tensor | None = None
     reference_rejected_logps: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class UnpairedLogps:
+    """What KTO reads of a batch of unpaired rows. Each field's shape: (B,).
+
+    `policy_logps` / `reference_logps`: each row's response, summed over its scored tokens; `policy_kl_logps` /
+    `reference_kl_logps`: a response from another prompt's row scored after this row's prompt (the mismatched pairs
+    of KTO's KL estimate); `desirable`: the row's label (bool).
+    """
+
+    policy_logps: torch.Tensor
+    policy_kl_logps: torch.Tensor
+    reference_logps: torch.Tensor
+    reference_kl_logps: torch.Tensor
+    desirable: torch.Tensor
 
 
 def _margin(pair: PairLogps) -> torch.Tensor:
@@ -97,6 +115,21 @@ def _orpo(pair: PairLogps, *, orpo_lambda: float) -> Losses:
     return losses, orpo_lambda * chosen, orpo_lambda * rejected
 
 
+def _kto(rows: UnpairedLogps, *, beta: float, kto_lambda_d: float, kto_lambda_u: float) -> Losses:
+    # KTO, Ethayarajh et al. 2024 eq. 8: with r = log pi(y|x) - log ref(y|x) and the reference point
+    # z0 = max(0, mean over the batch of log pi(y'|x) - log ref(y'|x)) on mismatched (x, y'), detached, a desirable
+    # row loses lambda_D * (1 - sigmoid(beta * (r - z0))), an undesirable one lambda_U * (1 - sigmoid(beta * (z0 - r))).
+    logratios = rows.policy_logps - rows.reference_logps
+    kl = (rows.policy_kl_logps - rows.reference_kl_logps).mean().clamp(min=0).detach()
+    desirable = rows.desirable.bool()
+    losses = torch.where(
+        desirable,
+        kto_lambda_d * (1 - torch.sigmoid(beta * (logratios - kl))),
+        kto_lambda_u * (1 - torch.sigmoid(beta * (kl - logratios))),
+    )
+    return losses, beta * logratios, kl.expand_as(logratios)
+
+
 @dataclass(frozen=True)
 class PreferenceLoss:
     """One loss of the family: its function, whether it reads the reference's log-probs, and the `dpo.*`
@@ -105,6 +138,8 @@ class PreferenceLoss:
     fn: Callable[..., Losses]
     needs_reference: bool
     params: tuple[str, ...]
+    unpaired: bool = False
+    """Learns from unpaired rows (`UnpairedLogps`) rather than pairs."""
 
 
 DPO_LOSSES: dict[str, PreferenceLoss] = {
@@ -114,6 +149,7 @@ DPO_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": PreferenceLoss(_ipo, needs_reference=True, params=("beta",)),
     "simpo": PreferenceLoss(_simpo, needs_reference=False, params=("beta", "simpo_gamma")),
     "orpo": PreferenceLoss(_orpo, needs_reference=False, params=("orpo_lambda",)),
+    "kto": PreferenceLoss(_kto, needs_reference=True, params=("beta", "kto_lambda_d", "kto_lambda_u"), unpaired=True),
 }
 
 
@@ -128,19 +164,32 @@ def needs_reference(loss: str) -> bool:
     return _entry(loss).needs_reference
 
 
-def preference_loss(pair: PairLogps, *, loss: str, **hyperparameters: float) -> Losses:
-    """Per-pair loss `loss` of the DPO family and its detached implicit rewards.
+def is_unpaired(loss: str) -> bool:
+    """Whether `dpo.loss` = `loss` learns from unpaired rows (KTO) rather than pairs."""
+    return _entry(loss).unpaired
+
+
+def preference_loss(pair: PairLogps | UnpairedLogps, *, loss: str, **hyperparameters: float) -> Losses:
+    """Per-pair (or, for KTO, per-row) loss `loss` of the DPO family and its detached diagnostics.
 
     Args:
-        pair: the batch's log-probs and lengths; the reference's are needed by the losses that read them.
+        pair: the batch's log-probs and lengths (`PairLogps`), or its unpaired rows' (`UnpairedLogps`, for the
+            losses whose entry says `unpaired`); the reference's are needed by the losses that read them.
         loss: a key of `DPO_LOSSES` (`dpo.loss`).
-        hyperparameters: `dpo.*` values by name (beta, label_smoothing, simpo_gamma, orpo_lambda); each loss takes
-            the ones its entry names.
+        hyperparameters: `dpo.*` values by name (beta, label_smoothing, simpo_gamma, orpo_lambda, kto_lambda_d,
+            kto_lambda_u); each loss takes the ones its entry names.
 
     Returns:
-        (losses, chosen_rewards, rejected_rewards), each of shape (B,).
+        (losses, chosen_rewards, rejected_rewards), each of shape (B,); for KTO (losses, rewards, kl): each row's
+        implicit reward beta * (log pi(y) - log ref(y)) and the batch's KL estimate z0, repeated per row.
     """
     entry = _entry(loss)
+    if entry.unpaired != isinstance(pair, UnpairedLogps):
+        kind = "unpaired rows" if entry.unpaired else "pairs"
+        raise ValueError(f"dpo.loss: {loss!r} learns from {kind}, and the batch holds {type(pair).__name__}")
+    if isinstance(pair, UnpairedLogps):
+        losses, rewards, kl = entry.fn(pair, **{name: hyperparameters[name] for name in entry.params})
+        return losses, rewards.detach(), kl.detach()
     if entry.needs_reference and pair.reference_chosen_logps is None:
         raise ValueError(f"dpo.loss: {loss!r} reads the reference's log-probs, and the batch carries none")
     losses, chosen_rewards, rejected_rewards = entry.fn(pair, **{name: hyperparameters[name] for name in entry.params})

@@ -14,7 +14,7 @@ from pipeline.methods.outcome import Outcome
 from pipeline.models.build import build_causal_lm, frozen, inference_device, prepare_for_training
 from pipeline.models.generation import SamplingParams, check_room
 from pipeline.models.lora import merged, parameter_counts
-from pipeline.train.dpo import dpo_rows, fit_dpo, needs_reference
+from pipeline.train.dpo import dpo_rows, fit_dpo, is_unpaired, kl_reference, needs_reference
 from pipeline.train.hooks import NO_HOOKS, Hooks
 
 
@@ -24,7 +24,11 @@ def run_dpo(
     """Train on the train pairs, validate on val, then measure on `dpo.kl_prompts` val prompts. None on ranks > 0."""
     dpo = cfg.dpo
     tokenizer = load_tokenizer(sft_dir, trust_remote_code=cfg.model.trust_remote_code)
-    rows = {s: dpo_rows(pairs_dir, reference_dir, s, tokenizer, dpo) for s in ("train", "val")}
+    rows = dpo_rows(pairs_dir, reference_dir, tokenizer, dpo, seed=cfg.seed)
+    if is_unpaired(dpo.loss):  # KTO: the mismatched responses' reference log-probs, from the SFT weights
+        reference = frozen(build_causal_lm(cfg.model, tokenizer, path=sft_dir), inference_device())
+        rows = {split: kl_reference(reference, split_rows, tokenizer, dpo) for split, split_rows in rows.items()}
+        del reference
     policy = prepare_for_training(
         build_causal_lm(cfg.model, tokenizer, path=sft_dir),
         cfg.model,
@@ -49,6 +53,11 @@ def run_dpo(
     if not result.is_global_zero:
         return None
     metrics = {**result.metrics, **counts, "reference/cached_logps_used": float(needs_reference(dpo.loss))}
+    if is_unpaired(dpo.loss):  # the paper advises lambda_D n_D / (lambda_U n_U) in [1, 4/3]
+        desirable = sum(row.desirable for row in rows["train"])
+        undesirable = len(rows["train"]) - desirable
+        metrics.update({"kto/desirable_rows": float(desirable), "kto/undesirable_rows": float(undesirable)})
+        metrics["kto/weighted_ratio"] = dpo.kto_lambda_d * desirable / (dpo.kto_lambda_u * undesirable)
     # The x-axis of the DPO paper's frontier: sampled sequence KL to the reference, on held-out prompts. Under LoRA
     # the reference is the policy with its adapters off (no second copy), so this runs before the merge.
     device = inference_device()

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -97,3 +98,31 @@ def test_reference_free_losses_train_without_any_reference_log_probs(
         trainer.fit(module, datamodule=RowsDataModule(rows, rows[:8], collate, batch_size=8, seed=0))
         assert changed(before, module) == set(before), loss
         assert math.isfinite(float(trainer.callback_metrics["train/loss"])), loss
+
+
+def test_kto_learns_from_the_pairs_made_unpaired_desirable_up_undesirable_down(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
+    from pipeline.data.unpaired import UnpairedCollator, unpair
+    from pipeline.train.dpo import kl_reference
+
+    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
+    pairs = tiny_pairs(tokenizer, reviews, 32)
+    pairs = attach_reference(pairs, reference_logps(reference, pairs, PairCollator(0, 0), batch_size=8), "train")
+    cfg = default_section("dpo", loss="kto", beta=0.1, lr=1e-2, weight_decay=0.0, warmup_steps=1, max_steps=8)
+    rows = kl_reference(reference, unpair(pairs, 1.0, seed=0), tokenizer, cfg)
+    collate = UnpairedCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    module = DPOModule(build_causal_lm(model_cfg, tokenizer, path=path), cfg)
+    with torch.no_grad():
+        start = {key: float(value) for key, value in module._shared_step(collate(rows[:16])).items()}
+    assert start["loss"] == pytest.approx(0.5) and start["kl"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
+    assert start["rewards/desirable"] == pytest.approx(0.0, abs=1e-5) == start["rewards/undesirable"]
+    trainer = build_trainer(cpu_trainer_cfg, max_steps=8, val_every_n_steps=None, grad_clip=1.0, logger=False)
+    trainer.fit(module, datamodule=RowsDataModule(rows, rows[:8], collate, batch_size=16, seed=0))
+    batch = collate(rows)
+    with torch.no_grad():
+        policy, _ = pair_logps(module.policy.eval(), batch)
+    ratios, desirable = policy - batch["reference_logps"].chunk(2)[0], batch["desirable"]
+    assert ratios[desirable].mean() > ratios[~desirable].mean() + 1.0  # the desirable responses gained on the others
+    assert {"rewards/desirable", "rewards/undesirable", "kl"} <= set(trainer.callback_metrics)

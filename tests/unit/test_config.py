@@ -204,3 +204,11 @@ def test_biased_annotator_keys_are_checked(raw):
         load_config(raw)
     raw["preferences"]["mode"] = "generate"
     assert load_config(raw).preferences.bias_pattern == "minutes"
+
+
+def test_unpaired_feedback_needs_the_kto_loss(raw):
+    raw["dpo"]["kto_dataset"] = "json"
+    with pytest.raises(ConfigError, match=r"dpo\.kto_dataset: 'json' is unpaired feedback, which only dpo\.loss: kto"):
+        load_config(raw)
+    raw["dpo"]["loss"] = "kto"
+    assert load_config(raw).dpo.kto_dataset == "json"

@@ -5,10 +5,17 @@ import math
 import pytest
 import torch
 
-from pipeline.losses.dpo import DPO_LOSSES, PairLogps, needs_reference, preference_loss
+from pipeline.losses.dpo import DPO_LOSSES, PairLogps, UnpairedLogps, is_unpaired, needs_reference, preference_loss
 
 LOG2 = math.log(2)
-DEFAULTS = {"beta": 0.1, "label_smoothing": 0.0, "simpo_gamma": 0.5, "orpo_lambda": 0.1}
+DEFAULTS = {
+    "beta": 0.1,
+    "label_smoothing": 0.0,
+    "simpo_gamma": 0.5,
+    "orpo_lambda": 0.1,
+    "kto_lambda_d": 1.0,
+    "kto_lambda_u": 1.0,
+}
 
 
 def _pair(chosen, rejected, reference_chosen=0.0, reference_rejected=0.0, lengths=(1.0, 1.0)):
@@ -73,17 +80,18 @@ def test_rewards_are_detached_and_scaled_by_beta():
 
 def test_unknown_loss_lists_valid_ones():
     with pytest.raises(
-        ValueError, match=r"dpo\.loss: unknown loss 'kto'; valid: hinge, ipo, orpo, robust, sigmoid, simpo"
+        ValueError, match=r"dpo\.loss: unknown loss 'cpo'; valid: hinge, ipo, kto, orpo, robust, sigmoid, simpo"
     ):
-        _loss(0.0, 0.0, loss="kto")
-    with pytest.raises(ValueError, match=r"dpo\.loss: unknown loss 'kto'"):
-        needs_reference("kto")
+        _loss(0.0, 0.0, loss="cpo")
+    with pytest.raises(ValueError, match=r"dpo\.loss: unknown loss 'cpo'"):
+        needs_reference("cpo")
 
 
 def test_one_table_answers_which_losses_read_the_reference_and_what_each_takes():
     assert {name: entry.needs_reference for name, entry in DPO_LOSSES.items()} == {
-        "sigmoid": True, "robust": True, "hinge": True, "ipo": True, "simpo": False, "orpo": False,
+        "sigmoid": True, "robust": True, "hinge": True, "ipo": True, "simpo": False, "orpo": False, "kto": True,
     }  # fmt: skip
+    assert [name for name in DPO_LOSSES if is_unpaired(name)] == ["kto"]
     assert DPO_LOSSES["hinge"].params == ("beta",) and DPO_LOSSES["orpo"].params == ("orpo_lambda",)
     no_reference = PairLogps(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
     with pytest.raises(ValueError, match=r"dpo\.loss: 'sigmoid' reads the reference's log-probs, and the batch"):
@@ -107,3 +115,41 @@ def test_orpo_hand_value_is_nll_plus_odds_ratio_term():
     pair = PairLogps(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([2.0]), torch.tensor([3.0]))
     losses, _, _ = preference_loss(pair, loss="orpo", orpo_lambda=0.1)
     assert float(losses[0]) == pytest.approx(0.532030, abs=1e-6)
+
+
+def _rows(policy, reference, policy_kl, reference_kl, desirable):
+    t = lambda values: torch.tensor([float(v) for v in values], requires_grad=True)  # noqa: E731
+    return UnpairedLogps(t(policy), t(policy_kl), t(reference), t(reference_kl), torch.tensor(desirable))
+
+
+def test_kto_hand_values_for_both_labels_the_weights_and_the_kl_reference_point():
+    # log-ratios r = 1 (desirable), -1 and 0 (undesirable); mismatched log-ratios 1, 0, 2: z0 = mean = 1.
+    # beta 0.5, lambda_D 2, lambda_U 1: 2 (1 - sigmoid(0.5 (1 - 1))) = 1; 1 - sigmoid(0.5 (1 + 1)) = 0.268941;
+    # 1 - sigmoid(0.5 (1 - 0)) = 0.377541
+    rows = _rows([-2, -5, -4], [-3, -4, -4], [-6, -7, -5], [-7, -7, -7], [True, False, False])
+    losses, rewards, kl = preference_loss(rows, loss="kto", beta=0.5, kto_lambda_d=2.0, kto_lambda_u=1.0)
+    torch.testing.assert_close(losses, torch.tensor([1.0, 0.268941, 0.377541]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rewards, torch.tensor([0.5, -0.5, 0.0]))  # beta x r, detached
+    torch.testing.assert_close(kl, torch.ones(3))
+    assert not rewards.requires_grad and not kl.requires_grad
+    losses.sum().backward()
+    assert rows.policy_kl_logps.grad is None or not rows.policy_kl_logps.grad.any()  # z0 is a constant: no gradient
+    assert rows.policy_logps.grad[0] < 0 < rows.policy_logps.grad[1]  # up for desirable, down for undesirable
+
+
+def test_kto_clamps_a_negative_kl_estimate_to_zero():
+    # mismatched log-ratios -1, -2, 0: mean -1, z0 = 0. Then 2 (1 - sigmoid(0.5)) = 0.755081,
+    # 1 - sigmoid(0.5) = 0.377541 (r = -1), 1 - sigmoid(0) = 0.5 (r = 0)
+    rows = _rows([-2, -5, -4], [-3, -4, -4], [-6, -7, -5], [-5, -5, -5], [True, False, False])
+    losses, _, kl = preference_loss(rows, loss="kto", beta=0.5, kto_lambda_d=2.0, kto_lambda_u=1.0)
+    torch.testing.assert_close(losses, torch.tensor([0.755081, 0.377541, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(kl, torch.zeros(3))
+
+
+def test_a_pair_loss_refuses_unpaired_rows_and_kto_refuses_pairs():
+    rows = _rows([-1], [-1], [-1], [-1], [True])
+    with pytest.raises(ValueError, match=r"dpo\.loss: 'sigmoid' learns from pairs, and the batch holds UnpairedLogps"):
+        preference_loss(rows, loss="sigmoid", **DEFAULTS)
+    pair = _pair(0.0, 0.0)
+    with pytest.raises(ValueError, match=r"dpo\.loss: 'kto' learns from unpaired rows, and the batch holds PairLogps"):
+        preference_loss(pair, loss="kto", **DEFAULTS)

@@ -185,3 +185,14 @@ def test_frontier_names_the_estimator_and_counts_a_shared_policy_once():
         run["params"].update({"dpo.beta": 0.1, "dpo.loss": "simpo"})
     points = frontier_points(runs)
     assert sorted(points["method"]) == ["best-of-n", "best-of-n", "ppo", "rloo", "simpo"]
+
+
+def test_kto_on_an_imbalance_is_its_own_point_beside_balanced_kto_at_the_same_beta():
+    runs = []
+    for group, seed, fraction in (("a", 1, 1.0), ("b", 1, 0.1), ("c", 2, 0.1)):
+        run = _run(group, seed, 0.1, 0.05, dpo=(5.0, 0.8 if fraction == 1 else 0.6), ppo=(4.0, 0.8), bon=(0.6, 0.5))
+        run["params"].update({"dpo.loss": "kto", "dpo.kto_desirable_fraction": fraction, "dpo.kto_lambda_d": 10})
+        runs.append(run)
+    table = aggregate(frontier_points(runs)).set_index("method")
+    assert table.loc["kto", "gold_score"] == pytest.approx(0.8) and table.loc["kto", "seeds"] == 1
+    assert table.loc["kto 1:10", "gold_score"] == pytest.approx(0.6) and table.loc["kto 1:10", "seeds"] == 2
