@@ -6,6 +6,7 @@ The preset is applied with its documented command; the test then points the hub 
 
 import json
 import random
+import sys
 
 import pandas as pd
 import pytest
@@ -287,3 +288,41 @@ def test_calculator_chat_preset_runs_the_dag_through_the_chat_templates_tool_cal
         assert {f"{policy}/env/pass_at_1", f"{policy}/env/no_tool/pass_at_1"} <= set(metrics), policy
     report = (project.path / "reports/eval.md").read_text()
     assert "[observation] <|im_start|>system\nYou may call these tools:" in report
+
+
+def test_hh_preset_learns_kto_from_feedback_in_trls_unpaired_format(tmp_path):
+    """KTO through the hh preset's DAG on an unpaired stand-in (prompt, completion, boolean label, as
+    `trl-lib/kto-mix-14k`): a bad label stops `dpo` before training, naming the file, row and column, writing nothing;
+    the fixed file trains."""
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    pairs = hh_rows(160)
+    feedback = []
+    for row in pairs:
+        cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+        feedback.append({"prompt": row["chosen"][:cut], "completion": row["chosen"][cut:], "label": True})
+        feedback.append({"prompt": row["chosen"][:cut], "completion": row["rejected"][cut:], "label": False})
+    bad = [dict(row) for row in feedback]
+    bad[7]["label"] = "yes"
+    data, unpaired = write_jsonl(hub / "hh.jsonl", pairs), write_jsonl(hub / "kto.jsonl", bad)
+    project = Project(
+        tmp_path / "repo",
+        preset="hh",
+        overrides={
+            "model": {"base": neox_hub(hub / "pythia")},
+            "trainer": CPU,
+            "prepare": {"dataset_path": "json", "data_files": data},
+            "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
+            "dpo": {"loss": "kto", "kto_dataset": "json", "kto_data_files": unpaired, "kto_val_fraction": 0.2},
+            "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
+        },
+    )
+    failed = project.run(sys.executable, "-m", "dvc", "repro", "dpo", check=False)
+    assert "kto.jsonl line 8 column 'label': \"yes\" is not a boolean" in failed
+    assert not (project.path / "models/dpo").exists() and not (project.path / "reports/dpo.json").exists()
+    write_jsonl(hub / "kto.jsonl", feedback)
+    assert "dpo" in project.ran(project.dvc("repro", "dpo"))
+    report = project.report("dpo")
+    assert report["kto/desirable_rows"] + report["kto/undesirable_rows"] == pytest.approx(0.8 * 320, abs=8)
+    assert report["kto/weighted_ratio"] == pytest.approx(1.0, abs=0.1)
+    assert {"val/kl", "val/rewards/desirable", "val/rewards/undesirable"} <= set(report)
