@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.eval.figures import save_png
 from pipeline.files import atomic_path
 
 
@@ -76,10 +77,7 @@ def plot_gold_vs_kl(points: dict[str, tuple[float, float]], path: str | Path, ti
     ax.set_ylabel("mean gold score (the judge's)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_overoptimization(
@@ -125,7 +123,4 @@ def plot_overoptimization(
         ax.set_title("Monitor: held-out proxy vs gold (gates tripped in red)")
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
