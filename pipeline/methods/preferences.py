@@ -4,6 +4,7 @@ first turns, each judged by the episode it starts (`episode_pairs`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from pipeline.config import Config
@@ -27,7 +28,8 @@ def run_preferences(cfg: Config, *, data_dir: str, sft_dir: str) -> Outcome:
         model = build_causal_lm(cfg.model, tokenizer, path=sft_dir).to(inference_device())
         frames = {name: read_table(f"{data_dir}/{name}.parquet", PROMPT_COMPLETION) for name in ("train", "val")}
         judge = gold_judge(cfg, [(f"{data_dir}/{name}.parquet", frame) for name, frame in frames.items()])
-        spec = episode_spec(cfg.env, tokenizer)
+        # the environment as defined, its tools always given: env.tools false is a ppo and evaluate baseline
+        spec = episode_spec(dataclasses.replace(cfg.env, tools=True), tokenizer)
         splits = {}
         for offset, (name, count) in enumerate((("train", prefs.train_prompts), ("val", prefs.val_prompts))):
             seed = cfg.seed + offset

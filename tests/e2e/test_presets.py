@@ -238,6 +238,9 @@ def test_a_multi_turn_preset_runs_the_dag_with_episodes_in_its_environment(tmp_p
         assert (f"{policy}/env/no_tool/pass_at_1" in metrics) == (preset == "calculator")  # the tool's value
     report = (project.path / "reports/eval.md").read_text()
     assert "## In the environment" in report and "[observation] " in report and "[policy] " in report
+    if preset == "calculator":  # the tool-less baseline retrains ppo only: preferences play with the tool either way
+        project.set_param("env", "tools", False)
+        assert project.ran(project.dvc("repro")) == {"ppo", "evaluate"}
 
 
 def test_calculator_chat_preset_runs_the_dag_through_the_chat_templates_tool_calling(tmp_path):
