@@ -398,7 +398,7 @@ class EnvConfig:
     `ppo.judge_weight`."""
     tools: bool
     """false: the environment without its tools, in `ppo` and `evaluate` (`calculator`: a call is read as the answer),
-    to measure what the tool is worth against a policy trained with it. `preferences` plays with them either way."""
+    to measure what the tool is worth against a policy trained with it."""
 
 
 @dataclass(frozen=True)
