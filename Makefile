@@ -143,9 +143,9 @@ sweep: install
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-grpo -S ppo.advantage_estimator=grpo $(SWEEP_GROUP) \
 	    -S dpo.loss=simpo -S dpo.beta=2.0; \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-rloo -S ppo.advantage_estimator=rloo $(SWEEP_GROUP); \
-	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto -S dpo.loss=kto; \
-	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto-1to10 -S dpo.loss=kto -S dpo.kto_desirable_fraction=0.1 \
-	    -S dpo.kto_lambda_d=10; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto -S dpo.loss=kto -S dpo.lr=2.0e-4; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto-1to10 -S dpo.loss=kto -S dpo.lr=2.0e-4 \
+	    -S dpo.kto_desirable_fraction=0.1 -S dpo.kto_lambda_d=10; \
 	done
 	dvc queue start -j 1
 
