@@ -17,6 +17,7 @@ from pipeline.config import load_config, read_params
 from pipeline.data.tokenization import load_tokenizer
 from pipeline.envs.tools import CALC
 from pipeline.models.judges import build_judge
+from pipeline.tasks.preferences import split_dialogues
 from pipeline.tasks.tools import calculator_problem
 from tests.e2e.project import Project
 from tests.e2e.test_pipeline import STAGES
@@ -120,21 +121,24 @@ def test_imdb_preset_gpt2_review_prefixes_classifier_judge(tmp_path):
     assert (prepared["completion"].str.split().str.len() <= 48).all()
 
 
+def _hh_stand_in(hub, data: str, **sections) -> dict:
+    """The hh preset's overrides onto local stand-ins: a tiny Pythia, HH-shaped dialogues in `data`, a reward-model
+    judge; `sections` add or replace whole sections."""
+    return {
+        "model": {"base": neox_hub(hub / "pythia")},
+        "trainer": CPU,
+        "prepare": {"dataset_path": "json", "data_files": data},
+        "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
+        "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
+        **sections,
+    }
+
+
 def test_hh_preset_pythia_dialogues_reward_model_judge(tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     data = write_jsonl(hub / "hh.jsonl", hh_rows(160))
-    project = Project(
-        tmp_path / "repo",
-        preset="hh",
-        overrides={
-            "model": {"base": neox_hub(hub / "pythia")},
-            "trainer": CPU,
-            "prepare": {"dataset_path": "json", "data_files": data},
-            "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
-            "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
-        },
-    )
+    project = Project(tmp_path / "repo", preset="hh", overrides=_hh_stand_in(hub, data))
     _ran_everything(project)
     pairs = pd.read_parquet(project.path / "data/preferences/train.parquet")
     assert pairs["prompt"].str.endswith("\n\nHuman: And then?\n\nAssistant:").all()
@@ -300,26 +304,16 @@ def test_hh_preset_learns_kto_from_feedback_in_trls_unpaired_format(tmp_path):
     hub = tmp_path / "hub"
     hub.mkdir()
     pairs = hh_rows(160)
+    split = split_dialogues([row["chosen"] for row in pairs], [row["rejected"] for row in pairs], "hh stand-in")
     feedback = []
-    for row in pairs:
-        cut = row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
-        feedback.append({"prompt": row["chosen"][:cut], "completion": row["chosen"][cut:], "label": True})
-        feedback.append({"prompt": row["chosen"][:cut], "completion": row["rejected"][cut:], "label": False})
+    for prompt, chosen, rejected in split.itertuples(index=False):
+        feedback.append({"prompt": prompt, "completion": chosen, "label": True})
+        feedback.append({"prompt": prompt, "completion": rejected, "label": False})
     bad = [dict(row) for row in feedback]
     bad[7]["label"] = "yes"
     data, unpaired = write_jsonl(hub / "hh.jsonl", pairs), write_jsonl(hub / "kto.jsonl", bad)
-    project = Project(
-        tmp_path / "repo",
-        preset="hh",
-        overrides={
-            "model": {"base": neox_hub(hub / "pythia")},
-            "trainer": CPU,
-            "prepare": {"dataset_path": "json", "data_files": data},
-            "preferences": {"dataset_path": "json", "data_files": data, "val_fraction": 0.2},
-            "dpo": {"loss": "kto", "kto_dataset": "json", "kto_data_files": unpaired, "kto_val_fraction": 0.2},
-            "judge": {"path": encoder_reward_model(hub / "deberta-rm")},
-        },
-    )
+    kto = {"loss": "kto", "kto_dataset": "json", "kto_data_files": unpaired, "kto_val_fraction": 0.2}
+    project = Project(tmp_path / "repo", preset="hh", overrides=_hh_stand_in(hub, data, dpo=kto))
     failed = project.run(sys.executable, "-m", "dvc", "repro", "dpo", check=False)
     assert "kto.jsonl line 8 column 'label': \"yes\" is not a boolean" in failed
     assert not (project.path / "models/dpo").exists() and not (project.path / "reports/dpo.json").exists()
