@@ -12,6 +12,7 @@ PATHS = {
     "reference_dir": "data/reference",
     "data_dir": "data/prepared",
     "sft_dir": "models/sft",
+    "reward_dir": "models/reward",
     "model_dir": "models/dpo",
     "report": "reports/dpo.json",
     "curve": "reports/plots/dpo.csv",
@@ -19,7 +20,7 @@ PATHS = {
 
 
 def main() -> None:
-    with stage("dpo", PATHS, inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir")) as ctx:
+    with stage("dpo", PATHS, inputs=("pairs_dir", "reference_dir", "data_dir", "sft_dir", "reward_dir")) as ctx:
         args = ctx.args
         out = run_dpo(
             ctx.config,
@@ -27,6 +28,7 @@ def main() -> None:
             reference_dir=args.reference_dir,
             data_dir=args.data_dir,
             sft_dir=args.sft_dir,
+            reward_dir=args.reward_dir,
             hooks=ctx.hooks(),
         )
         if out is None:  # a DDP rank > 0: rank 0 writes

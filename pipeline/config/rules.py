@@ -208,6 +208,30 @@ def _dpo(config: Config) -> list[str]:
     return errors
 
 
+@rule("dpo.online_rounds", "dpo.loss", "dpo.kto_dataset", "env.kind", "trainer.strategy")
+def _online_dpo(config: Config) -> list[str]:
+    dpo = config.dpo
+    if not dpo.online_rounds:
+        return []
+    errors, rounds = [], f"dpo.online_rounds: {dpo.online_rounds}"
+    if dpo.loss == "kto" or dpo.kto_dataset is not None:
+        errors.append(
+            f"{rounds}: online rounds label pairs (best against worst), which dpo.loss 'kto' does not learn from; set "
+            "dpo.loss to a paired loss (sigmoid, ipo, ...), or dpo.online_rounds: 0"
+        )
+    if config.env.kind != "none":
+        errors.append(
+            f"{rounds}: online rounds sample one response per prompt, not episodes (env.kind is "
+            f"{config.env.kind!r}); set dpo.online_rounds: 0 (ppo trains in the environment)"
+        )
+    if config.trainer.strategy == "fsdp":
+        errors.append(
+            f"{rounds}: each round samples from the policy, which trainer.strategy fsdp shards across ranks; run "
+            "online rounds under ddp, or offline (dpo.online_rounds: 0) under fsdp"
+        )
+    return errors
+
+
 @rule("env.kind", "env.turn_tokens", "env.total_tokens")
 def _env(config: Config) -> list[str]:
     env, errors = config.env, []

@@ -289,7 +289,25 @@ class DPOConfig(TrainingConfig):
     kl_prompts: int = bounded(">= 1")
     """Validation prompts sampled at the end to measure objective/kl against the reference."""
     max_new_tokens: int = bounded(">= 1")
-    """Sampling budget for the objective/kl samples."""
+    """Sampling budget for the objective/kl samples, and for online rounds' samples."""
+    online_rounds: int = bounded(">= 0")
+    """Online (iterative) DPO: rounds in which the policy samples `online_k` responses to each of `online_prompts`
+    fresh train prompts (past the `preferences.train_prompts` the pairs came from), the reward model and judge label
+    them (`online_reward_model_weight`, `online_judge_weight`: PPO's score composition), the best and worst make a
+    pair, and `max_steps` / `online_rounds` steps train on them, from the previous round's weights (one schedule over
+    all rounds; docs/online-dpo.md). 0: offline, on the preference pairs."""
+    online_prompts: int = bounded(">= 1")
+    """Online: fresh train prompts per round."""
+    online_k: int = bounded(">= 2")
+    """Online: responses sampled per prompt; its highest and lowest scored make its pair."""
+    online_reward_model_weight: float = bounded(">= 0")
+    """Online: weight of the reward model's normalised score in a response's score (0: no reward model is run)."""
+    online_judge_weight: float = bounded(">= 0")
+    """Online: weight of the gold judge's score (the gold judge labelling: an oracle, as `ppo.judge_weight`)."""
+    online_missing_eos_penalty: float = bounded(">= 0")
+    """Online: subtracted from the score of a response that did not end with EOS."""
+    online_min_gap: float = bounded(">= 0")
+    """Online: a prompt whose best and worst scores differ by this or less (0: a tie) gives no pair."""
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ SHAPED_BY = {
 
 def method_name(policy: str, params: Mapping) -> str:
     """`ppo` / `dpo` named by the estimator / loss that trained them (gae -> ppo, sigmoid -> dpo; KTO on a
-    desirable-to-undesirable imbalance as `kto 1:10`)."""
+    desirable-to-undesirable imbalance as `kto 1:10`; online rounds as `online dpo x3`)."""
     if policy == "ppo":
         estimator = str(params.get("ppo.advantage_estimator", "gae"))
         return "ppo" if estimator == "gae" else estimator
@@ -42,7 +42,9 @@ def method_name(policy: str, params: Mapping) -> str:
         fraction = float(params.get("dpo.kto_desirable_fraction", 1.0))
         if loss == "kto" and fraction < 1:  # an imbalance is a different method, not another beta
             return f"kto 1:{1 / fraction:.3g}"
-        return "dpo" if loss == "sigmoid" else loss
+        name = "dpo" if loss == "sigmoid" else loss
+        rounds = int(params.get("dpo.online_rounds", 0))
+        return f"online {name} x{rounds}" if rounds else name
     return policy
 
 

@@ -204,21 +204,25 @@ def select(samples: Samples, index: Sequence[int]) -> Samples:
 
 
 @torch.no_grad()
-def reward_scores(reward_model, samples: Samples, *, eos_id: int, pad_id: int, batch_size: int) -> torch.Tensor:
-    """Reward-model scores of sampled completions (read at their last token). Shape: (N,), on the CPU."""
+def reward_scores(
+    reward_model, samples: Samples, *, eos_id: int, pad_id: int, batch_size: int, heads: bool = False
+) -> torch.Tensor:
+    """Reward-model scores of sampled completions (read at their last token). Shape: (N,), on the CPU; with `heads`,
+    a reward ensemble's every head: (N, heads) (a single head stays (N,))."""
     device = next(reward_model.parameters()).device
     reward_model.eval()
     lengths = [
         len(p) + len(c) + e for p, c, e in zip(samples.prompt_ids, samples.completion_ids, samples.ended, strict=True)
     ]
-    out = torch.empty(len(lengths))
+    width = reward_model.config.num_labels if heads and reward_model.config.num_labels > 1 else 0
+    out = torch.empty(len(lengths), width) if width else torch.empty(len(lengths))
     for index in length_sorted_batches(lengths, batch_size):
         batch = select(samples, index)
         tensors = response_batch(batch.prompt_ids, batch.completion_ids, batch.ended, eos_id=eos_id, pad_id=pad_id)
-        scores = reward_model(
+        logits = reward_model(
             input_ids=tensors["input_ids"].to(device), attention_mask=tensors["attention_mask"].to(device)
-        ).logits[:, 0]
-        out[torch.tensor(index)] = scores.float().cpu()
+        ).logits
+        out[torch.tensor(index)] = (logits if width else logits[:, 0]).float().cpu()
     return out
 
 

@@ -79,7 +79,33 @@ def shape_rewards(
         env_rewards: each episode's reward from its environment, or None (single-turn). Shape: (B,).
         whiten: scale the rewards to unit variance over the response tokens (their mean kept).
     """
-    scores = torch.zeros(len(judge_scores), device=token_kl.device)
+    scores, spread = response_scores(
+        reward_model_scores, judge_scores, ended, weights, env_rewards=env_rewards, device=token_kl.device
+    )
+    non_score = -kl_coef * (token_kl * mask) if kl_coef is not None else torch.zeros_like(token_kl)
+    rewards = non_score.clone()
+    rewards[torch.arange(len(scores), device=rewards.device), last_policy_token(mask)] += scores
+    if whiten:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    return ShapedRewards(rewards, scores, non_score, spread)
+
+
+def response_scores(
+    reward_model_scores: torch.Tensor | None,
+    judge_scores: torch.Tensor,
+    ended: torch.Tensor,
+    weights: RewardWeights,
+    *,
+    env_rewards: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each response's score, as `shape_rewards` composes it (its arguments of the same names), and a reward
+    ensemble's disagreement per response (None without one). Online DPO's rounds rank their samples with it.
+
+    Returns:
+        (scores, spread). Shapes: (B,), (B,).
+    """
+    scores = torch.zeros(len(judge_scores), device=device)
     spread = None
     if reward_model_scores is not None and reward_model_scores.ndim == 2:
         means, stds = (torch.tensor(v, device=scores.device) for v in (weights.head_means, weights.head_stds))
@@ -98,12 +124,7 @@ def shape_rewards(
     if env_rewards is not None and weights.env_weight:
         scores = scores + weights.env_weight * env_rewards.to(scores)
     scores = scores - weights.missing_eos_penalty * (~ended).float()
-    non_score = -kl_coef * (token_kl * mask) if kl_coef is not None else torch.zeros_like(token_kl)
-    rewards = non_score.clone()
-    rewards[torch.arange(len(scores), device=rewards.device), last_policy_token(mask)] += scores
-    if whiten:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    return ShapedRewards(rewards, scores, non_score, spread)
+    return scores, spread
 
 
 def combine_heads(heads: torch.Tensor, combine: str, std_coef: float) -> torch.Tensor:

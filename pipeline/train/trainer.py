@@ -36,11 +36,13 @@ def build_trainer(
     callbacks: Sequence[pl.Callback] = (),
     max_epochs: int = -1,
     accumulate_grad_batches: int = 1,
+    reload_dataloaders: bool = False,
 ) -> pl.Trainer:
     """A Trainer configured from the `trainer` params block; no checkpoints (the stage saves the model).
 
     `max_steps` and `val_every_n_steps` count optimizer steps; with `accumulate_grad_batches` k, validation runs
     every k * val_every_n_steps micro-batches. (PPO optimises manually and accumulates itself: it passes 1.)
+    `reload_dataloaders`: ask the datamodule for a new training loader every epoch (online DPO's rounds).
     """
     return pl.Trainer(
         accelerator=cfg.accelerator,
@@ -52,6 +54,7 @@ def build_trainer(
         max_epochs=max_epochs,
         val_check_interval=val_every_n_steps * accumulate_grad_batches if val_every_n_steps else None,
         accumulate_grad_batches=accumulate_grad_batches,
+        reload_dataloaders_every_n_epochs=int(reload_dataloaders),
         check_val_every_n_epoch=None if val_every_n_steps else 1,
         num_sanity_val_steps=0,
         gradient_clip_val=grad_clip or None,
@@ -218,11 +221,14 @@ def fit_and_validate(
     trainer_cfg: TrainerConfig,
     cfg: TrainingConfig,
     hooks: Hooks = NO_HOOKS,
+    *,
+    reload_dataloaders: bool = False,
 ) -> FitResult:
     """Train for `cfg.max_steps`, validate once more at the end, and collect val/*, train/loss and perf/* metrics.
 
     Args:
         hooks: the stage's logger, checkpoint folder and the checkpoint to resume from.
+        reload_dataloaders: a new training loader every epoch (`build_trainer`).
     """
     checkpoints = checkpointing(hooks, data, accumulate=trainer_cfg.accumulate_grad_batches)
     throughput, history = Throughput(), History()
@@ -235,6 +241,7 @@ def fit_and_validate(
         logger=hooks.logger,
         callbacks=callbacks,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        reload_dataloaders=reload_dataloaders,
     )
     trainer.fit(module, datamodule=data, ckpt_path=hooks.resume_from, weights_only=True)
     trainer.validate(module, datamodule=data, verbose=False)

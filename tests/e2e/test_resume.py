@@ -174,3 +174,52 @@ def test_a_killed_stage_that_dvc_restores_from_its_run_cache_leaves_no_run_runni
     killed = [r for r in _marked_killed(project) if r.info.status == "KILLED"]
     roles = sorted((r.data.tags["align.role"], r.data.tags.get("align.stage")) for r in killed)
     assert roles == [("group", None), ("stage", "dpo")]  # the stage's run and its pipeline run
+
+
+def _kill_in_round(project: Project, stage: str, steps: range) -> int:
+    """Run `stage` and SIGKILL its `dvc repro` process group once its newest checkpoint is at one of `steps`."""
+    cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", "-s", stage],
+        cwd=project.path,
+        env=cold,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    folder = project.path / ".checkpoints" / stage
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        written = [int(path.stem.split("-")[1]) for path in folder.glob("*/step-*.ckpt")]
+        if written and max(written) in steps:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return max(written)
+        time.sleep(0.01)
+    raise AssertionError(f"{stage} finished or hung before a checkpoint at steps {steps} (exit {process.poll()})")
+
+
+def test_online_dpo_killed_in_round_2_resumes_in_round_2_and_matches_an_uninterrupted_run(tmp_path, upstream):
+    """Three online rounds of 8 steps, a checkpoint every 2: SIGKILL after one of round 2's checkpoints (steps 10,
+    12, 14); the rerun resumes there, trains on the pairs the checkpoint holds, and ends as a run never killed."""
+    project = Project.copy_of(upstream.path, tmp_path / "repo")
+    online = {"online_rounds": 3, "online_prompts": 16, "max_steps": 24, "val_every_n_steps": 8}
+    for key, value in online.items():
+        project.set_param("dpo", key, value)
+    project.set_param("trainer", "checkpoint_every_n_steps", 2)
+    killed_at = _kill_in_round(project, "dpo", range(10, 16))
+    out = project.dvc("repro", "dpo")
+    assert f"resuming dpo from step {killed_at}" in out
+    resumed_report = _comparable(project.report("dpo"))
+    resumed_weights = (project.path / "models/dpo/model.safetensors").read_bytes()
+    assert resumed_report["online/steps_per_round"] == 8
+    for index in (1, 2, 3):  # every round labelled and measured, the killed one too
+        assert resumed_report[f"round{index}/pairs"] > 0
+        assert 0 <= resumed_report[f"round{index}/win_rate"] <= 1
+    run = next(r for r in _runs(project, "dpo") if r.data.tags.get("align.resumed") == "true")
+    history = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}").get_metric_history(run.info.run_id, "round/pairs")
+    assert sorted(m.step for m in history) == [0, 8, 16]  # each round's labelling logged once, at its start
+
+    project.dvc("repro", "-f", "-s", "--no-run-cache", "dpo")  # never interrupted
+    assert _comparable(project.report("dpo")) == resumed_report
+    assert (project.path / "models/dpo/model.safetensors").read_bytes() == resumed_weights

@@ -196,3 +196,14 @@ def test_kto_on_an_imbalance_is_its_own_point_beside_balanced_kto_at_the_same_be
     table = aggregate(frontier_points(runs)).set_index("method")
     assert table.loc["kto", "gold_score"] == pytest.approx(0.8) and table.loc["kto", "seeds"] == 1
     assert table.loc["kto 1:10", "gold_score"] == pytest.approx(0.6) and table.loc["kto 1:10", "seeds"] == 2
+
+
+def test_online_dpo_is_its_own_point_beside_offline_dpo_at_the_same_beta():
+    runs = []
+    for group, seed, rounds in (("a", 1, 0), ("b", 1, 3), ("c", 2, 3)):
+        run = _run(group, seed, 0.1, 0.05, dpo=(5.0, 0.9 if rounds else 0.8), ppo=(4.0, 0.8), bon=(0.6, 0.5))
+        run["params"].update({"dpo.loss": "sigmoid", "dpo.online_rounds": rounds})
+        runs.append(run)
+    table = aggregate(frontier_points(runs)).set_index("method")
+    assert table.loc["dpo", "gold_score"] == pytest.approx(0.8) and table.loc["dpo", "seeds"] == 1
+    assert table.loc["online dpo x3", "gold_score"] == pytest.approx(0.9) and table.loc["online dpo x3", "seeds"] == 2

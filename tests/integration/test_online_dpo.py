@@ -1,0 +1,82 @@
+"""Online DPO rounds on a tiny model: each round samples fresh prompts with the current policy, the judge labels
+best against worst, the reference scores the pairs, and the round trains on them; each round is logged."""
+
+import dataclasses
+
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.data.batches import PairCollator
+from pipeline.data.tokenization import encode
+from pipeline.losses.rewards import RewardWeights
+from pipeline.models.build import build_causal_lm
+from pipeline.models.judges import VaderJudge
+from pipeline.models.reference import attach_reference, pair_logps, reference_logps
+from pipeline.track.tracking import StageRun
+from pipeline.train.hooks import Hooks
+from pipeline.train.online import Labeller, Measure, fit_online_dpo
+from tests.defaults import default_section
+from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
+
+
+def test_online_rounds_label_with_the_judge_and_train_round_after_round(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
+    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
+    policy = build_causal_lm(model_cfg, tokenizer, path=path)
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    val = tiny_pairs(tokenizer, reviews, 8, offset=200)
+    val = attach_reference(val, reference_logps(reference, val, collate, batch_size=8), "val")
+    cfg = dataclasses.replace(
+        default_section("dpo"),
+        lr=1e-2,
+        warmup_steps=1,
+        max_steps=6,  # 3 a round
+        val_every_n_steps=3,
+        batch_size=4,
+        max_new_tokens=10,
+        online_rounds=2,
+        online_prompts=6,
+        online_k=3,
+    )
+    judge = VaderJudge()
+    labeller = Labeller(
+        tokenizer,
+        encode(tokenizer, [r.prompt for r in reviews[:12]]),
+        reference,
+        None,  # the judge alone labels (online_reward_model_weight 0)
+        judge,
+        RewardWeights(reward_model_weight=0.0, judge_weight=1.0, missing_eos_penalty=0.0),
+        cfg,
+        seed=3,
+    )
+    prompts = [r.prompt for r in reviews[300:306]]
+    measure = Measure(tokenizer, prompts, reference, judge, 10, seed=5)
+    before_policy, before_reference = params_snapshot(policy), params_snapshot(reference)
+
+    # The first round's pairs, labelled from the SFT weights: the judge's best over its worst, reference attached.
+    first, stats = labeller(policy, 0)
+    assert stats["pairs"] == len(first) > 0 and stats["pairs"] + stats["ties"] == 6
+    assert all(p.chosen_gold > p.rejected_gold for p in first)
+    assert {tuple(p.prompt_ids) for p in first} <= {tuple(ids) for ids in labeller.prompts(0)}
+    live_chosen, _ = pair_logps(reference, collate(first))
+    torch.testing.assert_close(torch.tensor([p.reference_chosen_logps for p in first]).float(), live_chosen)
+    assert not set(map(tuple, labeller.prompts(0))) & set(map(tuple, labeller.prompts(1)))  # fresh prompts a round
+
+    with StageRun(tracking, "dpo", {}, {}) as run:
+        module, data, result = fit_online_dpo(
+            policy, tokenizer, labeller, measure, val, cfg, cpu_trainer_cfg, seed=0, hooks=Hooks(run.lightning_logger())
+        )
+    assert result.step == 6
+    assert changed(before_policy, module.policy) == set(before_policy)
+    assert changed(before_reference, reference) == set()
+    assert [r["round"] for r in data.rounds] == [1.0, 2.0]
+    assert data.rounds[0]["pairs"] == stats["pairs"]  # round 1 sampled from the SFT weights, as above
+    assert data.rounds[1]["gold_mean"] != data.rounds[0]["gold_mean"]  # round 2 sampled from the trained policy
+    assert [r["round"] for r in module.rounds] == [1.0]  # the stage measures the last round after training
+    assert module.rounds[0]["step"] == 3.0 and 0.0 <= module.rounds[0]["win_rate"] <= 1.0
+    client = MlflowClient(tracking.tracking_uri)
+    assert [m.step for m in client.get_metric_history(run.run_id, "round/pairs")] == [0, 3]
+    assert [m.step for m in client.get_metric_history(run.run_id, "round/win_rate")] == [3]
+    assert {"train/loss", "val/loss", "val/rewards/accuracies"} <= set(client.get_run(run.run_id).data.metrics)
