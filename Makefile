@@ -129,7 +129,8 @@ frontier: install
 	python -m tools.frontier $(FRONTIER_ARGS)
 
 # The committed sweep behind reports/frontier.* and reports/seeds.md: 3 seeds x (PPO / DPO at three regularisation
-# strengths, GRPO + SimPO, RLOO, KTO on the pairs made unpaired, KTO on a 1:10 desirable-to-undesirable imbalance), queued as DVC experiments named sweep-s<seed>-<point> and run one at a time;
+# strengths, GRPO + SimPO, RLOO, KTO on the pairs made unpaired, KTO on a 1:10 desirable-to-undesirable imbalance,
+# online DPO in 3 rounds), queued as DVC experiments named sweep-s<seed>-<point> and run one at a time;
 # then `make frontier FRONTIER_ARGS=--group-prefix=sweep-`. evaluate.n_shown_samples differs from params.yaml so
 # that every point runs its evaluate stage (and lands in MLflow) even when the run-cache restores all the others.
 SWEEP_SEEDS ?= 1234 1 2
@@ -144,8 +145,9 @@ sweep: install
 	    -S dpo.loss=simpo -S dpo.beta=2.0; \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-rloo -S ppo.advantage_estimator=rloo $(SWEEP_GROUP); \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto -S dpo.loss=kto -S dpo.lr=2.0e-4; \
-	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto-1to10 -S dpo.loss=kto -S dpo.lr=2.0e-4 \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto-1to10 -S dpo.loss=kto -S dpo.lr=1.0e-4 \
 	    -S dpo.kto_desirable_fraction=0.1 -S dpo.kto_lambda_d=10; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-online -S dpo.online_rounds=3 -S dpo.beta=0.3 -S dpo.lr=2.0e-4; \
 	done
 	dvc queue start -j 1
 

@@ -80,3 +80,34 @@ def test_online_rounds_label_with_the_judge_and_train_round_after_round(
     assert [m.step for m in client.get_metric_history(run.run_id, "round/pairs")] == [0, 3]
     assert [m.step for m in client.get_metric_history(run.run_id, "round/win_rate")] == [3]
     assert {"train/loss", "val/loss", "val/rewards/accuracies"} <= set(client.get_run(run.run_id).data.metrics)
+
+
+def test_too_few_fresh_prompts_fail_before_training_naming_the_keys(model_cfg, tokenizer, reviews, tmp_path):
+    import pandas as pd
+    import pytest
+
+    from pipeline.config import load_config, read_params
+    from pipeline.files import write_parquet
+    from pipeline.methods.dpo import run_dpo
+    from tests.defaults import ROOT
+
+    sft = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    data = tmp_path / "prepared"
+    some = reviews[:40]
+    rows = pd.DataFrame({"prompt": [r.prompt for r in some], "completion": [r.completion for r in some]})
+    write_parquet(rows.assign(gold=0.0), data / "train.parquet")
+    cfg = load_config(read_params(ROOT / "params.yaml"))
+    cfg = dataclasses.replace(
+        cfg,
+        model=model_cfg,
+        preferences=dataclasses.replace(cfg.preferences, train_prompts=30),
+        dpo=dataclasses.replace(cfg.dpo, online_rounds=3, online_prompts=4),
+    )
+    fresh = len(rows["prompt"].unique()) - 30
+    with pytest.raises(ValueError) as info:
+        run_dpo(cfg, pairs_dir="none", reference_dir="none", data_dir=str(data), sft_dir=sft, reward_dir="none")
+    assert str(info.value) == (
+        f"dpo.online_rounds x dpo.online_prompts = 3 x 4 = 12 fresh train prompts, but {data}/train.parquet has "
+        f"{fresh} past the preferences.train_prompts = 30 the pairs came from; lower either, or prepare more "
+        "(prepare.n_train)"
+    )
