@@ -127,7 +127,8 @@ def run_online_dpo(
         )
     val = read_table(f"{data_dir}/val.parquet", PROMPT_COMPLETION).head(dpo.kl_prompts)
     prompts = val["prompt"].tolist()
-    judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train), (f"{data_dir}/val.parquet", val)])
+    # a verifier also keys answers by the prompts' decoded tokens, as a round's samples see them (as ppo's rollouts)
+    judge = gold_judge(cfg, [(f"{data_dir}/train.parquet", train), (f"{data_dir}/val.parquet", val)], tokenizer)
     device = inference_device()
     policy = prepare_for_training(
         build_causal_lm(cfg.model, tokenizer, path=sft_dir),

@@ -146,9 +146,10 @@ class Labeller:
         pairs = [dataclasses.replace(pair, index=i) for i, pair in enumerate(kept)]
         if not pairs:
             raise ValueError(
-                f"dpo.online_rounds: round {round_index + 1}'s {len(repeated) // cfg.online_k} prompts gave no pair "
-                f"(every prompt's {cfg.online_k} samples scored within dpo.online_min_gap = {cfg.online_min_gap}); "
-                "raise dpo.online_k or lower dpo.online_min_gap"
+                f"dpo.online_rounds: round {round_index + 1}'s {len(repeated) // cfg.online_k} prompts gave no pair: "
+                f"{stats['ties']:.0f} tied (their {cfg.online_k} samples scored within dpo.online_min_gap = "
+                f"{cfg.online_min_gap}), {stats['too_long']:.0f} over dpo.max_length = {cfg.max_length}; raise "
+                "dpo.online_k or lower dpo.online_min_gap, or raise dpo.max_length (with reference.max_length)"
             )
         collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id, packing=cfg.packing)
         was_training = policy.training

@@ -3,6 +3,7 @@ best against worst, the reference scores the pairs, and the round trains on them
 
 import dataclasses
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -63,6 +64,9 @@ def test_online_rounds_label_with_the_judge_and_train_round_after_round(
     live_chosen, _ = pair_logps(reference, collate(first))
     torch.testing.assert_close(torch.tensor([p.reference_chosen_logps for p in first]).float(), live_chosen)
     assert not set(map(tuple, labeller.prompts(0))) & set(map(tuple, labeller.prompts(1)))  # fresh prompts a round
+    tied = dataclasses.replace(labeller, cfg=dataclasses.replace(cfg, online_min_gap=100.0))
+    with pytest.raises(ValueError, match=r"round 1's 6 prompts gave no pair: 6 tied \(their 3 samples scored within "):
+        tied(policy, 0)
 
     with StageRun(tracking, "dpo", {}, {}) as run:
         module, data, result = fit_online_dpo(
@@ -84,7 +88,6 @@ def test_online_rounds_label_with_the_judge_and_train_round_after_round(
 
 def test_too_few_fresh_prompts_fail_before_training_naming_the_keys(model_cfg, tokenizer, reviews, tmp_path):
     import pandas as pd
-    import pytest
 
     from pipeline.config import load_config, read_params
     from pipeline.files import write_parquet
