@@ -7,11 +7,12 @@ penalty), and each prompt's highest- and lowest-scored responses make its pair (
 (the SFT weights) scores the pairs once, and the round trains on them. The policy's own sampled tokens are the pair,
 never a re-tokenisation of their text.
 
-Resuming: one optimizer and schedule run through every round, so the stage's ordinary mid-stage checkpoint holds all
-that an exact resume needs, with the current round's pairs in it (`RoundsDataModule.state_dict`): a run killed in
-round 2 resumes in round 2 at its step, trains on the same pairs, and ends with the weights an uninterrupted run ends
-with. Each round but the last is measured at its end (`Measure`, on the validation prompts: gold, KL to SFT, win-rate
-against SFT) and logged to MLflow as `round/*`; the stage measures the last after training.
+Resuming: one optimizer and schedule run through every round, so the stage's ordinary mid-stage checkpoint (written at
+every round's end too: `EveryRound`) holds all that an exact resume needs, with the current round's pairs in it
+(`RoundsDataModule.state_dict`): a run killed in round 2 resumes in round 2 at its step, trains on the same pairs, and
+ends with the weights an uninterrupted run ends with. Each round but the last is measured at its end (`Measure`, on
+the validation prompts: gold, KL to SFT, win-rate against SFT) and logged to MLflow as `round/*`; the stage measures
+the last after training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,7 @@ from pipeline.models.lora import as_reference
 from pipeline.models.reference import reference_logps
 from pipeline.train.datamodule import RowsDataModule
 from pipeline.train.dpo import DPOModule
-from pipeline.train.hooks import NO_HOOKS, Hooks
+from pipeline.train.hooks import NO_HOOKS, CheckpointFolder, Hooks
 from pipeline.train.reward import RewardStats
 from pipeline.train.trainer import FitResult, fit_and_validate
 
@@ -348,6 +350,29 @@ class OnlineDPOModule(DPOModule):
         self.rounds = [dict(r) for r in checkpoint.get("online_rounds", [])]
 
 
+@dataclass(frozen=True)
+class EveryRound:
+    """The stage's checkpoint folder with `every_n` no longer than a round: every round's end is checkpointed, and
+    within a round the stage's own cadence when it is finer."""
+
+    folder: CheckpointFolder
+    round_steps: int
+
+    @property
+    def directory(self) -> Path:
+        return self.folder.directory
+
+    @property
+    def every_n(self) -> int:
+        return min(self.folder.every_n, self.round_steps) if self.folder.every_n else 0
+
+    def staging(self, done: int) -> Path:
+        return self.folder.staging(done)
+
+    def publish(self, staged: Path, done: int, run_id: str, *, final: bool = False) -> Path:
+        return self.folder.publish(staged, done, run_id, final=final)
+
+
 def steps_per_round(cfg: DPOConfig) -> int:
     """`dpo.max_steps` split evenly over the rounds (the remainder left out): online DPO trains as many steps as
     offline DPO does, on fresh pairs each round."""
@@ -366,7 +391,8 @@ def fit_online_dpo(
     seed: int,
     hooks: Hooks = NO_HOOKS,
 ) -> tuple[OnlineDPOModule, RoundsDataModule, FitResult]:
-    """`cfg.online_rounds` rounds of `steps_per_round(cfg)` steps, one warm-up and cosine schedule over them all."""
+    """`cfg.online_rounds` rounds of `steps_per_round(cfg)` steps, one warm-up and cosine schedule over them all;
+    checkpoints at every round's end at least (`EveryRound`)."""
     steps = steps_per_round(cfg)
     total = dataclasses.replace(cfg, max_steps=steps * cfg.online_rounds)
     module = OnlineDPOModule(policy, total, measure)
@@ -380,5 +406,7 @@ def fit_online_dpo(
         steps=steps,
         accumulate=trainer.accumulate_grad_batches,
     )
+    if hooks.checkpoints is not None:
+        hooks = dataclasses.replace(hooks, checkpoints=EveryRound(hooks.checkpoints, steps))
     result = fit_and_validate(module, data, trainer, total, hooks, reload_dataloaders=True)
     return module, data, result

@@ -114,3 +114,34 @@ def test_too_few_fresh_prompts_fail_before_training_naming_the_keys(model_cfg, t
         f"{fresh} past the preferences.train_prompts = 30 the pairs came from; lower either, or prepare more "
         "(prepare.n_train)"
     )
+
+
+def test_every_rounds_end_is_checkpointed_whatever_the_stages_cadence(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path
+):
+    from stages.checkpoints import Checkpoints
+
+    published = []
+
+    class Recorded(Checkpoints):
+        def publish(self, staged, done, run_id, *, final=False):
+            published.append((done, final))
+            return super().publish(staged, done, run_id, final=final)
+
+    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
+    reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
+    policy = build_causal_lm(model_cfg, tokenizer, path=path)
+    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
+    val = tiny_pairs(tokenizer, reviews, 4, offset=200)
+    val = attach_reference(val, reference_logps(reference, val, collate, batch_size=4), "val")
+    cfg = dataclasses.replace(
+        default_section("dpo"), warmup_steps=1, max_steps=6, val_every_n_steps=3, batch_size=4, max_new_tokens=8
+    )
+    cfg = dataclasses.replace(cfg, online_rounds=2, online_prompts=4, online_k=2)
+    weights = RewardWeights(reward_model_weight=0.0, judge_weight=1.0, missing_eos_penalty=0.0)
+    prompts = encode(tokenizer, [r.prompt for r in reviews[:8]])
+    labeller = Labeller(tokenizer, prompts, reference, None, VaderJudge(), weights, cfg, seed=3)
+    folder = Recorded(tmp_path / "checkpoints", every_n=100, keep=True)  # the stage's cadence: longer than a round
+    hooks = Hooks(checkpoints=folder)
+    fit_online_dpo(policy, tokenizer, labeller, None, val, cfg, cpu_trainer_cfg, seed=0, hooks=hooks)
+    assert published == [(3, False), (6, False), (6, True)]  # round 1's end, round 2's end, the end of training
