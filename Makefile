@@ -144,7 +144,7 @@ sweep: install
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-grpo -S ppo.advantage_estimator=grpo $(SWEEP_GROUP) \
 	    -S dpo.loss=simpo -S dpo.beta=2.0; \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-rloo -S ppo.advantage_estimator=rloo $(SWEEP_GROUP); \
-	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto -S dpo.loss=kto -S dpo.lr=2.0e-4; \
+	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto -S dpo.loss=kto -S dpo.beta=0.03 -S dpo.lr=2.0e-4; \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-kto-1to10 -S dpo.loss=kto -S dpo.lr=1.0e-4 \
 	    -S dpo.kto_desirable_fraction=0.1 -S dpo.kto_lambda_d=10; \
 	  $(SWEEP_Q) -S seed=$$seed -n sweep-s$$seed-online -S dpo.online_rounds=3 -S dpo.beta=0.3 -S dpo.lr=2.0e-4; \
