@@ -156,6 +156,8 @@ def run_online_dpo(
     if not result.is_global_zero:
         return None
     objective, samples = measure(module.policy.to(device))  # the last round's measurement
+    if hooks.logger:  # the end of the MLflow `round/*` series the earlier rounds logged
+        hooks.logger.log_metrics({f"round/{k}": v for k, v in round_measures(objective).items()}, step=result.step)
     measured = {int(r["round"]): r for r in module.rounds}
     measured[dpo.online_rounds] = {"step": float(result.step), **round_measures(objective)}
     metrics = {**result.metrics, **counts, **objective, "reference/cached_logps_used": float(needs_reference(dpo.loss))}

@@ -217,8 +217,11 @@ def test_online_dpo_killed_in_round_2_resumes_in_round_2_and_matches_an_uninterr
         assert resumed_report[f"round{index}/pairs"] > 0
         assert 0 <= resumed_report[f"round{index}/win_rate"] <= 1
     run = next(r for r in _runs(project, "dpo") if r.data.tags.get("align.resumed") == "true")
-    history = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}").get_metric_history(run.info.run_id, "round/pairs")
+    client = MlflowClient(f"sqlite:///{project.path / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "round/pairs")
     assert sorted(m.step for m in history) == [0, 8, 16]  # each round's labelling logged once, at its start
+    measured = client.get_metric_history(run.info.run_id, "round/win_rate")
+    assert sorted(m.step for m in measured) == [8, 16, 24]  # and its measurement at its end, the last one's too
 
     project.dvc("repro", "-f", "-s", "--no-run-cache", "dpo")  # never interrupted
     assert _comparable(project.report("dpo")) == resumed_report
