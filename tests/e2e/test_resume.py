@@ -23,9 +23,10 @@ def _comparable(report: dict) -> dict:
     return {k: v for k, v in report.items() if not k.startswith(("perf/", "time/", "final/perf/", "final/time/"))}
 
 
-def _kill_mid_stage(project: Project, stage: str, *flags: str) -> int:
-    """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written. The stage
-    starts cold (no warm server, tests/conftest.py): the process killed is the stage itself, as for a user."""
+def _kill_mid_stage(project: Project, stage: str, *flags: str, steps: range | None = None) -> int:
+    """Run `stage` and SIGKILL the whole `dvc repro` process group once its first checkpoint is written (with `steps`:
+    once its newest checkpoint is at one of them); the step killed at. The stage starts cold (no warm server,
+    tests/conftest.py): the process killed is the stage itself, as for a user."""
     cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
     process = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro", *flags, "-s", stage],
@@ -38,13 +39,14 @@ def _kill_mid_stage(project: Project, stage: str, *flags: str) -> int:
     folder = project.path / ".checkpoints" / stage
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        written = list(folder.glob("*/step-*.ckpt"))
-        if written:
+        written = [int(path.stem.split("-")[1]) for path in folder.glob("*/step-*.ckpt")]
+        if written and (steps is None or max(written) in steps):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            return int(written[0].stem.split("-")[1])
-        time.sleep(0.02)
-    raise AssertionError(f"{stage} finished or hung before writing a checkpoint (exit {process.poll()})")
+            return max(written)
+        time.sleep(0.01)
+    wanted = f"a checkpoint at steps {steps}" if steps is not None else "writing a checkpoint"
+    raise AssertionError(f"{stage} finished or hung before {wanted} (exit {process.poll()})")
 
 
 def _runs(project: Project, stage: str | None):
@@ -176,29 +178,6 @@ def test_a_killed_stage_that_dvc_restores_from_its_run_cache_leaves_no_run_runni
     assert roles == [("group", None), ("stage", "dpo")]  # the stage's run and its pipeline run
 
 
-def _kill_in_round(project: Project, stage: str, steps: range) -> int:
-    """Run `stage` and SIGKILL its `dvc repro` process group once its newest checkpoint is at one of `steps`."""
-    cold = {key: value for key, value in project.env.items() if key != SOCKET_ENV}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dvc", "repro", "-s", stage],
-        cwd=project.path,
-        env=cold,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    folder = project.path / ".checkpoints" / stage
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        written = [int(path.stem.split("-")[1]) for path in folder.glob("*/step-*.ckpt")]
-        if written and max(written) in steps:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            return max(written)
-        time.sleep(0.01)
-    raise AssertionError(f"{stage} finished or hung before a checkpoint at steps {steps} (exit {process.poll()})")
-
-
 def test_online_dpo_killed_in_round_2_resumes_in_round_2_and_matches_an_uninterrupted_run(tmp_path, upstream):
     """Three online rounds of 8 steps, a checkpoint every 2: SIGKILL after one of round 2's checkpoints (steps 10,
     12, 14); the rerun resumes there, trains on the pairs the checkpoint holds, and ends as a run never killed."""
@@ -207,7 +186,7 @@ def test_online_dpo_killed_in_round_2_resumes_in_round_2_and_matches_an_uninterr
     for key, value in online.items():
         project.set_param("dpo", key, value)
     project.set_param("trainer", "checkpoint_every_n_steps", 2)
-    killed_at = _kill_in_round(project, "dpo", range(10, 16))
+    killed_at = _kill_mid_stage(project, "dpo", steps=range(10, 16))
     out = project.dvc("repro", "dpo")
     assert f"resuming dpo from step {killed_at}" in out
     resumed_report = _comparable(project.report("dpo"))

@@ -20,15 +20,22 @@ from tests.defaults import default_section
 from tests.integration.helpers import changed, params_snapshot, saved_tiny_model, tiny_pairs
 
 
-def test_online_rounds_label_with_the_judge_and_train_round_after_round(
-    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
-):
+def _sft_and_val_pairs(model_cfg, tokenizer, reviews, tmp_path, n_val: int):
+    """A tiny saved SFT model as the policy and as the frozen reference, the pair collator, and `n_val` validation
+    pairs carrying the reference's log-probs."""
     path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
     reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
     policy = build_causal_lm(model_cfg, tokenizer, path=path)
     collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-    val = tiny_pairs(tokenizer, reviews, 8, offset=200)
-    val = attach_reference(val, reference_logps(reference, val, collate, batch_size=8), "val")
+    val = tiny_pairs(tokenizer, reviews, n_val, offset=200)
+    val = attach_reference(val, reference_logps(reference, val, collate, batch_size=n_val), "val")
+    return policy, reference, collate, val
+
+
+def test_online_rounds_label_with_the_judge_and_train_round_after_round(
+    model_cfg, cpu_trainer_cfg, tokenizer, reviews, tmp_path, tracking
+):
+    policy, reference, collate, val = _sft_and_val_pairs(model_cfg, tokenizer, reviews, tmp_path, 8)
     cfg = dataclasses.replace(
         default_section("dpo"),
         lr=1e-2,
@@ -128,12 +135,7 @@ def test_every_rounds_end_is_checkpointed_whatever_the_stages_cadence(
             published.append((done, final))
             return super().publish(staged, done, run_id, final=final)
 
-    path = saved_tiny_model(model_cfg, tokenizer, tmp_path / "sft")
-    reference = build_causal_lm(model_cfg, tokenizer, path=path).requires_grad_(False)
-    policy = build_causal_lm(model_cfg, tokenizer, path=path)
-    collate = PairCollator(tokenizer.pad_token_id, tokenizer.eos_token_id)
-    val = tiny_pairs(tokenizer, reviews, 4, offset=200)
-    val = attach_reference(val, reference_logps(reference, val, collate, batch_size=4), "val")
+    policy, reference, _, val = _sft_and_val_pairs(model_cfg, tokenizer, reviews, tmp_path, 4)
     cfg = dataclasses.replace(
         default_section("dpo"), warmup_steps=1, max_steps=6, val_every_n_steps=3, batch_size=4, max_new_tokens=8
     )
